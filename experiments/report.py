@@ -1,0 +1,250 @@
+"""Build a suite's report (RESULTS.md + PNG plots) from its runs' metrics.
+
+Layout read (written by ``experiments.compare``)::
+
+    <suite_dir>/runs/<method>/b<budget>/s<seed>/metrics.jsonl
+    <suite_dir>/runs/<method>/b<budget>/s<seed>/run.json   (command, peak RSS, wall time)
+
+Each ``metrics.jsonl`` holds one JSON record per epoch (``epoch``,
+``test_acc``, ``step_time_median``, ...) and a final record with
+``"event": "summary"``.
+
+Usage: ``python -m experiments.report experiments/results/<suite>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from experiments.stats import bootstrap_mean_ci, epoch_saving_ci
+
+__all__ = ["Run", "load_runs", "build_report"]
+
+
+@dataclass
+class Run:
+    method: str
+    budget: float
+    seed: int
+    epochs: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def final_acc(self) -> float:
+        return float(self.epochs[-1]["test_acc"])
+
+    @property
+    def step_time(self) -> float:
+        if self.summary and "step_time_median" in self.summary:
+            return float(self.summary["step_time_median"])
+        return float(np.median([e["step_time_median"] for e in self.epochs]))
+
+
+def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
+    epochs, summary = [], None
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("event") == "summary":
+            summary = rec
+        elif "test_acc" in rec and rec.get("event", "epoch") == "epoch":
+            epochs.append(rec)
+    return epochs, summary
+
+
+def load_runs(suite_dir: Path) -> list[Run]:
+    runs = []
+    for metrics in sorted(Path(suite_dir, "runs").glob("*/b*/s*/metrics.jsonl")):
+        seed_dir = metrics.parent
+        epochs, summary = read_metrics(metrics)
+        if summary is None or not epochs:
+            continue  # incomplete run: the runner resumes it, the report skips it
+        info_path = seed_dir / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        runs.append(
+            Run(
+                method=seed_dir.parent.parent.name,
+                budget=float(seed_dir.parent.name[1:]),
+                seed=int(seed_dir.name[1:]),
+                epochs=epochs,
+                summary=summary,
+                info=info,
+            )
+        )
+    return runs
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def _cell(runs: list[Run], method: str, budget: float) -> list[Run]:
+    return [r for r in runs if r.method == method and math.isclose(r.budget, budget)]
+
+
+def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") -> str:
+    """Write ``RESULTS.md`` and PNG plots into ``suite_dir``; return the markdown."""
+    suite_dir = Path(suite_dir)
+    runs = load_runs(suite_dir)
+    if not runs:
+        raise FileNotFoundError(f"no complete runs under {suite_dir / 'runs'}")
+    methods = sorted({r.method for r in runs}, key=lambda m: (m != "baseline", m))
+    budgets = sorted({r.budget for r in runs})
+    full = max(budgets)
+    base_full = _cell(runs, "baseline", full)
+    base_step = float(np.median([r.step_time for r in base_full])) if base_full else None
+
+    lines = [f"# {title or suite_dir.name}", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+
+    # Final accuracy at the full budget.
+    lines += [
+        f"## Final test accuracy at {_fmt_pct(full)} budget",
+        "",
+        "| method | seeds | accuracy mean | 95% CI (bootstrap) | Δ vs baseline | step time (s) | step-time ratio | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base_mean = float(np.mean([r.final_acc for r in base_full])) if base_full else None
+    summary_rows = {}
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if not cell:
+            continue
+        mean, lo, hi = bootstrap_mean_ci([r.final_acc for r in cell])
+        step = float(np.median([r.step_time for r in cell]))
+        ratio = step / base_step if base_step else float("nan")
+        rss = [r.info.get("peak_rss_mib") for r in cell if r.info.get("peak_rss_mib")]
+        delta = "" if base_mean is None else f"{100 * (mean - base_mean):+.2f}"
+        rss_s = f"{max(rss):.0f}" if rss else "—"
+        lines.append(
+            f"| {m} | {len(cell)} | {100 * mean:.2f}% | [{100 * lo:.2f}, {100 * hi:.2f}] | {delta} "
+            f"| {step:.3f} | {ratio:.2f}× | {rss_s} |"
+        )
+        summary_rows[m] = dict(mean=mean, lo=lo, hi=hi, ratio=ratio, n=len(cell))
+    lines.append("")
+
+    # Budget sweep.
+    swept = [m for m in methods if len({r.budget for r in runs if r.method == m}) > 1]
+    sweep_rows = {}
+    if base_full and len(swept) > 0:
+        lines += [
+            "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
+            "",
+            f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
+            "Saving = 1 − (smallest budget whose mean accuracy reaches the target); "
+            "interval = bootstrap over seeds (— = not reached); "
+            "wall-clock saving = 1 − b* × step-time ratio.",
+            "",
+            "| method | " + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
+            + " | epoch saving | 95% CI | P(reach) | wall-clock saving |",
+            "|---|" + "---|" * len(budgets) + "---|---|---|---|",
+        ]
+        base_accs = [r.final_acc for r in base_full]
+        for m in swept:
+            cells = {b: [r.final_acc for r in _cell(runs, m, b)] for b in budgets}
+            cells = {b: v for b, v in cells.items() if v}
+            point, lo, hi, p = epoch_saving_ci(cells, base_accs, full_budget=full)
+            ratio = summary_rows.get(m, {}).get("ratio", float("nan"))
+            wall = None if point is None else 1.0 - (full - point) / full * ratio
+            accs = " | ".join(
+                f"{100 * np.mean(cells[b]):.2f}% (n={len(cells[b])})" if b in cells else "—"
+                for b in budgets
+            )
+            wall_s = "—" if wall is None else f"{100 * wall:+.0f}%"
+            lines.append(
+                f"| {m} | {accs} | {_fmt_pct(point)} | [{_fmt_pct(lo)}, {_fmt_pct(hi)}] "
+                f"| {p:.2f} | {wall_s} |"
+            )
+            sweep_rows[m] = {b: np.mean(v) for b, v in cells.items()}
+        lines.append("")
+
+    _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean)
+    lines += [
+        "## Plots",
+        "",
+        "![test accuracy vs epoch](accuracy_vs_epoch.png)",
+        "",
+        "![budget sweep](budget_sweep.png)",
+        "",
+        "![overhead](overhead.png)",
+        "",
+    ]
+    text = "\n".join(lines)
+    (suite_dir / "RESULTS.md").write_text(text)
+    return text
+
+
+def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if not cell:
+            continue
+        n_ep = min(len(r.epochs) for r in cell)
+        acc = np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
+        x = np.arange(1, n_ep + 1)
+        mean = acc.mean(0)
+        ax.plot(x, 100 * mean, label=f"{m} (n={len(cell)})")
+        if len(cell) > 1:
+            bands = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n_ep)])
+            ax.fill_between(x, 100 * bands[:, 0], 100 * bands[:, 1], alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "accuracy_vs_epoch.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, cells in sweep_rows.items():
+        b = sorted(cells)
+        ax.plot([100 * x for x in b], [100 * cells[x] for x in b], marker="o", label=m)
+    if base_mean is not None:
+        ax.axhline(100 * base_mean, color="k", ls="--", lw=1, label="baseline @ 100%")
+    ax.set_xlabel("epoch budget (% of baseline)")
+    ax.set_ylabel("mean final test accuracy (%)")
+    ax.set_title("Budget sweep")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "budget_sweep.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(summary_rows)
+    ratios = [summary_rows[m]["ratio"] for m in names]
+    ax.bar(names, ratios, color=["grey" if m == "baseline" else "tab:blue" for m in names])
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_ylabel("train-step time / baseline")
+    ax.set_title("Per-step overhead (median step time in the runs)")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "overhead.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(build_report(args.suite_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The report builder reads run folders and writes tables and plots."""
+
+import json
+
+import numpy as np
+
+from experiments.report import build_report, load_runs
+
+
+def _write_run(root, method, budget, seed, accs, step_time, complete=True):
+    d = root / "runs" / method / f"b{budget}" / f"s{seed}"
+    d.mkdir(parents=True)
+    lines = [
+        json.dumps({"event": "epoch", "epoch": i + 1, "test_acc": a, "step_time_median": step_time})
+        for i, a in enumerate(accs)
+    ]
+    if complete:
+        lines.append(json.dumps({"event": "summary", "step_time_median": step_time}))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "run.json").write_text(json.dumps({"peak_rss_mib": 500.0}))
+
+
+def test_report_tables_and_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        for b in (0.5, 1.0):
+            base = 0.80 + 0.05 * b + rng.normal(0, 0.002)
+            _write_run(tmp_path, "baseline", b, seed, [0.5, base], 0.10)
+            _write_run(tmp_path, "better", b, seed, [0.6, base + 0.05], 0.12)
+    _write_run(tmp_path, "baseline", 1.0, 9, [0.5], 0.1, complete=False)  # skipped: incomplete
+
+    runs = load_runs(tmp_path)
+    assert len(runs) == 12
+    text = build_report(tmp_path, title="t")
+    assert "| baseline | 3 |" in text
+    assert "| better | 3 |" in text
+    # 'better' reaches the baseline's full-budget accuracy at half the budget.
+    better_row = next(line for line in text.splitlines() if line.startswith("| better | 8"))
+    assert "| 50% |" in better_row
+    assert "1.20×" in text  # step-time ratio 0.12 / 0.10
+    for png in ("accuracy_vs_epoch.png", "budget_sweep.png", "overhead.png"):
+        assert (tmp_path / png).stat().st_size > 1000
