@@ -1,5 +1,5 @@
 """Test-session settings: JAX on the CPU with two fake devices and the CPU
-convolution flag from ``gcgd_jax.xla_cpu_flags`` (set before JAX starts)."""
+convolution flag of ``gcgd_jax.train.xla_flags`` (set before JAX starts)."""
 
 import os
 

@@ -104,9 +104,9 @@ def map_float_leaves(fn: Callable[[str, jax.Array], jax.Array], tree: Any, *, mi
     def visit(key_path, leaf):
         if not is_float(leaf) or jnp.ndim(leaf) < min_ndim:
             return leaf
-        x = jnp.asarray(leaf)
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        return fn(jax.tree_util.keystr(key_path), x).astype(leaf.dtype)
+        x = jnp.asarray(leaf)  # float64 becomes float32 unless jax_enable_x64
+        out = fn(jax.tree_util.keystr(key_path), x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+        return out.astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(visit, tree)
 

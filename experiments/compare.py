@@ -1,0 +1,240 @@
+"""Run a comparison suite (method × budget × seed) and build its report.
+
+Usage::
+
+    python -m experiments.compare --suite cpu-fmnist            # the whole suite
+    python -m experiments.compare --suite cpu-fmnist --quick    # a tiny smoke version
+    python -m experiments.compare --suite cpu-fmnist --list     # print the grid
+    python -m experiments.compare --suite cpu-fmnist --report-only
+
+Every run is one ``python -m gcgd_jax.train`` process (so each run's peak
+memory is its own) writing ``metrics.jsonl``, its resolved ``config.toml`` and
+checkpoints into ``<out>/runs/<method>/b<budget>/s<seed>/``; the runner adds
+``run.json`` (command, wall time, peak RSS, exit code). A run whose
+``metrics.jsonl`` already ends with its summary record is skipped, and an
+interrupted run is resumed from its last checkpoint, so a long suite can be
+stopped and restarted at will. The report (``RESULTS.md`` + PNG plots) is
+rebuilt from whatever runs are complete.
+
+Method definitions are configuration overrides on top of the suite's base
+configuration (``experiments/configs/<base>.toml``); all hyperparameters are
+the documented defaults of each method (no tuning on the test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.report import build_report, read_metrics
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+# Method -> overrides of the base configuration.
+METHODS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "gc_w": ("corrections.chain=gc_w",),
+    "gc_ode_branch": ("model.gc_ode=branch",),
+    "gc_ode_gradient": ("model.gc_ode=gradient",),
+    # GCGD = GC-W + GC-ODE in its default (gradient) mode, as in cifar10_resnet20_gcgd.toml.
+    "gcgd": ("corrections.chain=gc_w", "model.gc_ode=gradient"),
+    # Capacity control: the default GC-ODE is already a single Euler step, so the
+    # control runs the same branch with 4 Euler steps; equal results mean the
+    # "ODE-ness" (more integration) does not matter, only the extra path does.
+    "gc_ode_euler4": ("model.gc_ode=branch", "model.gc_ode_solver=euler", "model.gc_ode_steps=4"),
+    "centralize": ("corrections.chain=centralize",),
+    "channel_directed_h0": ("corrections.chain=channel_directed_h0",),
+    "channel_directed_sobolev": ("corrections.chain=channel_directed_sobolev",),
+    "znorm": ("corrections.chain=znorm",),
+    "agr": ("corrections.chain=agr",),
+    "powergrad": ("loss.name=powergrad",),
+    "gradient_norm_penalty": ("loss.penalty=gradient_norm",),
+}
+CORE = ("baseline", "gc_w", "gc_ode_branch", "gc_ode_gradient", "gcgd")
+OTHERS = tuple(m for m in METHODS if m not in CORE)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    base_config: str
+    description: str
+    budgets: tuple[float, ...] = (0.5, 0.6, 0.8, 1.0)
+    core_seeds: int = 5  # seeds for CORE methods at every budget
+    other_seeds: int = 3  # seeds for the other methods at the full budget
+    core: tuple[str, ...] = CORE
+    others: tuple[str, ...] = OTHERS
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    def grid(self) -> list[tuple[str, float, int]]:
+        full = max(self.budgets)
+        cells = []
+        for seed in range(self.core_seeds):  # seed-major: partial suites stay balanced
+            for b in self.budgets:
+                cells += [(m, b, seed) for m in self.core]
+        cells += [(m, full, s) for s in range(self.other_seeds) for m in self.others]
+        return cells
+
+
+SUITES: dict[str, Suite] = {
+    "cpu-fmnist": Suite(
+        name="cpu-fmnist",
+        base_config="cpu_fmnist",
+        description="Fashion-MNIST subset on the 2-core CPU (see experiments/configs/cpu_fmnist.toml).",
+    ),
+    "cpu-cifar10": Suite(
+        name="cpu-cifar10",
+        base_config="cpu_cifar10",
+        description="CIFAR-10 (JPEG copy) subset on the 2-core CPU (see experiments/configs/cpu_cifar10.toml).",
+    ),
+    "gpu-cifar10-resnet20": Suite(
+        name="gpu-cifar10-resnet20",
+        base_config="cifar10_resnet20",
+        description="He et al. ResNet-20 on full CIFAR-10: SGD 0.9, lr 0.1, wd 1e-4, batch 128, "
+        "64k iterations, lr/10 at 32k and 48k (experiments/configs/cifar10_resnet20.toml).",
+        budgets=(1.0,),
+        core_seeds=3,
+        other_seeds=0,
+        core=("baseline", "gcgd"),
+        others=(),
+    ),
+}
+
+
+def quick(suite: Suite) -> Suite:
+    """A tiny smoke version of a suite: a few hundred images, one seed, two budgets."""
+    return Suite(
+        name=f"{suite.name}-quick",
+        base_config=suite.base_config,
+        description=f"Smoke test of {suite.name}: tiny subsets; numbers are meaningless.",
+        budgets=(0.5, 1.0),
+        core_seeds=1,
+        other_seeds=0,
+        core=("baseline", "gc_w", "gcgd"),
+        others=(),
+        overrides=(
+            "data.train_subset=256",
+            "data.test_subset=128",
+            "data.batch_size=64",
+            "train.epochs=2",
+            "train.total_steps=none",
+            "checkpoint.every_epochs=1",
+        ),
+    )
+
+
+def run_dir(out: Path, method: str, budget: float, seed: int) -> Path:
+    return out / "runs" / method / f"b{budget:g}" / f"s{seed}"
+
+
+def is_complete(directory: Path) -> bool:
+    metrics = directory / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    _, summary = read_metrics(metrics)
+    return summary is not None
+
+
+def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> dict:
+    """Run (or resume) one cell in its own process; returns its ``run.json`` record."""
+    directory = run_dir(out, method, budget, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    overrides = (
+        *suite.overrides,
+        *METHODS[method],
+        f"run.seed={seed}",
+        f"run.name={suite.name}/{method}/b{budget:g}/s{seed}",
+        f"train.budget={budget}",
+        "log.progress=false",
+    )
+    cmd = [sys.executable, "-m", "gcgd_jax.train", "--config", suite.base_config, "--out", str(directory)]
+    for o in overrides:
+        cmd += ["--set", o]
+    if (directory / "checkpoints").exists():
+        cmd.append("--resume")
+    t0 = time.perf_counter()
+    with open(directory / "train.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+    record = {
+        "command": shlex.join(cmd),
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a comparison suite and build its report.")
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version")
+    parser.add_argument("--out", type=Path, help="results folder (default experiments/results/<suite>)")
+    parser.add_argument("--list", action="store_true", help="print the grid and exit")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
+    parser.add_argument("--methods", help="comma-separated subset of methods to run")
+    parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    args = parser.parse_args(argv)
+
+    suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
+    out = args.out or RESULTS / suite.name
+    grid = suite.grid()
+    if args.methods:
+        wanted = set(args.methods.split(","))
+        unknown = wanted - set(METHODS)
+        if unknown:
+            parser.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+        grid = [c for c in grid if c[0] in wanted]
+    if args.list:
+        for m, b, s in grid:
+            state = "done" if is_complete(run_dir(out, m, b, s)) else "todo"
+            print(f"{state}  {m:28s} budget={b:<4g} seed={s}")
+        return 0
+
+    failures = []
+    if not args.report_only:
+        new = 0
+        for i, (m, b, s) in enumerate(grid):
+            if is_complete(run_dir(out, m, b, s)):
+                continue
+            if args.max_runs is not None and new >= args.max_runs:
+                break
+            print(f"[{i + 1}/{len(grid)}] {m} budget={b:g} seed={s} ...", flush=True)
+            rec = run_one(suite, m, b, s, out)
+            new += 1
+            print(f"    exit {rec['exit_code']}, {rec['wall_s']} s, peak RSS {rec['peak_rss_mib']} MiB", flush=True)
+            if rec["exit_code"] != 0:
+                failures.append((m, b, s))
+    header = (
+        f"{suite.description}\n\n"
+        f"Produced by `python -m experiments.compare --suite {args.suite}"
+        f"{' --quick' if args.quick else ''}`; per-run commands, machine, date, wall time and "
+        "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
+    )
+    try:
+        build_report(out, title=f"Suite {suite.name}", notes=header)
+        print(f"report: {out / 'RESULTS.md'}")
+    except FileNotFoundError as err:
+        print(f"no report: {err}", file=sys.stderr)
+        return 1
+    if failures:
+        print(f"{len(failures)} run(s) failed: {failures}; see their train.log", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

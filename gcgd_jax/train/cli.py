@@ -1,0 +1,138 @@
+"""``gcgd-train``: train a configuration from ``experiments/configs`` (or a TOML file).
+
+Exit codes: 0 done; 2 bad input (configuration, data, output folder);
+3 stopped on a non-finite loss (a checkpoint of the last good state is kept);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gcgd_jax.train.xla_flags import apply_cpu_flags
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+_EPILOG = """\
+examples:
+  gcgd-train --config quickstart --out runs/quickstart
+  gcgd-train --config cifar10_resnet20 --set optim.lr=0.05 --set train.budget=0.5 --out runs/b05
+  gcgd-train --out runs/b05 --resume          # continue a run (its config.toml is reused)
+  gcgd-train --config quickstart --print-config
+
+Overrides are section.key=value (corrections.gc_w.rho=0.3 for a correction's
+option); --list-configs shows the configurations found.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gcgd-train",
+        description="Train an image classifier with gradient corrections (JAX / Flax NNX / optax).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", "-c", help="configuration name in experiments/configs, or a TOML path"
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
+    p.add_argument("--out", "-o", help="output folder (default: run.out_dir)")
+    p.add_argument("--data-dir", help="folder holding the data set files (sets data.data_dir)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration and exit"
+    )
+    p.add_argument(
+        "--list-configs", action="store_true", help="list the configurations found and exit"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (sets log.progress=false)"
+    )
+    return p
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    sys.stderr.write(f"gcgd-train: error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (the console script exits with it)."""
+    args = _parser().parse_args(argv)
+    apply_cpu_flags()  # before anything initialises JAX's backends
+
+    from gcgd_jax.train.config import CONFIG_DIRS, ConfigError, load_config
+
+    if args.list_configs:
+        seen = set()
+        for folder in CONFIG_DIRS:
+            for path in sorted(Path(folder).glob("*.toml")) if Path(folder).is_dir() else ():
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    print(f"{path.stem:32s} {path}")
+        return EXIT_OK
+
+    overrides = list(args.overrides)
+    if args.no_progress:
+        overrides.append("log.progress=false")
+    config = args.config
+    if config is None and args.resume and args.out and (Path(args.out) / "config.toml").is_file():
+        config = str(Path(args.out) / "config.toml")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        return _fail(str(err))
+    if args.out:
+        cfg = cfg.replace(run={"out_dir": args.out})
+    if args.data_dir:
+        cfg = cfg.replace(data={"data_dir": args.data_dir})
+    if args.print_config:
+        from gcgd_jax.train.config import to_toml
+
+        print(to_toml(cfg), end="")
+        return EXIT_OK
+
+    from gcgd_jax.train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        from gcgd_jax.data import DataFormatError, DatasetNotFoundError
+
+        data_errors: tuple[type[BaseException], ...] = (DataFormatError, DatasetNotFoundError)
+    except ImportError:  # pragma: no cover - data package without these names
+        data_errors = (FileNotFoundError,)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = trainer.run()
+    except ConfigError as err:
+        return _fail(str(err))
+    except data_errors as err:
+        return _fail(f"data: {err}")
+    except NonFiniteLossError as err:
+        return _fail(str(err), EXIT_NONFINITE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    print(trainer.summary_table())
+    key = f"final_{trainer.eval_prefix}_acc"
+    if summary.get(key) is not None:
+        print(f"{key} = {summary[key]:.4f}; metrics in {trainer.out / 'metrics.jsonl'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

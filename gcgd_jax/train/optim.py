@@ -1,0 +1,210 @@
+"""The optimizer a configuration names: corrections, weight decay, base optimizer, schedule.
+
+Order of the chain (``corrections.after_weight_decay = false``, the default)::
+
+    corrections (in the order listed) -> coupled weight decay -> base optimizer
+
+so every correction sees the raw gradient of the training loss. This is our
+choice: it keeps the signal a correction (and GC-W's predictor) works on the
+same whatever the weight decay, and makes corrections comparable with each
+other. Gradient centralization's official SGD code centres *after* the L2 term
+is added; ``after_weight_decay = true`` reproduces that order
+(weight decay -> corrections -> base optimizer). With ``adamw`` the decay is
+decoupled (inside ``optax.adamw``) and the corrections always precede it.
+
+Corrections by name (keyword arguments from ``[corrections.<name>]``)::
+
+    gc_w                      gcgd_jax.transforms.gc_w.gc_w
+    centralize                gcgd_jax.transforms.centralize.centralize
+    channel_directed_h0       gcgd_jax.transforms.channel_directed.channel_directed(metric="h0")
+    channel_directed_sobolev  gcgd_jax.transforms.channel_directed.channel_directed(metric="sobolev")
+    znorm                     gcgd_jax.transforms.znorm.znorm
+    agr                       gcgd_jax.transforms.agr.agr
+
+Every correction also takes ``mask``: ``"all"`` (every parameter; the
+correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim 2 or
+4), ``"pre_downsampling"`` / ``"pre_downsampling_block"``
+(:func:`gcgd_jax.models.pre_downsampling_mask` with ``whole_block`` False /
+True). GC-W defaults to ``"pre_downsampling"``, the others to ``"all"``.
+GC-W's predictor seed ``key`` defaults to the run's seed.
+
+The base optimizer is wrapped in :func:`optax.inject_hyperparams`, so the
+learning rate of the last update is in the state (:func:`current_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from gcgd_jax.train.config import ConfigError, OptimConfig, TrainConfig
+
+__all__ = [
+    "CORRECTION_FACTORIES",
+    "OptimizerBundle",
+    "build_correction",
+    "build_optimizer",
+    "build_schedule",
+    "current_lr",
+    "kernel_mask",
+]
+
+# name -> (module, factory, fixed keyword arguments)
+CORRECTION_FACTORIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gc_w": ("gcgd_jax.transforms.gc_w", "gc_w", {}),
+    "centralize": ("gcgd_jax.transforms.centralize", "centralize", {}),
+    "channel_directed_h0": (
+        "gcgd_jax.transforms.channel_directed",
+        "channel_directed",
+        {"metric": "h0"},
+    ),
+    "channel_directed_sobolev": (
+        "gcgd_jax.transforms.channel_directed",
+        "channel_directed",
+        {"metric": "sobolev"},
+    ),
+    "znorm": ("gcgd_jax.transforms.znorm", "znorm", {}),
+    "agr": ("gcgd_jax.transforms.agr", "agr", {}),
+}
+_DEFAULT_MASK = {"gc_w": "pre_downsampling"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerBundle:
+    """What :func:`build_optimizer` returns."""
+
+    tx: optax.GradientTransformation  # the whole chain
+    schedule: optax.Schedule  # lr as a function of the optimizer step
+    total_steps: int
+    warmup_steps: int
+
+
+def kernel_mask(params: Any) -> Any:
+    """True on every leaf with ndim 2 (dense) or 4 (2-D conv): the "all_kernels" mask."""
+    return jax.tree.map(lambda p: p.ndim in (2, 4), params)
+
+
+def _mask_for(kind: str, params: Any, model: Any) -> Any | None:
+    if kind == "all":
+        return None
+    if kind == "all_kernels":
+        return kernel_mask(params)
+    from gcgd_jax.models import pre_downsampling_mask
+
+    return pre_downsampling_mask(model, whole_block=kind == "pre_downsampling_block")
+
+
+def build_correction(
+    name: str, options: dict[str, Any], *, params: Any, model: Any, seed: int = 0
+) -> optax.GradientTransformation:
+    """One named correction with its keyword arguments and mask (see module doc)."""
+    if name not in CORRECTION_FACTORIES:
+        raise ConfigError(f"unknown correction {name!r}; known: {', '.join(CORRECTION_FACTORIES)}")
+    module_name, factory_name, fixed = CORRECTION_FACTORIES[name]
+    factory: Callable[..., optax.GradientTransformation] = getattr(
+        importlib.import_module(module_name), factory_name
+    )
+    kwargs = dict(options)
+    mask_kind = kwargs.pop("mask", _DEFAULT_MASK.get(name, "all"))
+    if name == "gc_w":
+        kwargs.setdefault("key", seed)
+    accepted = inspect.signature(factory).parameters
+    for key in kwargs:
+        if key not in accepted or key in fixed:
+            known = [k for k in accepted if k not in fixed] + ["mask"]
+            raise ConfigError(
+                f"corrections.{name}: unknown option {key!r}; known: {', '.join(known)}"
+            )
+    try:
+        tx = factory(**fixed, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"corrections.{name}: {err}") from None
+    mask = _mask_for(mask_kind, params, model)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def build_schedule(optim: OptimConfig, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """The learning rate per optimizer step: warm-up then step/cosine/constant.
+
+    Step decay multiplies the rate by ``decay_factor`` at each milestone, a
+    fraction of ``total_steps`` (He et al: ÷10 at 50% and 75%), so scaling the
+    number of steps (``train.budget``) scales the milestones with it.
+    """
+    lr = optim.lr
+    main_steps = max(total_steps - warmup_steps, 1)
+    if optim.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, main_steps, alpha=optim.final_lr_fraction)
+    else:
+        boundaries = {
+            max(round(m * total_steps) - warmup_steps, 0): optim.decay_factor
+            for m in optim.milestones
+        }
+        main = optax.piecewise_constant_schedule(lr, boundaries)
+    if warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def _base_optimizer(optim: OptimConfig, schedule: optax.Schedule, wd_mask: Any):
+    if optim.name == "sgd":
+        return optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
+            learning_rate=schedule, momentum=optim.momentum or None, nesterov=optim.nesterov
+        )
+    if optim.name == "adam":
+        return optax.inject_hyperparams(optax.adam)(
+            learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps
+        )
+    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=wd_mask,
+    )
+
+
+def build_optimizer(
+    cfg: TrainConfig, *, params: Any, model: Any, total_steps: int, steps_per_epoch: int
+) -> OptimizerBundle:
+    """The optimizer of ``cfg`` for ``params`` (an ``nnx.State`` of ``nnx.Param``).
+
+    Args:
+        cfg: the configuration (its ``optim`` and ``corrections`` sections).
+        params: the parameter tree the optimizer will see (masks are built on it).
+        model: the model (for the pre-down-sampling mask).
+        total_steps: training steps of the whole run (after ``train.budget``).
+        steps_per_epoch: to convert ``optim.warmup_epochs`` into steps.
+    """
+    optim, corr = cfg.optim, cfg.corrections
+    warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total_steps)
+    schedule = build_schedule(optim, total_steps, warmup_steps)
+    wd_mask = kernel_mask(params) if optim.weight_decay_on == "kernels" else None
+    corrections = [
+        build_correction(
+            name, corr.options.get(name, {}), params=params, model=model, seed=cfg.run.seed
+        )
+        for name in corr.chain
+    ]
+    decay = []
+    if optim.name != "adamw" and optim.weight_decay > 0.0:
+        decay = [optax.add_decayed_weights(optim.weight_decay, mask=wd_mask)]
+    parts = [*decay, *corrections] if corr.after_weight_decay else [*corrections, *decay]
+    tx = optax.chain(*parts, _base_optimizer(optim, schedule, wd_mask))
+    return OptimizerBundle(
+        tx=tx, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps
+    )
+
+
+def current_lr(opt_state: Any) -> jax.Array:
+    """The learning rate of the last update, read from the base optimizer's state."""
+    return opt_state[-1].hyperparams["learning_rate"]

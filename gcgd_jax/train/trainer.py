@@ -1,0 +1,683 @@
+"""The training loop: data, model, optimizer, jitted steps, evaluation, checkpoints.
+
+:class:`Trainer` runs one configuration into an output folder::
+
+    <out>/config.toml      the resolved configuration (re-usable with --config)
+    <out>/metrics.jsonl    one record per epoch, then a summary record
+    <out>/checkpoints/     orbax checkpoints (see gcgd_jax.train.checkpoint)
+
+Data parallelism: a 1-D mesh ``('data',)`` over the devices (all of them by
+default, ``run.num_devices`` to use fewer), the train state replicated
+(``NamedSharding(mesh, P())``), batches split along their first axis
+(``P('data')``), one ``jax.jit`` step; XLA inserts the gradient all-reduce and
+computes BatchNorm statistics over the whole global batch, so the result
+equals the single-device step up to the order of floating-point sums. With
+``run.distributed = true``, ``jax.distributed.initialize()`` runs first and
+each process feeds its slice of every global batch.
+
+Exact resumption: the data order of an epoch is a function of
+``(run.seed, epoch)``, the augmentation key of a step is
+``fold_in(rng, step)``, and a checkpoint stores the full state (parameters,
+BatchNorm statistics, optimizer and GC-W state, counters) and the running
+sums of the epoch's train metrics, so a resumed run computes the same numbers
+as one that never stopped; ``metrics.jsonl`` is cut back to the checkpoint's
+step on resume. Timing fields naturally differ.
+
+Steps are dispatched one ahead: the host prepares and dispatches step ``i+1``
+before it reads step ``i``'s metrics, so the device never waits for Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gcgd_jax.train.checkpoint import Checkpointer
+from gcgd_jax.train.config import (
+    CIFAR_MODELS,
+    ConfigError,
+    TrainConfig,
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    flat_config,
+    to_toml,
+)
+from gcgd_jax.train.optim import build_optimizer
+from gcgd_jax.train.report import MetricsWriter, ProgressBar, read_metrics, summary_table
+from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
+
+__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data", "train"]
+
+# Settings that may change between a run and its resumption (they do not change the numbers).
+_RESUMABLE_CHANGES = (
+    "run.name", "run.out_dir", "run.num_devices", "run.distributed", "run.fusion_breaker",
+    "data.data_dir", "data.cache_dir", "data.download", "train.nan_policy",
+)  # fmt: skip
+_CROP_FLIP_DATASETS = ("cifar10", "cifar100")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (``train.nan_policy = "stop"``)."""
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def load_data(cfg: TrainConfig):
+    """``(train, eval)`` data sets of ``cfg`` (subsets and validation split applied)."""
+    from gcgd_jax import data as gdata
+
+    d = cfg.data
+    if d.name == "synthetic":
+        shape = tuple(d.synthetic_image_shape)
+        k = d.synthetic_num_classes
+        train = gdata.synthetic_dataset(
+            d.synthetic_train_size, shape, k, seed=d.seed, split="train"
+        )
+        test = gdata.synthetic_dataset(d.synthetic_test_size, shape, k, seed=d.seed, split="test")
+    else:
+        kwargs = {"data_dir": d.data_dir, "cache_dir": d.cache_dir, "download": d.download}
+        train = gdata.load_dataset(d.name, "train", **kwargs)
+        test = gdata.load_dataset(d.name, "test", **kwargs) if d.eval_split == "test" else None
+    try:
+        if d.val_fraction > 0.0:
+            train, val = gdata.split_validation(train, d.val_fraction, seed=d.seed)
+        eval_ds = val if d.eval_split == "val" else test
+        if d.train_subset is not None:
+            train = gdata.take(train, d.train_subset, seed=d.seed)
+        if d.test_subset is not None:
+            eval_ds = gdata.take(eval_ds, d.test_subset, seed=d.seed)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
+    return train, eval_ds
+
+
+def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.Module:
+    """The model of ``cfg.model`` (initialised from ``run.seed``)."""
+    from gcgd_jax import models
+
+    m = cfg.model
+    kwargs: dict[str, Any] = {"in_channels": in_channels, "rngs": nnx.Rngs(cfg.run.seed)}
+    if m.name not in CIFAR_MODELS:
+        kwargs["small_stem"] = m.small_stem
+    if m.gc_ode != "none":
+        try:
+            kwargs["gc_ode"] = models.GCODEConfig(
+                mode=m.gc_ode, solver=m.gc_ode_solver, steps=m.gc_ode_steps, width=m.gc_ode_width
+            )
+        except ValueError as err:
+            raise ConfigError(f"model.gc_ode: {err}") from None
+    return getattr(models, m.name)(num_classes, **kwargs)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host (works with several processes too)."""
+    return np.asarray(x.addressable_data(0))
+
+
+@dataclasses.dataclass
+class _Sums:
+    """Running sums of one epoch's train metrics (restored from checkpoints)."""
+
+    loss: float = 0.0
+    correct: int = 0
+    examples: int = 0
+    steps: int = 0
+    skipped: int = 0
+    gc_ode_loss: float = 0.0
+    predictor_loss: float | None = None
+    lr: float | None = None
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains ``cfg`` into ``out_dir``.
+
+    Args:
+        cfg: a validated configuration.
+        out_dir: the output folder (default ``cfg.run.out_dir``).
+        resume: continue from the newest complete checkpoint in ``out_dir``
+            (start from scratch, with a note, when there is none).
+        overwrite: delete an earlier run's metrics and checkpoints in ``out_dir``.
+        stream: where progress and notes go (stderr by default).
+
+    Raises:
+        ConfigError: invalid settings found while building (data, model,
+            correction options, batch size vs devices, resuming a different config).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        stream: TextIO | None = None,
+    ):
+        self.cfg = cfg
+        self.out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
+        self.resume = resume
+        self.stream = stream if stream is not None else sys.stderr
+        self._check_out_dir(overwrite)
+        self._setup_devices()
+        self._setup_data()
+        self._setup_model_and_optimizer()
+        self._build_steps()
+
+    # ------------------------------------------------------------------ setup
+
+    def _note(self, message: str) -> None:
+        if jax.process_index() == 0:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+
+    def _check_out_dir(self, overwrite: bool) -> None:
+        metrics = self.out / "metrics.jsonl"
+        ckpts = self.out / "checkpoints"
+        if overwrite:
+            metrics.unlink(missing_ok=True)
+            shutil.rmtree(ckpts, ignore_errors=True)
+        elif not self.resume and (metrics.exists() or ckpts.exists()):
+            raise ConfigError(
+                f"output folder {self.out} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+
+    def _setup_devices(self) -> None:
+        run = self.cfg.run
+        if run.distributed and not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+        devices = jax.devices()
+        if run.num_devices is not None:
+            if run.num_devices > len(devices):
+                raise ConfigError(
+                    f"run.num_devices = {run.num_devices} but only {len(devices)} device(s) exist"
+                )
+            devices = devices[: run.num_devices]
+        self.devices = devices
+        n = len(devices)
+        bs = self.cfg.data.batch_size
+        ebs = self.cfg.data.eval_batch_size or bs
+        for key, value in (("data.batch_size", bs), ("data.eval_batch_size", ebs)):
+            if value % n:
+                raise ConfigError(
+                    f"{key} = {value} must be divisible by the number of devices ({n}); "
+                    f"use a multiple of {n} or set run.num_devices"
+                )
+        self.eval_batch_size = ebs
+        # Auto axes: XLA propagates the shardings (GSPMD). jax >= 0.8 makes Explicit the default,
+        # which puts shardings into types and breaks code that is not written for it (diffrax).
+        self.mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        fb = run.fusion_breaker
+        self.use_fusion_breaker = fb == "on" or (fb == "auto" and devices[0].platform == "cpu")
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.train_ds, self.eval_ds = load_data(cfg)
+        self.eval_prefix = "val" if cfg.data.eval_split == "val" else "test"
+        n_train = len(self.train_ds.labels)
+        bs = cfg.data.batch_size
+        self.steps_per_epoch = n_train // bs
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size = {bs} is larger than the training set ({n_train} examples)"
+            )
+        base_steps = cfg.train.total_steps or cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = max(1, round(cfg.train.budget * base_steps))
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        _, h, w, c = self.train_ds.images.shape
+        self.image_shape = (h, w, c)
+
+    def _setup_model_and_optimizer(self) -> None:
+        from gcgd_jax.data import normalization
+
+        cfg = self.cfg
+        num_classes = cfg.model.num_classes or self.train_ds.num_classes
+        in_channels = cfg.model.in_channels or self.image_shape[-1]
+        if in_channels != self.image_shape[-1]:
+            raise ConfigError(
+                f"model.in_channels = {in_channels} but {cfg.data.name} images have "
+                f"{self.image_shape[-1]} channel(s)"
+            )
+        if num_classes < self.train_ds.num_classes:
+            raise ConfigError(
+                f"model.num_classes = {num_classes} but {cfg.data.name} has {self.train_ds.num_classes} classes"
+            )
+        model = build_model(cfg, num_classes=num_classes, in_channels=in_channels)
+        model.train()
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model.eval()
+        self.eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+        model.train()
+        self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        self.opt = build_optimizer(
+            cfg,
+            params=params,
+            model=model,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        mean, std = normalization(cfg.data.name)
+        augment = cfg.data.augment
+        if augment == "auto":
+            augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
+        self.step_options = StepOptions(
+            mean=tuple(float(v) for v in np.ravel(mean)),
+            std=tuple(float(v) for v in np.ravel(std)),
+            augment=augment == "crop_flip",
+            crop_padding=cfg.data.crop_padding,
+            loss=cfg.loss.name,
+            powergrad_alpha=cfg.loss.powergrad_alpha,
+            penalty=cfg.loss.penalty,
+            penalty_radius=cfg.loss.penalty_radius,
+            penalty_alpha=cfg.loss.penalty_alpha,
+            gc_ode=cfg.model.gc_ode != "none",
+            gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
+            gc_w="gc_w" in cfg.corrections.chain,
+            fusion_breaker=self.use_fusion_breaker,
+            nan_policy=cfg.train.nan_policy,
+        )
+        state = TrainState(
+            params=params,
+            rest=rest,
+            opt_state=self.opt.tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), 1),
+            nonfinite=jnp.zeros((), jnp.int32),
+            halted=jnp.zeros((), jnp.bool_),
+        )
+        self.state = jax.device_put(state, self.replicated)
+
+    def _build_steps(self) -> None:
+        repl, data = self.replicated, self.batch_sharding
+        self._train_step = jax.jit(
+            make_train_step(self.graphdef, self.opt.tx, self.step_options),
+            in_shardings=(repl, data, data, repl),
+            out_shardings=(repl, repl),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(
+            make_eval_step(self.eval_graphdef, self.step_options),
+            in_shardings=(repl, repl, data, data, data, repl),
+            out_shardings=repl,
+        )
+        self._fb = jax.device_put(jnp.float32(1.0), repl)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _put(self, array: np.ndarray) -> jax.Array:
+        if jax.process_count() == 1:
+            return jax.device_put(array, self.batch_sharding)
+        per = len(array) // jax.process_count()
+        local = array[jax.process_index() * per : (jax.process_index() + 1) * per]
+        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """One jitted train step on a host batch (outside the loop); returns its metrics."""
+        self.state, metrics = self._train_step(
+            self.state, self._put(images), self._put(labels), self._fb
+        )
+        return {k: _host(v).item() for k, v in metrics.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on the evaluation split with the current state."""
+        ds, bs = self.eval_ds, self.eval_batch_size
+        n = len(ds.labels)
+        totals = None
+        for start in range(0, n, bs):
+            images = ds.images[start : start + bs]
+            labels = ds.labels[start : start + bs]
+            weights = np.ones(len(labels), np.float32)
+            if len(labels) < bs:  # pad the last batch to the compiled shape
+                pad = bs - len(labels)
+                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+                labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+                weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+            out = self._eval_step(
+                self.state.params,
+                self.state.rest,
+                self._put(images),
+                self._put(labels),
+                self._put(weights),
+                self._fb,
+            )
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = {k: float(_host(v)) for k, v in totals.items()}
+        count = max(totals["count"], 1.0)
+        return {
+            f"{self.eval_prefix}_loss": totals["loss_sum"] / count,
+            f"{self.eval_prefix}_acc": totals["correct"] / count,
+        }
+
+    def _checkpointer(self) -> Checkpointer | None:
+        if not self.cfg.checkpoint.enabled:
+            return None
+        return Checkpointer(self.out / "checkpoints", keep=self.cfg.checkpoint.keep)
+
+    def _meta(self, step: int, sums: _Sums) -> dict[str, Any]:
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch": batch,
+            "sums": dataclasses.asdict(sums),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def _save(
+        self, ckpt: Checkpointer | None, step: int, sums: _Sums, state: TrainState | None = None
+    ) -> None:
+        if ckpt is None:
+            return
+        state = self.state if state is None else state
+        ckpt.save(step, state._asdict(), self._meta(step, sums))
+
+    def _restore(self, ckpt: Checkpointer | None) -> tuple[int, _Sums]:
+        if not self.resume:
+            return 0, _Sums()
+        found = None if ckpt is None else ckpt.latest(self.state._asdict())
+        if found is None:
+            self._note(f"note: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            return 0, _Sums()
+        step, state, meta = found
+        saved_cfg = config_from_dict(meta["config"])
+        changed = [
+            k
+            for k in config_diff(saved_cfg, self.cfg)
+            if k not in _RESUMABLE_CHANGES and not k.startswith(("checkpoint.", "log."))
+        ]
+        if changed:
+            saved, now = flat_config(saved_cfg), flat_config(self.cfg)
+            details = ", ".join(f"{k} ({saved[k]!r} -> {now[k]!r})" for k in changed)
+            raise ConfigError(
+                f"cannot resume {self.out}: the configuration differs from the checkpointed run in "
+                f"{details}; resume with the run's own configuration ({self.out / 'config.toml'}) "
+                "or start a new --out"
+            )
+        self.state = TrainState(**state)
+        self._note(
+            f"resumed from checkpoint at step {step} (epoch {step // self.steps_per_epoch + 1})"
+        )
+        return step, _Sums(**meta["sums"])
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, *, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Trains to the end (or to ``stop_at_step``) and returns the summary record.
+
+        ``stop_at_step`` ends the run after that global step *without* saving,
+        as if the process were killed there (for tests of resumption).
+
+        Raises:
+            NonFiniteLossError: a non-finite loss under ``nan_policy = "stop"``;
+                a checkpoint of the last good state is kept first.
+            KeyboardInterrupt: re-raised after naming the newest checkpoint
+                (resume from it with ``resume=True``).
+        """
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = self._checkpointer()
+        step, sums = self._restore(ckpt)
+        (self.out / "config.toml").write_text(to_toml(cfg))
+        metrics = MetricsWriter(
+            self.out / "metrics.jsonl",
+            resume_step=step if self.resume else None,
+            tensorboard=cfg.log.tensorboard,
+        )
+        run_start = time.perf_counter()
+        self._note(
+            f"gcgd-train: {cfg.model.name} on {cfg.data.name} (train {len(self.train_ds.labels)}, "
+            f"{self.eval_prefix} {len(self.eval_ds.labels)}), {self.num_params:,} parameters; "
+            f"{self.total_steps} steps = {self.num_epochs} epoch(s) x {self.steps_per_epoch}, "
+            f"batch {cfg.data.batch_size} on {len(self.devices)} {self.devices[0].platform} device(s); "
+            f"out {self.out}"
+        )
+        status = "completed"
+        try:
+            while step < self.total_steps:
+                epoch = step // self.steps_per_epoch
+                epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+                t0 = time.perf_counter()
+                step, sums, times, failed = self._train_epoch(
+                    epoch, step, epoch_end, sums, ckpt, stop_at_step
+                )
+                if failed is not None:
+                    self._stop_nonfinite(failed, sums, ckpt, metrics)
+                if step < epoch_end:  # stop_at_step reached inside the epoch
+                    status = "stopped"
+                    break
+                self._end_epoch(epoch, step, sums, times, t0, ckpt, metrics)
+                sums = _Sums()
+                if stop_at_step is not None and step >= stop_at_step:
+                    status = "stopped" if step < self.total_steps else status
+                    break
+            summary = self._summary(status, step, time.perf_counter() - run_start)
+            if status == "completed" and jax.process_index() == 0:
+                metrics.write(summary)
+        except KeyboardInterrupt:
+            last = ckpt.steps()[-1] if ckpt is not None and ckpt.steps() else None
+            self._note(
+                "interrupted; "
+                + (
+                    f"the newest checkpoint is at step {last} (continue with --resume)"
+                    if last is not None
+                    else "no checkpoint was saved yet"
+                )
+            )
+            raise
+        finally:
+            metrics.close()
+            if ckpt is not None:
+                ckpt.close()
+        return summary
+
+    def _end_epoch(self, epoch, step, sums, times, t0, ckpt, metrics) -> None:
+        """Evaluation, the epoch record, the epoch-end checkpoint (in that order)."""
+        cfg = self.cfg
+        record = self._epoch_record(epoch, step, sums, times, time.perf_counter() - t0)
+        last = step >= self.total_steps
+        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
+            t1 = time.perf_counter()
+            record.update(self.evaluate())
+            record["eval_time"] = time.perf_counter() - t1
+        record["epoch_time"] = time.perf_counter() - t0
+        # The record is written before the checkpoint: a run killed in between resumes from
+        # the previous checkpoint, and the record is cut off and written again.
+        if jax.process_index() == 0:
+            metrics.write(record)
+        self._note(self._epoch_line(record))
+        every_e, every_s = cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps
+        if last or (every_e and (epoch + 1) % every_e == 0) or (every_s and step % every_s == 0):
+            self._save(ckpt, step, _Sums())
+
+    def _train_epoch(self, epoch, step, epoch_end, sums, ckpt, stop_at_step):
+        """Steps ``step .. epoch_end-1``; returns ``(step, sums, step_times, failed_step)``."""
+        cfg = self.cfg
+        spe, bs = self.steps_per_epoch, cfg.data.batch_size
+        start_batch = step - epoch * spe
+        from gcgd_jax.data import batch_iterator
+
+        batches = batch_iterator(
+            self.train_ds, bs, seed=cfg.run.seed, epoch=epoch, start_batch=start_batch
+        )
+        bar = ProgressBar(
+            epoch_end - epoch * spe,
+            bs,
+            f"epoch {epoch + 1}/{self.num_epochs}",
+            enabled=cfg.log.progress and jax.process_index() == 0,
+            stream=self.stream,
+        )
+        times: list[float] = []
+        t_start, last_done, failed = time.perf_counter(), None, None
+
+        def complete(metrics, done_step):
+            nonlocal last_done, failed
+            if failed is not None:
+                return  # steps after a failure under "stop" were no-ops
+            m = {k: _host(v) for k, v in metrics.items()}
+            now = time.perf_counter()
+            if last_done is not None:
+                times.append(now - last_done)
+            last_done = now
+            if not bool(m["finite"]):
+                sums.skipped += 1
+                if cfg.train.nan_policy == "stop":
+                    failed = (done_step - 1, float(m["loss"]))
+                return
+            sums.loss += float(m["loss"])
+            sums.correct += int(m["correct"])
+            sums.examples += bs
+            sums.steps += 1
+            sums.lr = float(m["lr"])
+            if "gc_ode_loss" in m:
+                sums.gc_ode_loss += float(m["gc_ode_loss"])
+            if "predictor_loss" in m:
+                sums.predictor_loss = float(m["predictor_loss"])
+            done = done_step - epoch * spe
+            speed = (done - start_batch) * bs / max(now - t_start, 1e-9)
+            bar.update(done, sums.loss / max(sums.steps, 1), speed)
+
+        pending = None  # (metrics, step) of the step dispatched last, not yet read
+        while step < epoch_end and failed is None:
+            images, labels = next(batches)
+            self.state, metrics = self._train_step(
+                self.state, self._put(images), self._put(labels), self._fb
+            )
+            step += 1
+            if pending is not None:
+                complete(*pending)
+            pending = (metrics, step)
+            every = cfg.checkpoint.every_steps
+            if every and step % every == 0 and step < epoch_end:
+                complete(*pending)  # the sums must include this step before saving
+                pending = None
+                if failed is None:
+                    self._save(ckpt, step, sums)
+            if stop_at_step is not None and step >= stop_at_step:
+                break
+        if pending is not None:
+            complete(*pending)
+        bar.close()
+        return step, sums, times, failed
+
+    def _stop_nonfinite(self, failed, sums, ckpt, metrics) -> None:
+        bad_step, loss = failed
+        sums.skipped = 0
+        # The step guard left the state at the last good one; only its counters moved on.
+        good = self.state._replace(
+            step=jnp.asarray(bad_step, jnp.int32),
+            nonfinite=jnp.zeros((), jnp.int32),
+            halted=jnp.zeros((), jnp.bool_),
+        )
+        good = jax.device_put(good, self.replicated)
+        self._save(ckpt, bad_step, sums, good)
+        epoch, batch = divmod(bad_step, self.steps_per_epoch)
+        kept = (
+            f"a checkpoint of the last good state (step {bad_step}) is in {self.out / 'checkpoints'}"
+            if ckpt is not None
+            else "checkpoints are disabled, so no state was kept"
+        )
+        record = {
+            "kind": "summary",
+            "status": "nonfinite",
+            "step": bad_step,
+            "epoch": epoch + 1,
+            "batch": batch,
+            "loss": loss,
+        }
+        if jax.process_index() == 0:
+            metrics.write(record)
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at step {bad_step + 1} (epoch {epoch + 1}, batch {batch + 1}); "
+            f"training stopped and {kept}. Lower optim.lr, or set train.nan_policy=skip to skip "
+            "such steps."
+        )
+
+    def _epoch_record(self, epoch, step, sums, times, train_time) -> dict[str, Any]:
+        bs = self.cfg.data.batch_size
+        median = statistics.median(times) if times else None
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": sums.lr,
+            "train_loss": sums.loss / sums.steps if sums.steps else None,
+            "train_acc": sums.correct / sums.examples if sums.examples else None,
+            "train_time": train_time,
+            "step_time_median": median,
+            "images_per_s": bs / median if median else None,
+            "skipped_steps": sums.skipped,
+        }
+        if self.step_options.gc_ode:
+            record["gc_ode_loss"] = sums.gc_ode_loss / sums.steps if sums.steps else None
+        if self.step_options.gc_w:
+            record["gc_w_predictor_loss"] = sums.predictor_loss
+        return record
+
+    def _epoch_line(self, r: dict[str, Any]) -> str:
+        parts = [f"epoch {r['epoch']}/{self.num_epochs}", f"step {r['step']}"]
+        for key, fmt in (
+            ("train_loss", "train loss {:.4f}"),
+            ("train_acc", "acc {:.4f}"),
+            (f"{self.eval_prefix}_loss", self.eval_prefix + " loss {:.4f}"),
+            (f"{self.eval_prefix}_acc", "acc {:.4f}"),
+            ("images_per_s", "{:.0f} img/s"),
+            ("epoch_time", "{:.1f} s"),
+        ):
+            if r.get(key) is not None:
+                parts.append(fmt.format(r[key]))
+        return " | ".join(parts)
+
+    def _summary(self, status: str, step: int, wall: float) -> dict[str, Any]:
+        records = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("kind") == "epoch"]
+        key = f"{self.eval_prefix}_acc"
+        evaluated = [r for r in records if r.get(key) is not None]
+        best = max(evaluated, key=lambda r: r[key]) if evaluated else None
+        speeds = [r["images_per_s"] for r in records if r.get("images_per_s")]
+        return {
+            "kind": "summary",
+            "status": status,
+            "name": self.cfg.run.name,
+            "step": step,
+            "epochs": len(records),
+            f"final_{self.eval_prefix}_loss": evaluated[-1][f"{self.eval_prefix}_loss"]
+            if evaluated
+            else None,
+            f"final_{key}": evaluated[-1][key] if evaluated else None,
+            f"best_{key}": best[key] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "nonfinite_steps": int(_host(self.state.nonfinite)),
+            "images_per_s_median": statistics.median(speeds) if speeds else None,
+            "wall_time": wall,
+            "devices": len(self.devices),
+            "platform": self.devices[0].platform,
+        }
+
+    def summary_table(self) -> str:
+        """The epoch table of the run so far."""
+        records = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("kind") == "epoch"]
+        return summary_table(records, self.eval_prefix)
+
+
+def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """``Trainer(cfg, **kwargs).run()``: trains and returns the summary record."""
+    return Trainer(cfg, **kwargs).run()

@@ -1,0 +1,62 @@
+"""AGR: adaptive gradient regularization."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from gcgd_jax.transforms import _common
+
+
+def agr(eps: float = 1e-12) -> optax.GradientTransformation:
+    r"""Adaptive gradient regularization: shrinks each entry by its share of the leaf.
+
+    For every leaf (any ``ndim``, scalars included), with sums over all of its
+    elements,
+
+    .. math::
+        \hat g = g \odot \Bigl(1 - \frac{|g|}{\sum |g| + \epsilon}\Bigr).
+
+    The coefficient lies in ``[0, 1]``: an entry holding a large share of the
+    leaf's total magnitude is shrunk most. For large leaves the shares average
+    ``1/n``, so AGR is then close to the identity. A leaf with a single non-zero
+    entry is (almost) zeroed. An all-zero leaf stays exactly zero and never
+    produces NaN, even with ``eps=0`` (the official code divides 0 by 0 there).
+    Leaves whose dtype is not a real floating type (integer, boolean,
+    ``float0``, complex) pass through untouched. Sums are taken in at least
+    float32; the update keeps the leaf's dtype. Apply it to the raw gradient,
+    before the optimizer's moments.
+
+    Args:
+      eps: added to the denominator; ``>= 0`` (checked when concrete). May be
+        injected with ``optax.inject_hyperparams``.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gcgd_jax.transforms.agr import agr
+      >>> tx = agr(eps=0.0)
+      >>> g = {"w": jnp.array([1.0, -3.0]), "zero": jnp.zeros((2, 2))}
+      >>> out, _ = tx.update(g, tx.init(g))
+      >>> out["w"].tolist(), out["zero"].tolist()
+      ([0.75, -0.75], [[0.0, 0.0], [0.0, 0.0]])
+
+    References:
+      Jiang et al, `Adaptive Gradient Regularization: A Faster and Generalizable
+      Optimization Technique for Deep Neural Networks
+      <https://arxiv.org/abs/2407.16944>`_, 2024
+    """
+    _common.check_number("eps", eps, lower=0.0)
+
+    def regularise(path, g):
+        del path
+        magnitude = jnp.abs(g)
+        return g * (1 - _common.safe_divide(magnitude, magnitude.sum() + eps))
+
+    def update_fn(updates, state, params=None):
+        del params
+        return _common.map_float_leaves(regularise, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -1,0 +1,400 @@
+"""GC-ODE: configuration, exactness at initialisation, gradient routing, solvers, gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import gcgd_jax.models.gc_ode as gc_ode_module
+from gcgd_jax.models import GCODE, GCODEConfig, resnet18, resnet20, resnet50
+from gcgd_jax.models.gc_ode import (
+    GroupNorm,
+    ODEBranch,
+    TimeConv,
+    _routed_branch,
+    _solve_pure,
+    conv3x3,
+    resolve_gc_ode,
+)
+
+
+def _x(shape, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _randomise_field(branch: ODEBranch, seed: int = 3, size: float = 1.0) -> None:
+    """Gives the zero-initialised last GroupNorm a random scale, so phi != 0."""
+    norm = branch.field.norm_out
+    shape, dtype = norm.scale.shape, norm.scale[...].dtype
+    norm.scale[...] = size * jax.random.normal(jax.random.key(seed), shape, dtype)
+    norm.bias[...] = 0.1 * size * jax.random.normal(jax.random.key(seed + 1), shape, dtype)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_defaults_and_shorthands():
+    cfg = GCODEConfig()
+    assert (cfg.mode, cfg.solver, cfg.steps, cfg.width, cfg.adaptive) == (
+        "gradient",
+        "euler",
+        1,
+        None,
+        False,
+    )
+    assert cfg.adjoint == "recursive_checkpoint" and cfg.gradient_scale == 1.0
+    assert resolve_gc_ode("branch") == GCODEConfig(mode="branch")
+    assert resolve_gc_ode("gradient") == GCODEConfig(mode="gradient")
+    assert resolve_gc_ode(None) is None and resolve_gc_ode(cfg) is cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"solver": "rk4"}, "solver"),
+        ({"steps": 0}, "steps"),
+        ({"steps": -1}, "steps"),
+        ({"steps": 1.5}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"mode": "gradients"}, "mode"),
+        ({"mode": "Branch"}, "mode"),
+        ({"width": 0}, "width"),
+        ({"adaptive": True}, "error estimate"),  # euler has none
+        ({"adaptive": 1, "solver": "heun"}, "adaptive"),
+        ({"rtol": 0.0, "adaptive": True, "solver": "tsit5"}, "rtol"),
+        ({"atol": -1.0}, "atol"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"gradient_scale": 0.0}, "gradient_scale"),
+        ({"gradient_scale": float("nan")}, "gradient_scale"),
+        ({"adjoint": "backsolve"}, "adjoint"),
+    ],
+)
+def test_bad_config_raises_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GCODEConfig(**kwargs)
+
+
+def test_bad_gc_ode_argument_raises_value_error():
+    for spec in ("gradeint", "ode", 3, {"mode": "branch"}):
+        with pytest.raises(ValueError, match="gc_ode"):
+            resolve_gc_ode(spec)
+
+
+def test_pairs_and_shapes_per_architecture():
+    r20 = nnx.eval_shape(lambda: resnet20(gc_ode="branch", rngs=nnx.Rngs(0)))
+    assert r20.gc_ode.num_pairs == 3 and r20.gc_ode.channels == (16, 16, 32, 64)
+    r18 = nnx.eval_shape(lambda: resnet18(gc_ode="gradient", rngs=nnx.Rngs(0)))
+    assert r18.gc_ode.num_pairs == 4 and r18.gc_ode.strides == (1, 2, 2, 2)
+    cfg = GCODEConfig(width=32)
+    r50 = nnx.eval_shape(lambda: resnet50(gc_ode=cfg, rngs=nnx.Rngs(0)))
+    assert r50.gc_ode.num_pairs == 4 and r50.gc_ode.channels == (64, 256, 512, 1024, 2048)
+    last = r50.gc_ode.branches[3]
+    assert last.field.conv1.kernel.shape == (3, 3, 2049, 32)
+    assert last.field.conv2.kernel.shape == (3, 3, 33, 2048)
+    assert last.proj_conv.kernel.shape == (1, 1, 1024, 2048)
+    assert r20.gc_ode.branches[0].proj_conv is None  # same shape: identity projection
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def test_conv3x3_matches_lax_conv_values_and_gradients():
+    x, k = _x((2, 5, 6, 3)), _x((3, 3, 3, 4), 1)
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    ct = _x((2, 5, 6, 4), 2)
+    np.testing.assert_allclose(conv3x3(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda x, k: jnp.sum(conv3x3(x, k) * ct), argnums=(0, 1))(x, k)
+    g_ref = jax.grad(lambda x, k: jnp.sum(ref(x, k) * ct), argnums=(0, 1))(x, k)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_time_conv_equals_convolution_of_concatenation():
+    conv = TimeConv(3, 4, rngs=nnx.Rngs(0))
+    a, t = _x((2, 5, 5, 3)), 0.37
+    cat = jnp.concatenate([a, jnp.full((2, 5, 5, 1), t)], axis=-1)
+    expected = jax.lax.conv_general_dilated(
+        cat, conv.kernel[...], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(conv(a, jnp.float32(t)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_matches_flax():
+    x = 3 * _x((2, 4, 5, 16)) + 1
+    ours = GroupNorm(16, 8)
+    ref = nnx.GroupNorm(16, num_groups=8, epsilon=1e-5, rngs=nnx.Rngs(0))
+    for norm in (ours, ref):
+        norm.scale[...] = jnp.linspace(-1, 2, 16)
+        norm.bias[...] = jnp.linspace(0, 1, 16)
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+SOLVER_CONFIGS = [
+    GCODEConfig(solver="euler", steps=1),
+    GCODEConfig(solver="heun", steps=2),
+    GCODEConfig(solver="tsit5", steps=1),
+    GCODEConfig(solver="heun", adaptive=True),
+    GCODEConfig(solver="tsit5", adaptive=True),
+    GCODEConfig(solver="euler", steps=1, adjoint="direct", width=3),
+]
+
+
+@pytest.fixture(scope="module")
+def fine_euler_solution():
+    """z(1) with 128 Euler steps: the reference the solvers must approach."""
+    branch = ODEBranch(4, 6, 2, GCODEConfig(solver="euler", steps=128), rngs=nnx.Rngs(1))
+    _randomise_field(branch, size=0.3)
+    return jax.jit(branch.solve)(_x((2, 6, 6, 4)))
+
+
+@pytest.mark.parametrize(
+    "config",
+    SOLVER_CONFIGS,
+    ids=lambda c: (
+        f"{c.solver}-{c.steps}-{'adaptive' if c.adaptive else 'fixed'}-{c.adjoint}-{c.width}"
+    ),
+)
+def test_solvers_run_under_jit_with_gradients(config, fine_euler_solution):
+    branch = ODEBranch(4, 6, 2, config, rngs=nnx.Rngs(1))
+    _randomise_field(branch, size=0.3)
+    graphdef, params = nnx.split(branch)
+    x = _x((2, 6, 6, 4))
+
+    @jax.jit
+    def loss_and_grads(params, x):
+        return jax.value_and_grad(
+            lambda p, x: jnp.sum(_solve_pure(graphdef, x, p) ** 2), argnums=(0, 1)
+        )(params, x)
+
+    loss, (g_params, g_x) = loss_and_grads(params, x)
+    assert np.isfinite(float(loss))
+    assert g_x.shape == x.shape and bool(jnp.all(jnp.isfinite(g_x)))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_params))
+    if config.width is None and (config.adaptive or config.solver != "euler"):
+        # Higher-order / adaptive solvers land near the fine Euler solution.
+        z1 = jax.jit(lambda p, x: _solve_pure(graphdef, x, p))(params, x)
+        np.testing.assert_allclose(z1, fine_euler_solution, atol=0.02, rtol=0.02)
+
+
+def test_branch_gradient_matches_finite_differences_float64():
+    with jax.enable_x64(True):
+        branch = ODEBranch(2, 3, 2, GCODEConfig(solver="euler", steps=2), rngs=nnx.Rngs(0))
+        _randomise_field(branch)
+        graphdef, params = nnx.split(branch)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.as_pure(params))
+        x = _x((2, 4, 4, 2), dtype=jnp.float64)
+        ct = _x((2, 2, 2, 3), 5, dtype=jnp.float64)
+
+        def f(x, params):
+            return jnp.sum(_solve_pure(graphdef, x, params) * ct)
+
+        f = jax.jit(f)
+        assert f(x, params).dtype == jnp.float64
+        check_grads(f, (x, params), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_routed_gradients_equal_two_stop_gradient_solves():
+    branch = ODEBranch(2, 4, 2, GCODEConfig(solver="euler", steps=2), rngs=nnx.Rngs(1))
+    _randomise_field(branch)
+    graphdef, params = nnx.split(branch)
+    x = _x((2, 4, 4, 2))
+    c1, c2 = _x((2, 2, 2, 4), 1), _x((2, 2, 2, 4), 2)
+
+    def routed(x, p):
+        zhat, z = _routed_branch(graphdef, x, p)
+        return jnp.sum(zhat * c1) + jnp.sum(z * c2)
+
+    def reference(x, p):
+        zhat = _solve_pure(graphdef, x, jax.lax.stop_gradient(p))
+        z = _solve_pure(graphdef, jax.lax.stop_gradient(x), p)
+        return jnp.sum(zhat * c1) + jnp.sum(z * c2)
+
+    g = jax.jit(jax.grad(routed, argnums=(0, 1)))(x, params)
+    g_ref = jax.jit(jax.grad(reference, argnums=(0, 1)))(x, params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GCODE module
+
+
+def test_gradient_mode_adds_scaled_branch_jacobian_to_input_gradient():
+    cfg = GCODEConfig(mode="gradient", gradient_scale=2.5)
+    gc = GCODE((2, 4), (2,), cfg, rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    graphdef, state = nnx.split(gc)
+    h0, h1, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 1), _x((2, 2, 2, 4), 2)
+
+    @jax.jit
+    def run(state, h0):
+        def f(h0):
+            out, loss = nnx.merge(graphdef, state)(0, h0, h1)
+            return jnp.sum(out * w), (out, loss)
+
+        g_h0, (out, loss) = jax.grad(f, has_aux=True)(h0)
+        branch = nnx.merge(graphdef, state).branches[0]
+        z1, vjp = jax.vjp(branch.solve, h0)
+        return out, loss, g_h0, z1, vjp(w)[0]
+
+    out, loss, g_h0, z1, branch_vjp = run(state, h0)
+    np.testing.assert_array_equal(out, h1)  # forward value unchanged
+    expected = 2.5 * branch_vjp
+    assert float(jnp.max(jnp.abs(expected))) > 1e-3  # the extra path is not zero
+    np.testing.assert_allclose(g_h0, expected, rtol=1e-4, atol=1e-6)
+    # The pair loss is the mean squared distance of z(1) to h_i, in float32.
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, jnp.mean((z1 - h1) ** 2), rtol=1e-5)
+
+
+def test_branch_mode_is_exact_at_init_and_trains_gamma():
+    gc = GCODE((2, 4), (2,), "branch", rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    h0, h1 = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 1)
+    out, loss = gc(0, h0, h1)
+    np.testing.assert_array_equal(out, h1)
+    assert float(loss) == 0.0
+    g = nnx.grad(lambda gc: jnp.sum(gc(0, h0, h1)[0] ** 3))(gc)
+    assert float(jnp.sum(jnp.abs(g.branches[0].gamma[...]))) > 0
+
+
+def test_eval_mode_and_views_toggle_the_branch(monkeypatch):
+    gc = GCODE((4, 4), (1,), "gradient", rngs=nnx.Rngs(0))
+    calls = []
+    real = gc_ode_module.odeint
+    monkeypatch.setattr(gc_ode_module, "odeint", lambda *a: calls.append(1) or real(*a))
+    h = _x((1, 4, 4, 4))
+    gc(0, h, h)
+    assert calls == [1]
+    gc.eval()
+    out, loss = gc(0, h, 2 * h)
+    assert calls == [1] and float(loss) == 0.0
+    np.testing.assert_array_equal(out, 2 * h)
+    assert nnx.view(gc, deterministic=False).deterministic is False
+    gc.train()
+    assert nnx.view(gc, use_running_average=True).deterministic is True
+    assert gc.deterministic is False
+
+
+# ----------------------------------------------------------------------------- in the ResNet
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A plain ResNet-20 and GC-ODE ResNet-20s built from the same seed (train mode)."""
+    out = {"plain": resnet20(rngs=nnx.Rngs(0))}
+    for mode in ("branch", "gradient"):
+        out[mode] = resnet20(gc_ode=mode, rngs=nnx.Rngs(0))
+        for branch in out[mode].gc_ode.branches:  # a non-trivial vector field
+            _randomise_field(branch)
+    return out
+
+
+X, W = _x((4, 8, 8, 3)), _x((4, 10), 7)
+
+
+def _forward(model, train: bool):
+    """Jitted forward (logits, aux) in train or eval mode; the model is not modified."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, x):
+        m = nnx.merge(graphdef, state)
+        m.train() if train else m.eval()
+        return m(x, return_aux=True)
+
+    return run(nnx.as_pure(state), X)
+
+
+def _gradients(model):
+    """One jit: logits, aux loss, d(task)/d(params, x), d(aux)/d(params), flattened."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def run(params, rest, x):
+        def task(params, x):
+            logits, aux = nnx.merge(graphdef, params, rest)(x, return_aux=True)
+            return jnp.sum(logits * W), (logits, aux["gc_ode_loss"])
+
+        def aux_loss(params):
+            return nnx.merge(graphdef, params, rest)(x, return_aux=True)[1]["gc_ode_loss"]
+
+        (_, (logits, aux)), (g_task, g_x) = jax.value_and_grad(task, (0, 1), has_aux=True)(
+            params, x
+        )
+        return logits, aux, g_task, g_x, jax.grad(aux_loss)(params)
+
+    logits, aux, g_task, g_x, g_aux = run(nnx.as_pure(params), nnx.as_pure(rest), X)
+    flat = lambda state: {k: v for k, v in nnx.to_flat_state(state)}
+    return {"logits": logits, "aux": aux, "task": flat(g_task), "x": g_x, "aux_grad": flat(g_aux)}
+
+
+@pytest.fixture(scope="module")
+def grads(models):
+    return {name: _gradients(models[name]) for name in ("plain", "gradient")}
+
+
+def _backbone(model):
+    return {k: v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if k[0] != "gc_ode"}
+
+
+def test_backbone_weights_do_not_depend_on_gc_ode(models):
+    plain, gradient = _backbone(models["plain"]), _backbone(models["gradient"])
+    assert plain.keys() == gradient.keys()
+    assert all(bool(jnp.all(plain[k][...] == gradient[k][...])) for k in plain)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fresh_branch_mode_equals_plain_model(models, train):
+    logits_plain, _ = _forward(models["plain"], train)
+    logits_branch, aux = _forward(models["branch"], train)
+    np.testing.assert_array_equal(logits_branch, logits_plain)  # gamma = 0 exactly
+    assert float(aux["gc_ode_loss"]) == 0.0
+
+
+def test_gradient_mode_same_logits_different_hidden_gradients(grads):
+    plain, gradient = grads["plain"], grads["gradient"]
+    np.testing.assert_allclose(gradient["logits"], plain["logits"], rtol=1e-6, atol=1e-6)
+    # Input (and hence hidden-state) gradients differ: the branches contribute.
+    diff = float(jnp.max(jnp.abs(gradient["x"] - plain["x"])))
+    assert diff > 1e-2 * float(jnp.max(jnp.abs(plain["x"])))
+    stem = ("stem", "conv", "kernel")
+    assert not np.allclose(gradient["task"][stem], plain["task"][stem], rtol=1e-3, atol=1e-6)
+    # Parameters downstream of the last pair's input (stage 3, head): same gradient.
+    for key, g in plain["task"].items():
+        if key[0] == "head" or key[:2] == ("stages", 2):
+            np.testing.assert_allclose(gradient["task"][key], g, rtol=1e-4, atol=1e-6)
+    # The task loss never trains the branches.
+    for key, g in gradient["task"].items():
+        if key[0] == "gc_ode":
+            assert bool(jnp.all(g == 0)), key
+
+
+def test_gradient_mode_aux_loss_trains_only_the_branches(grads):
+    gradient = grads["gradient"]
+    assert gradient["aux"].dtype == jnp.float32 and float(gradient["aux"]) > 0
+    branch = [float(jnp.sum(g**2)) for k, g in gradient["aux_grad"].items() if k[0] == "gc_ode"]
+    assert sum(branch) > 0
+    for key, g in gradient["aux_grad"].items():
+        if key[0] != "gc_ode":
+            assert bool(jnp.all(g == 0)), key
+    assert float(grads["plain"]["aux"]) == 0.0
+
+
+def test_gradient_mode_eval_skips_branches(models, monkeypatch):
+    monkeypatch.setattr(gc_ode_module, "odeint", lambda *a: pytest.fail("branch ran in eval"))
+    logits, aux = _forward(models["gradient"], train=False)
+    assert logits.shape == (4, 10) and float(aux["gc_ode_loss"]) == 0.0

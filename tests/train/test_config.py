@@ -1,0 +1,163 @@
+"""Configuration files, overrides, validation errors and the XLA flag helper (no compiling)."""
+
+import dataclasses
+
+import pytest
+
+from gcgd_jax.train import config as C
+from gcgd_jax.train.config import ConfigError, load_config
+from gcgd_jax.train.xla_flags import CPU_CONV_FLAG, apply_cpu_flags
+
+
+def test_shipped_configs_load_and_validate():
+    quick = load_config("quickstart")
+    assert quick.data.name == "fashion_mnist" and quick.model.name == "resnet20"
+    assert quick.corrections.chain == ("gc_w",)
+    assert quick.corrections.options["gc_w"]["mask"] == "pre_downsampling"
+    assert quick.train.epochs == 1
+
+    paper = load_config("cifar10_resnet20")
+    assert (paper.optim.name, paper.optim.lr, paper.optim.momentum) == ("sgd", 0.1, 0.9)
+    assert paper.optim.weight_decay == 1e-4 and paper.data.batch_size == 128
+    assert paper.train.total_steps == 64000 and paper.optim.milestones == (0.5, 0.75)
+    assert paper.corrections.chain == () and paper.model.gc_ode == "none"
+
+    gcgd = load_config("cifar10_resnet20_gcgd")  # extends the paper setting
+    assert gcgd.train.total_steps == 64000 and gcgd.optim.weight_decay == 1e-4
+    assert gcgd.corrections.chain == ("gc_w",) and gcgd.model.gc_ode == "gradient"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "quickstart",
+        [
+            "optim.lr=0.05",
+            "data.batch_size=64",
+            "corrections.chain=gc_w,centralize",
+            "corrections.centralize.conv_only=true",
+            "corrections.gc_w.rho=0.3",
+            "optim.milestones=[0.3, 0.6]",
+            "model.gc_ode_width=16",
+            "model.gc_ode_width=none",
+            "data.name=cifar10",
+            "run.fusion_breaker=off",
+        ],
+    )
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 64
+    assert cfg.corrections.chain == ("gc_w", "centralize")
+    assert cfg.corrections.options == {
+        "gc_w": {"mask": "pre_downsampling", "warmup": 50, "rho": 0.3},
+        "centralize": {"conv_only": True},
+    }
+    assert cfg.optim.milestones == (0.3, 0.6)
+    assert cfg.model.gc_ode_width is None
+    assert cfg.data.name == "cifar10" and cfg.run.fusion_breaker == "off"
+    # An integer where a float is expected is accepted and converted.
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "unknown key optim.lrr (did you mean 'lr'?)"),
+        ("optimizer.lr=0.1", "unknown section 'optimizer'"),
+        ("data.batch_size=abc", "data.batch_size: expected an integer, got 'abc'"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1"),
+        ("optim.lr=-0.1", "optim.lr: must be > 0"),
+        ("optim.lr=0", "optim.lr: must be > 0"),
+        ("train.epochs=0", "train.epochs: must be >= 1"),
+        ("train.budget=0", "train.budget: must be > 0"),
+        ("data.name=cifar11", "data.name: unknown value 'cifar11' (did you mean 'cifar10'?)"),
+        ("model.name=resnet21", "model.name: unknown value 'resnet21'"),
+        (
+            'corrections.chain=["gcw"]',
+            "corrections.chain: unknown value 'gcw' (did you mean 'gc_w'?)",
+        ),
+        ("optim.name=lion", "optim.name: unknown value 'lion'"),
+        ("optim.schedule=linear", "optim.schedule: unknown value 'linear'"),
+        (
+            "optim.milestones=[0.75, 0.5]",
+            "optim.milestones: fractions of training in (0, 1), increasing",
+        ),
+        ("data.eval_split=val", "data.eval_split = 'val' needs data.val_fraction > 0"),
+        (
+            "corrections.znorm.eps=1e-6",
+            "corrections.znorm: options given for a correction that is not in",
+        ),
+        ("train.nan_policy=ignore", "train.nan_policy: unknown value 'ignore'"),
+        ("model.gc_ode=branches", "model.gc_ode: unknown value 'branches'"),
+        ("corrections.gc_w.mask=some", "corrections.gc_w.mask: unknown value 'some'"),
+        ("optim.lr", "is not of the form section.key=value"),
+        ("lr=0.1", "the key must be section.key"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", [override])
+    assert message in str(err.value)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=-1", "data.batch_size=0"])
+    assert "optim.lr" in str(err.value) and "data.batch_size" in str(err.value)
+
+
+def test_missing_or_broken_files(tmp_path):
+    with pytest.raises(
+        ConfigError, match="configuration 'no_such_config' not found.*available: .*quickstart"
+    ):
+        load_config("no_such_config")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'extends = "{loop}"\n')
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(loop)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(
+        "cifar10_resnet20_gcgd", ["corrections.gc_w.rho=0.25", "data.train_subset=100"]
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(C.to_toml(cfg))
+    assert load_config(path) == cfg
+    assert C.config_diff(cfg, cfg.replace(optim={"lr": 0.2})) == ["optim.lr"]
+
+
+def test_defaults_are_documented_in_one_place():
+    # Every section is a frozen dataclass: a config cannot be changed by accident.
+    cfg = C.TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    C.validate(cfg)
+
+
+def test_xla_flag_helper(monkeypatch):
+    from gcgd_jax.train import xla_flags
+
+    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: False)
+    env = {}
+    assert apply_cpu_flags(env) is True and env["XLA_FLAGS"] == CPU_CONV_FLAG
+    env = {"JAX_PLATFORMS": "cpu"}
+    assert apply_cpu_flags(env) is True
+    # A user's own XLA_FLAGS (even empty) are never touched.
+    user = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert apply_cpu_flags(user) is False and user["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+    assert apply_cpu_flags({"XLA_FLAGS": ""}) is False
+    # Not for accelerators, not for jaxlib versions it was not measured on, not once JAX runs.
+    assert apply_cpu_flags({"JAX_PLATFORMS": "cuda"}) is False
+    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: True)
+    assert apply_cpu_flags({}) is False
+    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: False)
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 9))
+    assert apply_cpu_flags({}) is False
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10))
+    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: True)
+    env = {}
+    assert apply_cpu_flags(env) is False and env == {}
+    assert CPU_CONV_FLAG == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
