@@ -1,0 +1,24 @@
+"""The comparison suites' grids and method overrides are valid training configurations."""
+
+import pytest
+
+from experiments.compare import METHODS, SUITES, quick
+from gcgd_jax.train import load_config
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_cell_of_every_suite_is_a_valid_config(suite):
+    for s in (SUITES[suite], quick(SUITES[suite])):
+        for method, budget, seed in s.grid():
+            overrides = (*s.overrides, *METHODS[method], f"run.seed={seed}", f"train.budget={budget}")
+            cfg = load_config(s.base_config, overrides)
+            assert cfg.train.budget == budget and cfg.run.seed == seed
+
+
+def test_grid_sizes_follow_the_protocol():
+    s = SUITES["cpu-fmnist"]
+    grid = s.grid()
+    # 5 seeds x 4 budgets for the core methods, 3 seeds at 100% for the others.
+    assert len(grid) == 5 * 4 * len(s.core) + 3 * len(s.others)
+    assert {m for m, _, _ in grid} == set(METHODS)
+    assert len(set(grid)) == len(grid)
