@@ -7,7 +7,7 @@ Layout read (written by ``experiments.compare``)::
 
 Each ``metrics.jsonl`` holds one JSON record per epoch (``epoch``,
 ``test_acc``, ``step_time_median``, ...) and a final record with
-``"event": "summary"``.
+``"kind": "summary"`` (as :mod:`gcgd_jax.train` writes them).
 
 Usage: ``python -m experiments.report experiments/results/<suite>``.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.stats import bootstrap_mean_ci, epoch_saving_ci
+from experiments.stats import bootstrap_diff_ci, bootstrap_mean_ci, epoch_saving_ci
 
-__all__ = ["Run", "load_runs", "build_report"]
+__all__ = ["Run", "build_report", "load_runs"]
 
 
 @dataclass
@@ -53,9 +53,10 @@ def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("event") == "summary":
+        kind = rec.get("kind", rec.get("event", "epoch"))  # the trainer writes "kind"
+        if kind == "summary":
             summary = rec
-        elif "test_acc" in rec and rec.get("event", "epoch") == "epoch":
+        elif kind == "epoch" and rec.get("test_acc") is not None:
             epochs.append(rec)
     return epochs, summary
 
@@ -100,7 +101,11 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
     budgets = sorted({r.budget for r in runs})
     full = max(budgets)
     base_full = _cell(runs, "baseline", full)
-    base_step = float(np.median([r.step_time for r in base_full])) if base_full else None
+    clean = _clean_ratios(suite_dir)
+    step_times = {
+        m: float(np.median([r.step_time for r in runs if r.method == m])) for m in methods
+    }
+    base_step = step_times.get("baseline")
 
     lines = [f"# {title or suite_dir.name}", ""]
     if notes:
@@ -110,8 +115,20 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
     lines += [
         f"## Final test accuracy at {_fmt_pct(full)} budget",
         "",
-        "| method | seeds | accuracy mean | 95% CI (bootstrap) | Δ vs baseline | step time (s) | step-time ratio | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        (
+            "Δ = difference of means from the baseline in percentage points, with its bootstrap "
+            "95% CI (seeds resampled per method); verdict `+`/`−` when the CI excludes 0, `=` otherwise. "
+            "Step time in suite: median over all of the method's runs (every budget), disturbed by "
+            "whatever else ran on the machine; ratio alone: `overhead.md` (each method's step timed alone, "
+            "used for the wall-clock savings when present). Peak RSS: largest over the method's runs "
+            "(whole training process)."
+        ),
+        "",
+        (
+            "| method | seeds | accuracy mean | 95% CI (bootstrap) | Δ vs baseline [95% CI] | verdict "
+            "| step time in suite (s) | ratio in suite | ratio alone | peak RSS (MiB) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_mean = float(np.mean([r.final_acc for r in base_full])) if base_full else None
     summary_rows = {}
@@ -120,21 +137,32 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         if not cell:
             continue
         mean, lo, hi = bootstrap_mean_ci([r.final_acc for r in cell])
-        step = float(np.median([r.step_time for r in cell]))
-        ratio = step / base_step if base_step else float("nan")
-        rss = [r.info.get("peak_rss_mib") for r in cell if r.info.get("peak_rss_mib")]
-        delta = "" if base_mean is None else f"{100 * (mean - base_mean):+.2f}"
+        step = step_times[m]
+        suite_ratio = step / base_step if base_step else float("nan")
+        ratio = clean.get(m, suite_ratio)
+        rss = [
+            r.info.get("peak_rss_mib") for r in runs if r.method == m and r.info.get("peak_rss_mib")
+        ]
+        delta, verdict, diff = "", "", None
+        if base_full and m != "baseline" and min(len(cell), len(base_full)) >= 2:
+            diff = bootstrap_diff_ci([r.final_acc for r in cell], [r.final_acc for r in base_full])
+            d, dlo, dhi = (100 * x for x in diff)
+            delta = f"{d:+.2f} [{dlo:+.2f}, {dhi:+.2f}]"
+            verdict = "+" if dlo > 0 else ("−" if dhi < 0 else "=")
         rss_s = f"{max(rss):.0f}" if rss else "—"
         lines.append(
             f"| {m} | {len(cell)} | {100 * mean:.2f}% | [{100 * lo:.2f}, {100 * hi:.2f}] | {delta} "
-            f"| {step:.3f} | {ratio:.2f}× | {rss_s} |"
+            f"| {verdict} | {step:.3f} | {suite_ratio:.2f}× "
+            f"| {f'{clean[m]:.2f}×' if m in clean else '—'} | {rss_s} |"
         )
-        summary_rows[m] = dict(mean=mean, lo=lo, hi=hi, ratio=ratio, n=len(cell))
+        summary_rows[m] = dict(
+            mean=mean, lo=lo, hi=hi, ratio=ratio, n=len(cell), diff=diff, verdict=verdict
+        )
     lines.append("")
 
     # Budget sweep.
     swept = [m for m in methods if len({r.budget for r in runs if r.method == m}) > 1]
-    sweep_rows = {}
+    sweep_rows, sweep_savings = {}, {}
     if base_full and len(swept) > 0:
         lines += [
             "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
@@ -144,7 +172,8 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
             "interval = bootstrap over seeds (— = not reached); "
             "wall-clock saving = 1 − b* × step-time ratio.",
             "",
-            "| method | " + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
+            "| method | "
+            + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
             + " | epoch saving | 95% CI | P(reach) | wall-clock saving |",
             "|---|" + "---|" * len(budgets) + "---|---|---|---|",
         ]
@@ -165,7 +194,23 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
                 f"| {p:.2f} | {wall_s} |"
             )
             sweep_rows[m] = {b: np.mean(v) for b, v in cells.items()}
+            sweep_savings[m] = (point, lo, hi, p, wall)
         lines.append("")
+
+    lines += _conclusions(summary_rows, sweep_savings, full)
+    gq = suite_dir.parent / "grad_quality" / suite_dir.name / "GRAD_QUALITY.md"
+    if gq.exists():
+        lines += [
+            "## Gradient quality",
+            "",
+            f"Cosine of each method's minibatch gradient with a large-batch gradient along a "
+            f"baseline run: [`../grad_quality/{suite_dir.name}/GRAD_QUALITY.md`]"
+            f"(../grad_quality/{suite_dir.name}/GRAD_QUALITY.md).",
+            "",
+        ]
+    discussion = suite_dir / "DISCUSSION.md"
+    if discussion.exists():
+        lines += [discussion.read_text().strip(), ""]
 
     _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean)
     lines += [
@@ -181,6 +226,58 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
     text = "\n".join(lines)
     (suite_dir / "RESULTS.md").write_text(text)
     return text
+
+
+def _clean_ratios(suite_dir: Path) -> dict[str, float]:
+    """Step-time ratios measured alone (``overhead.json`` of experiments.bench_methods), if any."""
+    path = suite_dir / "overhead.json"
+    if not path.exists():
+        return {}
+    return {m: float(r["ratio"]) for m, r in json.loads(path.read_text())["methods"].items()}
+
+
+def _conclusions(summary_rows: dict, sweep_savings: dict, full: float) -> list[str]:
+    """Plain statements generated from the tables (no hand-written numbers)."""
+    out = ["## Conclusions (generated from the tables above)", ""]
+    few = [m for m, r in summary_rows.items() if m != "baseline" and not r["verdict"]]
+    better = [m for m, r in summary_rows.items() if r["verdict"] == "+"]
+    worse = [m for m, r in summary_rows.items() if r["verdict"] == "−"]
+    same = [m for m, r in summary_rows.items() if r["verdict"] == "="]
+    f = _fmt_pct(full)
+
+    def _list(ms):
+        return ", ".join(
+            f"{m} ({100 * summary_rows[m]['diff'][0]:+.2f} pp, CI [{100 * summary_rows[m]['diff'][1]:+.2f}, "
+            f"{100 * summary_rows[m]['diff'][2]:+.2f}])"
+            for m in ms
+        )
+
+    out.append(
+        f"- Higher final accuracy than the baseline at {f} budget (95% CI excludes 0): "
+        f"{_list(better) if better else 'none'}."
+    )
+    out.append(f"- Lower: {_list(worse) if worse else 'none'}.")
+    out.append(
+        f"- No difference detectable with these seeds: {', '.join(same) if same else 'none'}."
+    )
+    if few:
+        out.append(f"- Too few seeds (< 2) to judge: {', '.join(few)}.")
+    for m, (point, lo, hi, p, wall) in sweep_savings.items():
+        if m == "baseline":
+            continue
+        if point is None:
+            out.append(
+                f"- {m}: its mean never reached the baseline's {f} accuracy at any budget "
+                f"(reached in {100 * p:.0f}% of bootstrap resamples): no epoch saving."
+            )
+        else:
+            out.append(
+                f"- {m}: epoch saving {_fmt_pct(point)} (95% CI [{_fmt_pct(lo)}, {_fmt_pct(hi)}], "
+                f"reached in {100 * p:.0f}% of resamples); wall-clock saving {100 * wall:+.0f}% "
+                f"at its step-time ratio {summary_rows.get(m, {}).get('ratio', float('nan')):.2f}×."
+            )
+    out.append("")
+    return out
 
 
 def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) -> None:
@@ -228,11 +325,16 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(summary_rows)
+    any_clean = (suite_dir / "overhead.json").exists()
     ratios = [summary_rows[m]["ratio"] for m in names]
     ax.bar(names, ratios, color=["grey" if m == "baseline" else "tab:blue" for m in names])
     ax.axhline(1.0, color="k", lw=1)
     ax.set_ylabel("train-step time / baseline")
-    ax.set_title("Per-step overhead (median step time in the runs)")
+    ax.set_title(
+        "Per-step overhead (step timed alone, overhead.md)"
+        if any_clean
+        else "Per-step overhead (median step time in the runs)"
+    )
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(suite_dir / "overhead.png", dpi=110)

@@ -10,7 +10,7 @@ from gcgd_jax.train import load_config
 def test_every_cell_of_every_suite_is_a_valid_config(suite):
     for s in (SUITES[suite], quick(SUITES[suite])):
         for method, budget, seed in s.grid():
-            overrides = (*s.overrides, *METHODS[method], f"run.seed={seed}", f"train.budget={budget}")
+            overrides = (*s.overrides_for(method), f"run.seed={seed}", f"train.budget={budget}")
             cfg = load_config(s.base_config, overrides)
             assert cfg.train.budget == budget and cfg.run.seed == seed
 

@@ -11,11 +11,11 @@ def _write_run(root, method, budget, seed, accs, step_time, complete=True):
     d = root / "runs" / method / f"b{budget}" / f"s{seed}"
     d.mkdir(parents=True)
     lines = [
-        json.dumps({"event": "epoch", "epoch": i + 1, "test_acc": a, "step_time_median": step_time})
+        json.dumps({"kind": "epoch", "epoch": i + 1, "test_acc": a, "step_time_median": step_time})
         for i, a in enumerate(accs)
     ]
     if complete:
-        lines.append(json.dumps({"event": "summary", "step_time_median": step_time}))
+        lines.append(json.dumps({"kind": "summary", "step_time_median": step_time}))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (d / "run.json").write_text(json.dumps({"peak_rss_mib": 500.0}))
 
@@ -40,3 +40,41 @@ def test_report_tables_and_plots(tmp_path):
     assert "1.20×" in text  # step-time ratio 0.12 / 0.10
     for png in ("accuracy_vs_epoch.png", "budget_sweep.png", "overhead.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_report_conclusions_follow_the_confidence_intervals(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        for b in (0.5, 1.0):
+            base = 0.80 + 0.05 * b + rng.normal(0, 0.002)
+            _write_run(tmp_path, "baseline", b, seed, [0.5, base], 0.10)
+            _write_run(tmp_path, "better", b, seed, [0.6, base + 0.05], 0.12)
+            _write_run(tmp_path, "noise", b, seed, [0.5, base + rng.normal(0, 0.002)], 0.10)
+        _write_run(tmp_path, "worse", 1.0, seed, [0.5, 0.70 + rng.normal(0, 0.002)], 0.10)
+    (tmp_path / "DISCUSSION.md").write_text("## Discussion\n\nhand-written reading\n")
+    text = build_report(tmp_path, title="t")
+    lines = text.splitlines()
+    higher = next(x for x in lines if x.startswith("- Higher final accuracy"))
+    lower = next(x for x in lines if x.startswith("- Lower"))
+    same = next(x for x in lines if x.startswith("- No difference"))
+    assert "better" in higher and "worse" not in higher and "noise" not in higher
+    assert "worse" in lower and "better" not in lower
+    assert "noise" in same
+    assert any(x.startswith("- better: epoch saving 50%") for x in lines)
+    assert "hand-written reading" in text
+
+
+def test_report_uses_step_ratios_measured_alone_for_wall_clock(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        for b in (0.5, 1.0):
+            base = 0.80 + 0.05 * b + rng.normal(0, 0.002)
+            _write_run(tmp_path, "baseline", b, seed, [0.5, base], 0.10)
+            _write_run(tmp_path, "better", b, seed, [0.6, base + 0.05], 0.10)
+    text = build_report(tmp_path, title="t")
+    assert "wall-clock saving +50%" in text  # in-suite ratio 1.00x
+    overhead = {"meta": {}, "methods": {"baseline": {"ratio": 1.0}, "better": {"ratio": 1.5}}}
+    (tmp_path / "overhead.json").write_text(json.dumps(overhead))
+    text = build_report(tmp_path, title="t")
+    assert "wall-clock saving +25%" in text  # 1 - 0.5 x 1.5
+    assert "| 1.50× |" in text

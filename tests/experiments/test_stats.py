@@ -54,3 +54,20 @@ def test_epoch_saving_ci_brackets_point_and_reports_reach_rate():
     _, lo, hi, p = epoch_saving_ci(noisy, base)
     assert 0.0 < p <= 1.0
     assert hi is not None and (lo is None or lo <= hi)
+
+
+def test_bootstrap_diff_ci_brackets_the_difference_and_detects_a_shift():
+    from experiments.stats import bootstrap_diff_ci
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.80, 0.01, size=5)
+    shifted = rng.normal(0.85, 0.01, size=5)
+    diff, lo, hi = bootstrap_diff_ci(shifted, base)
+    assert lo <= diff <= hi
+    assert lo > 0.0  # a 5-sigma shift is detected
+    same = rng.normal(0.80, 0.01, size=5)
+    _, lo2, hi2 = bootstrap_diff_ci(same, base)
+    assert lo2 < 0.0 < hi2 or abs(np.mean(same) - np.mean(base)) > 0.01
+    assert bootstrap_diff_ci([0.5], [0.25]) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="reference"):
+        bootstrap_diff_ci([0.5], [])

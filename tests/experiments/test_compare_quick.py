@@ -1,0 +1,61 @@
+"""`python -m experiments.compare --suite cpu-fmnist --quick` runs end to end.
+
+This is the CI smoke test of the comparison runner: 3 methods x 2 budgets x 1
+seed on a few hundred Fashion-MNIST images (from ``../shared/data`` or any
+other place the data loader searches; a synthetic 28x28x1 set stands in when
+no copy is found, so the runner is exercised on every machine). It checks the
+grid is complete, the report and plots are written, and a second invocation
+re-runs nothing (resume). Numbers are meaningless at this size.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import compare
+from experiments.report import load_runs
+from gcgd_jax.data import DatasetNotFoundError, load_dataset
+
+
+def _data_overrides() -> list[str]:
+    try:
+        load_dataset("fashion_mnist", "test")
+    except DatasetNotFoundError:
+        return ["--set", "data.name=synthetic", "--set", "data.synthetic_image_shape=[28, 28, 1]"]
+    return []
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
+    argv = ["--suite", "cpu-fmnist", "--quick", "--out", str(tmp_path), *_data_overrides()]
+    assert compare.main(argv) == 0
+
+    suite = compare.quick(compare.SUITES["cpu-fmnist"])
+    runs = load_runs(tmp_path)
+    assert sorted((r.method, r.budget, r.seed) for r in runs) == sorted(suite.grid())
+    for r in runs:
+        info = json.loads(
+            (
+                tmp_path / "runs" / r.method / f"b{r.budget:g}" / f"s{r.seed}" / "run.json"
+            ).read_text()
+        )
+        assert info["exit_code"] == 0 and info["peak_rss_mib"] > 0
+        assert 0.0 <= r.final_acc <= 1.0
+    # The budget scales the number of steps: 50% runs take half the steps.
+    steps = {(r.method, r.budget): r.summary["step"] for r in runs}
+    for m in suite.core:
+        assert steps[(m, 0.5)] * 2 == pytest.approx(steps[(m, 1.0)], abs=1)
+
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "Final test accuracy" in results and "Budget sweep" in results
+    for png in ("accuracy_vs_epoch.png", "budget_sweep.png", "overhead.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+    # Resume: everything is complete, so nothing runs again.
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/metrics.jsonl")}
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert "budget=" not in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/metrics.jsonl")}
