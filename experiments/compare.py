@@ -180,7 +180,15 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
         f"train.budget={budget}",
         "log.progress=false",
     )
-    cmd = [sys.executable, "-m", "gcgd_jax.train", "--config", suite.base_config, "--out", str(directory)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gcgd_jax.train",
+        "--config",
+        suite.base_config,
+        "--out",
+        str(directory),
+    ]
     for o in overrides:
         cmd += ["--set", o]
     if (directory / "checkpoints").exists():
@@ -205,11 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a comparison suite and build its report.")
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
     parser.add_argument("--quick", action="store_true", help="tiny smoke version")
-    parser.add_argument("--out", type=Path, help="results folder (default experiments/results/<suite>)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default experiments/results/<suite>)"
+    )
     parser.add_argument("--list", action="store_true", help="print the grid and exit")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
     parser.add_argument("--methods", help="comma-separated subset of methods to run")
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    parser.add_argument(
+        "--core-seeds", type=int, help="seeds of the core methods (default: the suite's)"
+    )
+    parser.add_argument(
+        "--other-seeds", type=int, help="seeds of the other methods (default: the suite's)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -221,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
     suite = with_overrides(suite, tuple(args.set))
+    for name in ("core_seeds", "other_seeds"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            suite = dataclasses.replace(suite, **{name: value})
     try:  # fail before the first run, with the config error, not inside 100 subprocesses
         load_config(suite.base_config, list(suite.overrides))
     except ConfigError as err:
@@ -250,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(grid)}] {m} budget={b:g} seed={s} ...", flush=True)
             rec = run_one(suite, m, b, s, out)
             new += 1
-            print(f"    exit {rec['exit_code']}, {rec['wall_s']} s, peak RSS {rec['peak_rss_mib']} MiB", flush=True)
+            print(
+                f"    exit {rec['exit_code']}, {rec['wall_s']} s, peak RSS {rec['peak_rss_mib']} MiB",
+                flush=True,
+            )
             if rec["exit_code"] != 0:
                 failures.append((m, b, s))
     settings = "\n".join(
@@ -265,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         "| method | overrides |\n|---|---|\n"
         f"{settings}\n\n"
         f"Produced by `python -m experiments.compare --suite {args.suite}"
-        f"{' --quick' if args.quick else ''}{''.join(' --set ' + s for s in args.set)}`; per-run commands, machine, date, wall time and "
+        f"{' --quick' if args.quick else ''}"
+        f"{'' if args.core_seeds is None else f' --core-seeds {args.core_seeds}'}"
+        f"{'' if args.other_seeds is None else f' --other-seeds {args.other_seeds}'}"
+        f"{''.join(' --set ' + s for s in args.set)}`; per-run commands, machine, date, wall time and "
         "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
     )
     try:

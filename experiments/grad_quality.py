@@ -343,9 +343,18 @@ def summarize(records: list[dict]) -> list[dict]:
             if not cell:
                 continue
             row = {"method": m, "step": s, "n": len(cell)}
+            base = {
+                (r["seed"], r["probe"]): r
+                for r in records
+                if r["method"] == "baseline" and r["step"] == s
+            }
             for k in ("cos_all", "cos_kernels", "cos_selected"):
                 mean, lo, hi = bootstrap_mean_ci([r[k] for r in cell], n_boot=2000)
                 row.update({k: mean, f"{k}_lo": lo, f"{k}_hi": hi})
+                # Paired with the baseline: same weights, same minibatch.
+                diffs = [r[k] - base[(r["seed"], r["probe"])][k] for r in cell]
+                mean, lo, hi = bootstrap_mean_ci(diffs, n_boot=2000)
+                row.update({f"d_{k}": mean, f"d_{k}_lo": lo, f"d_{k}_hi": hi})
             rows.append(row)
     return rows
 
@@ -378,6 +387,14 @@ def write_outputs(out: Path, records: list[dict], rows: list[dict], meta: dict) 
     for key, title in (
         ("cos_all", "All parameters"),
         ("cos_selected", "Pre-down-sampling kernels (GC-W's leaves), mean per-leaf cosine"),
+        (
+            "d_cos_all",
+            "All parameters: paired difference from the baseline (same weights and minibatch)",
+        ),
+        (
+            "d_cos_selected",
+            "Pre-down-sampling kernels: paired difference from the baseline",
+        ),
     ):
         lines += [
             f"## {title}",
@@ -387,12 +404,14 @@ def write_outputs(out: Path, records: list[dict], rows: list[dict], meta: dict) 
         ]
         for m in METHODS:
             cells = {r["step"]: r for r in rows if r["method"] == m}
-            if not cells:
+            if not cells or (key.startswith("d_") and m == "baseline"):
                 continue
             lines.append(
                 f"| {m} | "
                 + " | ".join(
-                    f"{cells[s][key]:.3f} [{cells[s][key + '_lo']:.3f}, {cells[s][key + '_hi']:.3f}]"
+                    f"{cells[s][key]:+.3f} [{cells[s][key + '_lo']:+.3f}, {cells[s][key + '_hi']:+.3f}]"
+                    if key.startswith("d_")
+                    else f"{cells[s][key]:.3f} [{cells[s][key + '_lo']:.3f}, {cells[s][key + '_hi']:.3f}]"
                     for s in steps
                 )
                 + " |"
@@ -447,7 +466,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-batches", type=int, default=4)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="rebuild the tables and plot from an earlier grad_quality.json",
+    )
     args = parser.parse_args(argv)
+
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        out = args.out or args.from_json.parent
+        write_outputs(out, saved["records"], summarize(saved["records"]), saved["meta"])
+        print((out / "GRAD_QUALITY.md").read_text())
+        return 0
 
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
