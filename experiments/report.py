@@ -286,6 +286,16 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour and line style per method (13+ methods: the default 10-colour cycle repeats).
+    colors = plt.get_cmap("tab20").colors
+    styles = ("-", "--", "-.", ":")
+    style = {
+        m: {"color": "k", "ls": "-", "lw": 2.2}
+        if m == "baseline"
+        else {"color": colors[(2 * i) % 20 + (i // 10) % 2], "ls": styles[i % 4], "lw": 1.4}
+        for i, m in enumerate(methods)
+    }
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in methods:
         cell = _cell(runs, m, full)
@@ -295,10 +305,12 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
         acc = np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
         x = np.arange(1, n_ep + 1)
         mean = acc.mean(0)
-        ax.plot(x, 100 * mean, label=f"{m} (n={len(cell)})")
+        ax.plot(x, 100 * mean, label=f"{m} (n={len(cell)})", **style[m])
         if len(cell) > 1:
             bands = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n_ep)])
-            ax.fill_between(x, 100 * bands[:, 0], 100 * bands[:, 1], alpha=0.15)
+            ax.fill_between(
+                x, 100 * bands[:, 0], 100 * bands[:, 1], alpha=0.12, color=style[m]["color"]
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)")
@@ -311,7 +323,7 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, cells in sweep_rows.items():
         b = sorted(cells)
-        ax.plot([100 * x for x in b], [100 * cells[x] for x in b], marker="o", label=m)
+        ax.plot([100 * x for x in b], [100 * cells[x] for x in b], marker="o", label=m, **style[m])
     if base_mean is not None:
         ax.axhline(100 * base_mean, color="k", ls="--", lw=1, label="baseline @ 100%")
     ax.set_xlabel("epoch budget (% of baseline)")
