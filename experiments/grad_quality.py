@@ -65,11 +65,10 @@ from flax import nnx
 
 from experiments.compare import SUITES
 from experiments.stats import bootstrap_mean_ci
-from gcgd_jax.data import normalization
 from gcgd_jax.models import pre_downsampling_mask
-from gcgd_jax.train import build_model, build_optimizer, load_config, load_data
+from gcgd_jax.train import build_model, build_optimizer, load_config, load_data, step_options
 from gcgd_jax.train.optim import build_correction, kernel_mask
-from gcgd_jax.train.step import StepOptions, preprocess
+from gcgd_jax.train.step import preprocess
 from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
 from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
 
@@ -86,12 +85,9 @@ METHODS = ("baseline", *TRANSFORMS, "gc_ode_gradient", "gcgd", "powergrad", "gra
 
 
 def _suite_gc_w_options(suite_name: str) -> dict[str, Any]:
-    """GC-W's options in ``suite_name`` (its method overrides), as keyword arguments."""
-    opts: dict[str, Any] = {}
-    for o in SUITES[suite_name].method_overrides.get("gc_w", ()):
-        key, value = o.split("=", 1)
-        opts[key.rsplit(".", 1)[1]] = int(value)
-    return opts
+    """GC-W's options in ``suite_name`` (base configuration + the suite's GC-W overrides)."""
+    s = SUITES[suite_name]
+    return load_config(s.base_config, list(s.overrides_for("gc_w"))).corrections.options["gc_w"]
 
 
 def _cos(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
@@ -112,13 +108,7 @@ class Diagnostics:
         images = self.train_ds.images
         self.bs = self.cfg.data.batch_size
         self.steps_per_epoch = len(images) // self.bs
-        mean, std = normalization(self.cfg.data.name)
-        self.opts = StepOptions(
-            mean=tuple(float(v) for v in np.ravel(mean)),
-            std=tuple(float(v) for v in np.ravel(std)),
-            augment=self.cfg.data.augment == "crop_flip",
-            crop_padding=self.cfg.data.crop_padding,
-        )
+        self.opts = step_options(self.cfg)  # only its preprocessing settings are used
         shape = {"num_classes": self.train_ds.num_classes, "in_channels": images.shape[-1]}
         model = build_model(self.cfg, **shape)
         model.train()
@@ -130,14 +120,12 @@ class Diagnostics:
         self.rng = np.random.default_rng(seed)
         self.key = jax.random.PRNGKey(seed)
 
-        leaves_with_path = jax.tree_util.tree_leaves_with_path(self.params)
         self.kernel_idx = [
             i for i, leaf in enumerate(jax.tree.leaves(kernel_mask(self.params))) if leaf
         ]
         self.selected_idx = [
             i for i, leaf in enumerate(jax.tree.leaves(pre_downsampling_mask(model))) if leaf
         ]
-        assert len(leaves_with_path) == len(jax.tree.leaves(self.params))
         self._build(suite, model, ode_model, seed)
 
     def _build(self, suite: str, model, ode_model, seed: int) -> None:

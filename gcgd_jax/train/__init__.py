@@ -26,7 +26,14 @@ from gcgd_jax.train.config import (
 )
 from gcgd_jax.train.optim import build_optimizer, build_schedule, current_lr
 from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
-from gcgd_jax.train.trainer import NonFiniteLossError, Trainer, build_model, load_data, train
+from gcgd_jax.train.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    build_model,
+    load_data,
+    step_options,
+    train,
+)
 from gcgd_jax.train.xla_flags import CPU_CONV_FLAG, apply_cpu_flags
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "load_data",
     "make_eval_step",
     "make_train_step",
+    "step_options",
     "to_toml",
     "train",
     "validate",

@@ -106,6 +106,32 @@ def load_data(cfg: TrainConfig):
     return train, eval_ds
 
 
+def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptions:
+    """The static step settings of ``cfg`` (normalisation, augmentation, loss, corrections)."""
+    from gcgd_jax.data import normalization
+
+    mean, std = normalization(cfg.data.name)
+    augment = cfg.data.augment
+    if augment == "auto":
+        augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
+    return StepOptions(
+        mean=tuple(float(v) for v in np.ravel(mean)),
+        std=tuple(float(v) for v in np.ravel(std)),
+        augment=augment == "crop_flip",
+        crop_padding=cfg.data.crop_padding,
+        loss=cfg.loss.name,
+        powergrad_alpha=cfg.loss.powergrad_alpha,
+        penalty=cfg.loss.penalty,
+        penalty_radius=cfg.loss.penalty_radius,
+        penalty_alpha=cfg.loss.penalty_alpha,
+        gc_ode=cfg.model.gc_ode != "none",
+        gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
+        gc_w="gc_w" in cfg.corrections.chain,
+        fusion_breaker=fusion_breaker,
+        nan_policy=cfg.train.nan_policy,
+    )
+
+
 def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.Module:
     """The model of ``cfg.model`` (initialised from ``run.seed``)."""
     from gcgd_jax import models
@@ -248,8 +274,6 @@ class Trainer:
         self.image_shape = (h, w, c)
 
     def _setup_model_and_optimizer(self) -> None:
-        from gcgd_jax.data import normalization
-
         cfg = self.cfg
         num_classes = cfg.model.num_classes or self.train_ds.num_classes
         in_channels = cfg.model.in_channels or self.image_shape[-1]
@@ -276,26 +300,7 @@ class Trainer:
             total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch,
         )
-        mean, std = normalization(cfg.data.name)
-        augment = cfg.data.augment
-        if augment == "auto":
-            augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
-        self.step_options = StepOptions(
-            mean=tuple(float(v) for v in np.ravel(mean)),
-            std=tuple(float(v) for v in np.ravel(std)),
-            augment=augment == "crop_flip",
-            crop_padding=cfg.data.crop_padding,
-            loss=cfg.loss.name,
-            powergrad_alpha=cfg.loss.powergrad_alpha,
-            penalty=cfg.loss.penalty,
-            penalty_radius=cfg.loss.penalty_radius,
-            penalty_alpha=cfg.loss.penalty_alpha,
-            gc_ode=cfg.model.gc_ode != "none",
-            gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
-            gc_w="gc_w" in cfg.corrections.chain,
-            fusion_breaker=self.use_fusion_breaker,
-            nan_policy=cfg.train.nan_policy,
-        )
+        self.step_options = step_options(cfg, fusion_breaker=self.use_fusion_breaker)
         state = TrainState(
             params=params,
             rest=rest,

@@ -22,3 +22,21 @@ def test_grid_sizes_follow_the_protocol():
     assert len(grid) == 5 * 4 * len(s.core) + 3 * len(s.others)
     assert {m for m, _, _ in grid} == set(METHODS)
     assert len(set(grid)) == len(grid)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "data.nme=x"], "unknown key data.nme"),
+        (["--core-seeds", "-1"], "--core-seeds must be >= 0"),
+        (["--methods", "baseline,gc_x"], "unknown method(s) ['gc_x']"),
+    ],
+)
+def test_bad_runner_arguments_are_clear_errors(argv, message, capsys, tmp_path):
+    from experiments.compare import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--suite", "cpu-fmnist", "--out", str(tmp_path), "--list", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was started
