@@ -62,7 +62,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "powergrad": ("loss.name=powergrad",),
     "gradient_norm_penalty": ("loss.penalty=gradient_norm",),
 }
-# The budget sweep (5 seeds x 4 budgets) covers the optimizer alone, GC-W, GC-ODE in
+# The budget sweep (5 seeds x 6 budgets) covers the optimizer alone, GC-W, GC-ODE in
 # its default (gradient) mode and GCGD; the other methods, GC-ODE branch mode
 # included, get 3 seeds at the full budget.
 CORE = ("baseline", "gc_w", "gc_ode_gradient", "gcgd")
@@ -80,7 +80,7 @@ class Suite:
     name: str
     base_config: str
     description: str
-    budgets: tuple[float, ...] = (0.5, 0.6, 0.8, 1.0)
+    budgets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     core_seeds: int = 5  # seeds for CORE methods at every budget
     other_seeds: int = 3  # seeds for the other methods at the full budget
     core: tuple[str, ...] = CORE

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.stats import bootstrap_diff_ci, bootstrap_mean_ci, epoch_saving_ci
+from experiments.stats import (
+    BudgetReading,
+    PairedComparison,
+    bootstrap_mean_ci,
+    budget_sweep,
+    holm,
+    paired,
+    t_mean_ci,
+)
 
 __all__ = ["Run", "build_report", "load_runs"]
 
@@ -87,8 +95,25 @@ def _fmt_pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
+def _fmt_reading(r: BudgetReading) -> str:
+    """A budget statistic with its censoring and interval, e.g. ``≥ 50% [30%, 50%]``."""
+    if r.value is None:
+        head = "not reached"
+    else:
+        head = f"{r.censor} {_fmt_pct(r.value)}".strip()
+    return f"{head} [{_fmt_pct(r.low)}, {_fmt_pct(r.high)}]"
+
+
 def _cell(runs: list[Run], method: str, budget: float) -> list[Run]:
     return [r for r in runs if r.method == method and math.isclose(r.budget, budget)]
+
+
+def _by_seed(runs: list[Run]) -> dict[int, float]:
+    return {r.seed: r.final_acc for r in runs}
+
+
+def _pp(x: float) -> str:
+    return "∞" if not math.isfinite(x) else f"{100 * x:+.2f}"
 
 
 def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") -> str:
@@ -111,93 +136,136 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
     if notes:
         lines += [notes.strip(), ""]
 
-    # Final accuracy at the full budget.
+    # Final accuracy at the full budget, paired with the baseline seed by seed.
     lines += [
         f"## Final test accuracy at {_fmt_pct(full)} budget",
         "",
         (
-            "Δ = difference of means from the baseline in percentage points, with its bootstrap "
-            "95% CI (seeds resampled per method); verdict `+`/`−` when the CI excludes 0, `=` otherwise. "
+            "Accuracy: mean over seeds with its Student-t 95% CI. Δ: the **paired** difference "
+            "from the baseline in percentage points, seed by seed on the seeds both ran "
+            "(n = paired seeds), with its Student-t 95% CI (primary) and a percentile bootstrap "
+            "of the paired differences (cross-check; it under-covers at n = 3-5); p: two-sided "
+            "paired t-test. Verdict `+`/`−` when the Holm-corrected test across this table's "
+            "methods rejects at family-wise 5%, `=` otherwise. "
             "Step time in suite: median over all of the method's runs (every budget), disturbed by "
-            "whatever else ran on the machine; ratio alone: `overhead.md` (each method's step timed alone, "
-            "used for the wall-clock savings when present). Peak RSS: largest over the method's runs "
-            "(whole training process)."
+            "whatever else ran on the machine; ratio alone: `overhead.md` (each method's step timed "
+            "alone, used for the wall-clock savings when present). Peak RSS: largest over the "
+            "method's runs (whole training process)."
         ),
         "",
         (
-            "| method | seeds | accuracy mean | 95% CI (bootstrap) | Δ vs baseline [95% CI] | verdict "
+            "| method | seeds | accuracy mean [95% t-CI] | n paired | Δ vs baseline, pp [95% t-CI] "
+            "| bootstrap CI of Δ | p | verdict (Holm) "
             "| step time in suite (s) | ratio in suite | ratio alone | peak RSS (MiB) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_mean = float(np.mean([r.final_acc for r in base_full])) if base_full else None
+    comparisons: dict[str, PairedComparison] = {}
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if m != "baseline" and cell and base_full:
+            try:
+                comparisons[m] = paired(_by_seed(cell), _by_seed(base_full))
+            except ValueError:
+                pass  # no seed in common: reported without a difference
+    rejected = holm({m: c.p_value for m, c in comparisons.items()})
     summary_rows = {}
     for m in methods:
         cell = _cell(runs, m, full)
         if not cell:
             continue
-        mean, lo, hi = bootstrap_mean_ci([r.final_acc for r in cell])
+        mean, lo, hi = t_mean_ci([r.final_acc for r in cell])
         step = step_times[m]
         suite_ratio = step / base_step if base_step else float("nan")
         ratio = clean.get(m, suite_ratio)
         rss = [
             r.info.get("peak_rss_mib") for r in runs if r.method == m and r.info.get("peak_rss_mib")
         ]
-        delta, verdict, diff = "", "", None
-        if base_full and m != "baseline" and min(len(cell), len(base_full)) >= 2:
-            diff = bootstrap_diff_ci([r.final_acc for r in cell], [r.final_acc for r in base_full])
-            d, dlo, dhi = (100 * x for x in diff)
-            delta = f"{d:+.2f} [{dlo:+.2f}, {dhi:+.2f}]"
-            verdict = "+" if dlo > 0 else ("−" if dhi < 0 else "=")
+        comp = comparisons.get(m)
+        n_paired, delta, boot, p_s, verdict = "", "", "", "", ""
+        if comp is not None:
+            n_paired = str(comp.n)
+            if comp.n >= 2:
+                delta = f"{_pp(comp.mean)} [{_pp(comp.t_low)}, {_pp(comp.t_high)}]"
+                boot = f"[{_pp(comp.boot_low)}, {_pp(comp.boot_high)}]"
+                p_s = f"{comp.p_value:.3g}"
+                verdict = ("+" if comp.mean > 0 else "−") if rejected[m] else "="
+            else:
+                delta = f"{_pp(comp.mean)} (n = 1)"
+        acc_ci = f"[{100 * lo:.2f}, {100 * hi:.2f}]" if len(cell) > 1 else "(n = 1)"
         rss_s = f"{max(rss):.0f}" if rss else "—"
         lines.append(
-            f"| {m} | {len(cell)} | {100 * mean:.2f}% | [{100 * lo:.2f}, {100 * hi:.2f}] | {delta} "
-            f"| {verdict} | {step:.3f} | {suite_ratio:.2f}× "
+            f"| {m} | {len(cell)} | {100 * mean:.2f}% {acc_ci} | {n_paired} | {delta} | {boot} "
+            f"| {p_s} | {verdict} | {step:.3f} | {suite_ratio:.2f}× "
             f"| {f'{clean[m]:.2f}×' if m in clean else '—'} | {rss_s} |"
         )
-        summary_rows[m] = dict(
-            mean=mean, lo=lo, hi=hi, ratio=ratio, n=len(cell), diff=diff, verdict=verdict
-        )
+        summary_rows[m] = dict(mean=mean, ratio=ratio, n=len(cell), comp=comp, verdict=verdict)
     lines.append("")
 
-    # Budget sweep.
-    swept = [m for m in methods if len({r.budget for r in runs if r.method == m}) > 1]
-    sweep_rows, sweep_savings = {}, {}
-    if base_full and len(swept) > 0:
+    # Budget sweep, paired seeds.
+    swept = [
+        m
+        for m in methods
+        if m != "baseline" and len({r.budget for r in runs if r.method == m}) > 1
+    ]
+    sweep_rows, sweeps = {}, {}
+    base_cells = {b: _by_seed(_cell(runs, "baseline", b)) for b in budgets}
+    base_cells = {b: c for b, c in base_cells.items() if c}
+    if base_full and swept:
         lines += [
             "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
             "",
             f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
-            "Saving = 1 − (smallest budget whose mean accuracy reaches the target); "
-            "interval = bootstrap over seeds (— = not reached); "
-            "wall-clock saving = 1 − b* × step-time ratio.",
+            "Accuracy-vs-budget curves (means over the seeds common to every cell of the method "
+            "and the baseline) are made monotone and read piecewise-linearly between the "
+            "budgets run. **Epoch saving (primary)** = 1 − b*, b* where the method's curve "
+            "reaches the target (`≥` when it already does at the smallest budget run). "
+            "**Equivalent budget** = where the baseline's curve reaches the method's "
+            f"{_fmt_pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
+            "smallest budget). Grid saving = the coarse reading (smallest budget run whose "
+            "mean reaches). Intervals: 95% paired bootstrap over seeds (— = not reached); "
+            "P(reach) = fraction of resamples that reach; wall-clock saving = 1 − b* × "
+            "step-time ratio.",
             "",
-            "| method | "
+            "| method | n | "
             + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
-            + " | epoch saving | 95% CI | P(reach) | wall-clock saving |",
-            "|---|" + "---|" * len(budgets) + "---|---|---|---|",
+            + " | epoch saving [95% CI] | equivalent budget [95% CI] | grid saving [95% CI] "
+            "| P(reach) | wall-clock saving |",
+            "|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|",
         ]
-        base_accs = [r.final_acc for r in base_full]
-        for m in swept:
-            cells = {b: [r.final_acc for r in _cell(runs, m, b)] for b in budgets}
-            cells = {b: v for b, v in cells.items() if v}
-            point, lo, hi, p = epoch_saving_ci(cells, base_accs, full_budget=full)
-            ratio = summary_rows.get(m, {}).get("ratio", float("nan"))
-            wall = None if point is None else 1.0 - (full - point) / full * ratio
+        for m in ["baseline", *swept]:
+            cells = {b: _by_seed(_cell(runs, m, b)) for b in budgets}
+            cells = {b: c for b, c in cells.items() if c}
             accs = " | ".join(
-                f"{100 * np.mean(cells[b]):.2f}% (n={len(cells[b])})" if b in cells else "—"
+                f"{100 * np.mean(list(cells[b].values())):.2f}% (n={len(cells[b])})"
+                if b in cells
+                else "—"
                 for b in budgets
             )
-            wall_s = "—" if wall is None else f"{100 * wall:+.0f}%"
+            sweep_rows[m] = {b: float(np.mean(list(c.values()))) for b, c in cells.items()}
+            if m == "baseline":
+                lines.append(f"| baseline | {len(base_full)} | {accs} | | | | | |")
+                continue
+            try:
+                res = budget_sweep(cells, base_cells, full=full)
+            except ValueError:
+                lines.append(f"| {m} | 0 | {accs} | (no common seeds) | | | | |")
+                continue
+            ratio = summary_rows.get(m, {}).get("ratio", float("nan"))
+            wall = None
+            if res.saving.value is not None:
+                wall = 1.0 - (1.0 - res.saving.value) * ratio
+            wall_s = "—" if wall is None else f"{res.saving.censor} {100 * wall:+.0f}%".strip()
             lines.append(
-                f"| {m} | {accs} | {_fmt_pct(point)} | [{_fmt_pct(lo)}, {_fmt_pct(hi)}] "
-                f"| {p:.2f} | {wall_s} |"
+                f"| {m} | {len(res.seeds)} | {accs} | {_fmt_reading(res.saving)} "
+                f"| {_fmt_reading(res.equivalent)} | {_fmt_reading(res.grid)} "
+                f"| {res.p_reach:.2f} | {wall_s} |"
             )
-            sweep_rows[m] = {b: np.mean(v) for b, v in cells.items()}
-            sweep_savings[m] = (point, lo, hi, p, wall)
+            sweeps[m] = (res, wall)
         lines.append("")
 
-    lines += _conclusions(summary_rows, sweep_savings, full)
+    lines += _conclusions(summary_rows, sweeps, full)
     gq = suite_dir.parent / "grad_quality" / suite_dir.name / "GRAD_QUALITY.md"
     if gq.exists():
         lines += [
@@ -236,45 +304,51 @@ def _clean_ratios(suite_dir: Path) -> dict[str, float]:
     return {m: float(r["ratio"]) for m, r in json.loads(path.read_text())["methods"].items()}
 
 
-def _conclusions(summary_rows: dict, sweep_savings: dict, full: float) -> list[str]:
+def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
     """Plain statements generated from the tables (no hand-written numbers)."""
     out = ["## Conclusions (generated from the tables above)", ""]
-    few = [m for m, r in summary_rows.items() if m != "baseline" and not r["verdict"]]
-    better = [m for m, r in summary_rows.items() if r["verdict"] == "+"]
-    worse = [m for m, r in summary_rows.items() if r["verdict"] == "−"]
-    same = [m for m, r in summary_rows.items() if r["verdict"] == "="]
+    judged = {m: r for m, r in summary_rows.items() if m != "baseline"}
+    few = [m for m, r in judged.items() if not r["verdict"]]
+    better = [m for m, r in judged.items() if r["verdict"] == "+"]
+    worse = [m for m, r in judged.items() if r["verdict"] == "−"]
+    same = [m for m, r in judged.items() if r["verdict"] == "="]
     f = _fmt_pct(full)
 
     def _list(ms):
-        return ", ".join(
-            f"{m} ({100 * summary_rows[m]['diff'][0]:+.2f} pp, CI [{100 * summary_rows[m]['diff'][1]:+.2f}, "
-            f"{100 * summary_rows[m]['diff'][2]:+.2f}])"
-            for m in ms
-        )
+        parts = []
+        for m in ms:
+            c = summary_rows[m]["comp"]
+            parts.append(
+                f"{m} ({_pp(c.mean)} pp, paired t-CI [{_pp(c.t_low)}, {_pp(c.t_high)}], "
+                f"p = {c.p_value:.2g}, n = {c.n})"
+            )
+        return ", ".join(parts)
 
     out.append(
-        f"- Higher final accuracy than the baseline at {f} budget (95% CI excludes 0): "
-        f"{_list(better) if better else 'none'}."
+        f"- Higher final accuracy than the baseline at {f} budget (paired t-test, Holm-corrected "
+        f"across the methods, family-wise 5%): {_list(better) if better else 'none'}."
     )
     out.append(f"- Lower: {_list(worse) if worse else 'none'}.")
     out.append(
         f"- No difference detectable with these seeds: {', '.join(same) if same else 'none'}."
     )
     if few:
-        out.append(f"- Too few seeds (< 2) to judge: {', '.join(few)}.")
-    for m, (point, lo, hi, p, wall) in sweep_savings.items():
-        if m == "baseline":
-            continue
-        if point is None:
+        out.append(f"- Too few paired seeds (< 2) to judge: {', '.join(few)}.")
+    for m, (res, wall) in sweeps.items():
+        sav, eq = res.saving, res.equivalent
+        if sav.value is None:
             out.append(
-                f"- {m}: its mean never reached the baseline's {f} accuracy at any budget "
-                f"(reached in {100 * p:.0f}% of bootstrap resamples): no epoch saving."
+                f"- {m}: never reaches the baseline's {f} accuracy at any budget run "
+                f"(reached in {100 * res.p_reach:.0f}% of paired resamples); its {f} run is worth "
+                f"{_fmt_reading(eq)} of the baseline's budget."
             )
         else:
+            wall_txt = f"{sav.censor} {100 * wall:+.0f}%".strip()
             out.append(
-                f"- {m}: epoch saving {_fmt_pct(point)} (95% CI [{_fmt_pct(lo)}, {_fmt_pct(hi)}], "
-                f"reached in {100 * p:.0f}% of resamples); wall-clock saving {100 * wall:+.0f}% "
-                f"at its step-time ratio {summary_rows.get(m, {}).get('ratio', float('nan')):.2f}×."
+                f"- {m}: epoch saving {_fmt_reading(sav)} (interpolated, paired bootstrap, "
+                f"n = {len(res.seeds)} seeds; reached in {100 * res.p_reach:.0f}% of resamples); "
+                f"wall-clock saving {wall_txt} at its step-time ratio "
+                f"{summary_rows.get(m, {}).get('ratio', float('nan')):.2f}×."
             )
     out.append("")
     return out

@@ -1,34 +1,66 @@
-"""Statistics for the comparison report: bootstrap intervals and the budget sweep.
+"""Statistics for the comparison report: paired seeds, Student-t intervals, Holm, budgets.
 
-Everything here is plain NumPy on small arrays (one value per seed), so the
-report is reproducible bit for bit: every bootstrap draws from a fixed seed.
+Everything here is plain NumPy/SciPy on small arrays (one value per seed), so
+the report is reproducible bit for bit: every bootstrap draws from a fixed seed.
 
-Budget sweep ("fewer epochs"): each method is trained with its learning-rate
-schedule scaled to a fraction ``b`` of the baseline's epoch budget. The
-*epoch saving* of a method is ``1 - b*``, where ``b*`` is the smallest budget at
-which the method's mean final test accuracy (over seeds) reaches the
-baseline's mean accuracy at the full budget. When no budget reaches it the
-saving is undefined (reported as ``None``: "does not reach the baseline").
-Its 95% interval comes from a bootstrap over seeds: the seeds of every
-(method, budget) cell and of the baseline's full-budget cell are resampled
-with replacement, ``b*`` is recomputed each time, and the 2.5/97.5 percentiles
-of the resulting savings are reported (a resample that reaches at no budget
-counts as the lowest possible value).
+**Pairing.** In a suite, seed ``s`` means the same initialisation and the same
+data order for every method, so a method is compared with the baseline seed by
+seed: the differences ``d_s = acc(method, s) - acc(baseline, s)`` over the seeds
+both ran (a method run on seeds 0-2 is compared with baseline seeds 0-2 only).
+The primary interval is Student's t on the paired differences,
+``mean(d) ± t_{n-1, 0.975} · sd(d) / √n``, with the paired t-test's two-sided
+p-value; a percentile bootstrap of ``mean(d)`` is a cross-check (it
+under-covers at n = 3-5, which is why it is not primary). Across the methods
+of a suite the verdicts are Holm-corrected (family-wise error ``alpha``).
+
+**Budget sweep.** Methods are trained with their schedules scaled to fractions
+``b`` of the baseline's budget. A curve of mean accuracy against budget is made
+monotone (non-decreasing, by least-squares isotonic regression) and read as a
+piecewise-linear function between the budgets that were run.
+
+- *Epoch saving* (primary): ``1 - b*/B`` where ``b*`` is where the method's
+  curve reaches the baseline's mean accuracy at the full budget ``B``.
+  Censored below at the smallest budget run (reported as ``≥``), ``None`` when
+  the method never reaches it.
+- *Equivalent budget*: where the **baseline's** curve reaches the method's
+  full-budget accuracy, as a fraction of ``B`` (what fraction of the baseline's
+  training the method's full run is worth). Censored at both ends of the grid
+  (``≤`` smallest, ``≥`` full budget).
+- *Grid saving* (the coarse reading, kept as a check): ``1 - b`` for the
+  smallest budget ``b`` run whose mean reaches the target; it can only take
+  the values of the grid.
+
+Their 95% intervals come from a paired bootstrap: the seeds common to all the
+cells involved are resampled with replacement, the same draw for the method
+and the baseline, and the statistic recomputed; the percentiles are read on the
+censored values ("lower" interpolation, so a bound is always an observed value).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as _sps
 
 __all__ = [
-    "bootstrap_diff_ci",
+    "BudgetReading",
+    "PairedComparison",
+    "budget_sweep",
     "bootstrap_mean_ci",
+    "equivalent_budget",
     "epoch_saving",
-    "epoch_saving_ci",
+    "grid_saving",
+    "holm",
+    "monotone",
+    "paired",
+    "SweepResult",
+    "reach_budget",
+    "t_mean_ci",
 ]
 
+# A censored or missing reading: "never reached" sorts below every budget.
 _NOT_REACHED = -np.inf
 
 
@@ -43,119 +75,281 @@ def _as_values(values: Sequence[float], what: str) -> np.ndarray:
     return arr
 
 
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
 def bootstrap_mean_ci(
     values: Sequence[float], *, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean of ``values`` and its percentile-bootstrap confidence interval.
+    """Mean of ``values`` and its percentile-bootstrap interval ``(mean, low, high)``.
 
-    Returns ``(mean, low, high)``. With a single value the interval collapses
-    to that value (nothing to resample), which the report marks with n = 1.
+    With a single value the interval collapses to that value (nothing to resample).
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_level(level)
     arr = _as_values(values, "values")
     mean = float(arr.mean())
     if arr.size == 1:
         return mean, mean, mean
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, arr.size, size=(n_boot, arr.size))
-    means = arr[idx].mean(axis=1)
+    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return mean, float(low), float(high)
 
 
-def bootstrap_diff_ci(
-    values: Sequence[float],
-    reference: Sequence[float],
+def t_mean_ci(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval ``mean ± t_{n-1} · sd / √n`` as ``(mean, low, high)``.
+
+    ``n = 1`` gives an unbounded interval ``(mean, -inf, inf)``: one seed says nothing
+    about the spread.
+    """
+    _check_level(level)
+    arr = _as_values(values, "values")
+    mean = float(arr.mean())
+    if arr.size == 1:
+        return mean, -np.inf, np.inf
+    half = _sps.t.ppf(0.5 + level / 2.0, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size)
+    return mean, float(mean - half), float(mean + half)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A method against a reference on the seeds both ran."""
+
+    seeds: tuple[int, ...]  # the matched seeds, sorted
+    diffs: tuple[float, ...]  # method - reference, per matched seed
+    mean: float  # mean paired difference
+    t_low: float  # Student-t interval of the mean difference (primary)
+    t_high: float
+    p_value: float  # two-sided paired t-test (nan with one seed)
+    boot_low: float  # percentile bootstrap of the mean difference (cross-check)
+    boot_high: float
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def paired(
+    values: Mapping[int, float],
+    reference: Mapping[int, float],
     *,
     level: float = 0.95,
     n_boot: int = 10_000,
     seed: int = 0,
-) -> tuple[float, float, float]:
-    """Difference of means ``mean(values) - mean(reference)`` and its bootstrap interval.
+) -> PairedComparison:
+    """Seed-matched comparison of ``values`` (seed -> metric) with ``reference``.
 
-    The two groups are resampled independently (seeds of two methods are
-    separate runs), so the interval also holds when the groups differ in size.
-    Returns ``(difference, low, high)``; with one value in both groups the
-    interval collapses to the difference.
+    Only seeds present in both are used. Raises ``ValueError`` when none match.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    a = _as_values(values, "values")
-    b = _as_values(reference, "reference")
-    diff = float(a.mean() - b.mean())
-    if a.size == 1 and b.size == 1:
-        return diff, diff, diff
-    rng = np.random.default_rng(seed)
-    da = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
-    db = b[rng.integers(0, b.size, size=(n_boot, b.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(da - db, [alpha, 1.0 - alpha])
-    return diff, float(low), float(high)
+    _check_level(level)
+    seeds = tuple(sorted(set(values) & set(reference)))
+    if not seeds:
+        raise ValueError(
+            f"no seed in common: values have seeds {sorted(values)}, "
+            f"reference has {sorted(reference)}"
+        )
+    d = _as_values([values[s] - reference[s] for s in seeds], "paired differences")
+    mean, t_low, t_high = t_mean_ci(d, level=level)
+    _, b_low, b_high = bootstrap_mean_ci(d, level=level, n_boot=n_boot, seed=seed)
+    if d.size < 2:
+        p = float("nan")
+    else:
+        sd = d.std(ddof=1)
+        if sd == 0.0:
+            p = 1.0 if mean == 0.0 else 0.0
+        else:
+            t = mean / (sd / np.sqrt(d.size))
+            p = float(2.0 * _sps.t.sf(abs(t), d.size - 1))
+    return PairedComparison(
+        seeds=seeds,
+        diffs=tuple(float(x) for x in d),
+        mean=mean,
+        t_low=t_low,
+        t_high=t_high,
+        p_value=p,
+        boot_low=b_low,
+        boot_high=b_high,
+    )
 
 
-def _smallest_reaching_budget(means: Mapping[float, float], target: float) -> float | None:
-    for budget in sorted(means):
-        if means[budget] >= target:
-            return budget
-    return None
+def holm(p_values: Mapping[str, float], *, alpha: float = 0.05) -> dict[str, bool]:
+    """Holm's step-down procedure: which hypotheses are rejected at family-wise ``alpha``.
+
+    The ``k``-th smallest of ``m`` p-values is compared with ``alpha / (m - k)``
+    (``k`` from 0); rejection stops at the first that fails. ``nan`` p-values are
+    never rejected and do not count towards ``m``.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    valid = {k: p for k, p in p_values.items() if not np.isnan(p)}
+    out = {k: False for k in p_values}
+    m = len(valid)
+    for k, (name, p) in enumerate(sorted(valid.items(), key=lambda kv: kv[1])):
+        if p > alpha / (m - k):
+            break
+        out[name] = True
+    return out
+
+
+def monotone(values: Sequence[float]) -> np.ndarray:
+    """Least-squares non-decreasing fit of ``values`` (pool-adjacent-violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in _as_values(values, "values"):
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return np.concatenate([np.full(int(c), s / c) for s, c in blocks])
+
+
+def reach_budget(
+    budgets: Sequence[float], accs: Sequence[float], target: float
+) -> tuple[float | None, str]:
+    """Where the monotone piecewise-linear curve through ``(budgets, accs)`` reaches ``target``.
+
+    Returns ``(budget, censor)``: ``censor`` is ``""`` for an interpolated value,
+    ``"≤"`` when the curve is already at the target at the smallest budget (the
+    budget returned is that smallest one) and ``"not reached"`` (budget ``None``)
+    when it never gets there.
+    """
+    b = _as_values(budgets, "budgets")
+    if np.any(np.diff(b) <= 0):
+        raise ValueError(f"budgets must be strictly increasing, got {b.tolist()}")
+    y = monotone(accs)
+    if y.size != b.size:
+        raise ValueError(f"{b.size} budgets but {y.size} accuracies")
+    if y[0] >= target:
+        return float(b[0]), "≤"
+    if y[-1] < target:
+        return None, "not reached"
+    j = int(np.argmax(y >= target))  # first budget at or above the target; y[j-1] < target
+    frac = (target - y[j - 1]) / (y[j] - y[j - 1])
+    return float(b[j - 1] + frac * (b[j] - b[j - 1])), ""
+
+
+def _means(cells: Mapping[float, np.ndarray], budgets: Sequence[float], idx=None) -> np.ndarray:
+    return np.array([cells[b].mean() if idx is None else cells[b][idx].mean() for b in budgets])
 
 
 def epoch_saving(
-    method: Mapping[float, Sequence[float]],
-    baseline_full: Sequence[float],
-    *,
-    full_budget: float = 1.0,
-) -> float | None:
-    """Epoch saving ``1 - b*`` of a method (``None`` when no budget reaches).
+    method: Mapping[float, np.ndarray], target: float, *, full: float
+) -> tuple[float | None, str]:
+    """Interpolated epoch saving ``1 - b*/full`` (``censor`` ``"≥"`` at the grid's end)."""
+    budgets = sorted(method)
+    b_star, censor = reach_budget(budgets, _means(method, budgets), target)
+    if b_star is None:
+        return None, "not reached"
+    return 1.0 - b_star / full, "≥" if censor == "≤" else ""
 
-    Args:
-      method: budget fraction -> final test accuracies of the method's seeds.
-      baseline_full: the baseline's final test accuracies at ``full_budget``.
-      full_budget: the budget that defines 100%.
+
+def equivalent_budget(
+    baseline: Mapping[float, np.ndarray], acc: float, *, full: float
+) -> tuple[float, str]:
+    """Fraction of the baseline's full budget at which its curve reaches ``acc``.
+
+    ``censor``: ``"≥"`` when ``acc`` is at or above the baseline's full-budget
+    accuracy (returned as 1.0), ``"≤"`` when at or below its smallest budget's.
     """
-    if not method:
-        raise ValueError("method: no budgets given")
-    target = float(_as_values(baseline_full, "baseline_full").mean())
-    means = {float(b): float(_as_values(v, f"budget {b}").mean()) for b, v in method.items()}
-    b_star = _smallest_reaching_budget(means, target)
-    return None if b_star is None else full_budget - b_star
+    budgets = sorted(b for b in baseline if b <= full)
+    y = monotone(_means(baseline, budgets))
+    if acc >= y[-1]:
+        return 1.0, "≥"
+    b_eq, censor = reach_budget(budgets, y, acc)
+    return float(b_eq) / full, censor
 
 
-def epoch_saving_ci(
-    method: Mapping[float, Sequence[float]],
-    baseline_full: Sequence[float],
+def grid_saving(method: Mapping[float, np.ndarray], target: float, *, full: float) -> float | None:
+    """The coarse reading: ``1 - b/full`` for the smallest budget run whose mean reaches."""
+    for b in sorted(method):
+        if method[b].mean() >= target:
+            return 1.0 - b / full
+    return None
+
+
+@dataclass(frozen=True)
+class BudgetReading:
+    """One budget statistic with its paired-bootstrap interval (``None`` = not reached)."""
+
+    value: float | None
+    censor: str  # "", "≥", "≤" or "not reached"
+    low: float | None
+    high: float | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    seeds: tuple[int, ...]  # seeds present in every cell used
+    saving: BudgetReading  # interpolated epoch saving (primary)
+    equivalent: BudgetReading  # equivalent budget of the method's full-budget accuracy
+    grid: BudgetReading  # the coarse grid reading
+    p_reach: float  # fraction of bootstrap draws in which the method reaches the target
+
+
+def _interval(draws: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha], method="lower")
+    return (None if not np.isfinite(low) else float(low)), (
+        None if not np.isfinite(high) else float(high)
+    )
+
+
+def budget_sweep(
+    method: Mapping[float, Mapping[int, float]],
+    baseline: Mapping[float, Mapping[int, float]],
     *,
-    full_budget: float = 1.0,
+    full: float,
     level: float = 0.95,
     n_boot: int = 2_000,
     seed: int = 0,
-) -> tuple[float | None, float | None, float | None, float]:
-    """Epoch saving with its bootstrap interval over seeds.
+) -> SweepResult:
+    """Epoch saving, equivalent budget and grid saving of ``method`` with paired intervals.
 
-    Returns ``(saving, low, high, p_reached)``: the point estimate, the interval
-    bounds (``None`` where that percentile falls on "not reached") and the
-    fraction of bootstrap resamples in which some budget reached the target.
+    Args:
+      method: budget -> (seed -> final accuracy) of the method.
+      baseline: the same for the baseline; it must include ``full``.
+      full: the budget that defines 100%.
+
+    Only the seeds present in every cell of both are used (seed-matched).
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    point = epoch_saving(method, baseline_full, full_budget=full_budget)
-    base = _as_values(baseline_full, "baseline_full")
-    cells = {float(b): _as_values(v, f"budget {b}") for b, v in method.items()}
+    _check_level(level)
+    if full not in baseline or full not in method:
+        raise ValueError(f"both the method and the baseline need runs at the full budget {full}")
+    cells_used = [*method.values(), *baseline.values()]
+    seeds = tuple(sorted(set.intersection(*(set(c) for c in cells_used))))
+    if not seeds:
+        raise ValueError("no seed is common to every budget of the method and the baseline")
+    m = {b: np.array([c[s] for s in seeds], dtype=np.float64) for b, c in method.items()}
+    base = {b: np.array([c[s] for s in seeds], dtype=np.float64) for b, c in baseline.items()}
+
+    def _stats(idx=None):
+        pick = (lambda a: a) if idx is None else (lambda a: a[idx])
+        mm = {b: pick(v) for b, v in m.items()}
+        bb = {b: pick(v) for b, v in base.items()}
+        target = bb[full].mean()
+        sav, sav_c = epoch_saving(mm, target, full=full)
+        eq, eq_c = equivalent_budget(bb, mm[full].mean(), full=full)
+        grid = grid_saving(mm, target, full=full)
+        return (sav, sav_c), (eq, eq_c), grid
+
+    (sav, sav_c), (eq, eq_c), grid = _stats()
     rng = np.random.default_rng(seed)
-    savings = np.empty(n_boot)
+    draws = np.empty((n_boot, 3))
     for i in range(n_boot):
-        target = base[rng.integers(0, base.size, base.size)].mean()
-        means = {b: v[rng.integers(0, v.size, v.size)].mean() for b, v in cells.items()}
-        b_star = _smallest_reaching_budget(means, target)
-        savings[i] = _NOT_REACHED if b_star is None else full_budget - b_star
-    alpha = (1.0 - level) / 2.0
-    # "lower" interpolation keeps the percentiles on observed savings (a finite
-    # set of budgets), so "not reached" never mixes into a number.
-    low, high = np.quantile(savings, [alpha, 1.0 - alpha], method="lower")
-
-    def _finite(x: float) -> float | None:
-        return None if not np.isfinite(x) else float(x)
-
-    return point, _finite(low), _finite(high), float(np.mean(np.isfinite(savings)))
+        idx = rng.integers(0, len(seeds), len(seeds))
+        (s_i, _), (e_i, _), g_i = _stats(idx)
+        draws[i] = (
+            _NOT_REACHED if s_i is None else s_i,
+            e_i,
+            _NOT_REACHED if g_i is None else g_i,
+        )
+    return SweepResult(
+        seeds=seeds,
+        saving=BudgetReading(sav, sav_c, *_interval(draws[:, 0], level)),
+        equivalent=BudgetReading(eq, eq_c, *_interval(draws[:, 1], level)),
+        grid=BudgetReading(grid, "" if grid is not None else "not reached", *_interval(draws[:, 2], level)),
+        p_reach=float(np.mean(np.isfinite(draws[:, 0]))),
+    )

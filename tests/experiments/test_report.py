@@ -34,9 +34,12 @@ def test_report_tables_and_plots(tmp_path):
     text = build_report(tmp_path, title="t")
     assert "| baseline | 3 |" in text
     assert "| better | 3 |" in text
-    # 'better' reaches the baseline's full-budget accuracy at half the budget.
-    better_row = next(line for line in text.splitlines() if line.startswith("| better | 8"))
-    assert "| 50% |" in better_row
+    # 'better' reaches the baseline's full-budget accuracy already at half the budget
+    # (the smallest run: censored), on all 3 paired seeds.
+    better_row = next(
+        line for line in text.splitlines() if line.startswith("| better | 3 | 8")
+    )
+    assert "| ≥ 50% [50%, 50%] |" in better_row
     assert "1.20×" in text  # step-time ratio 0.12 / 0.10
     for png in ("accuracy_vs_epoch.png", "budget_sweep.png", "overhead.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -60,7 +63,10 @@ def test_report_conclusions_follow_the_confidence_intervals(tmp_path):
     assert "better" in higher and "worse" not in higher and "noise" not in higher
     assert "worse" in lower and "better" not in lower
     assert "noise" in same
-    assert any(x.startswith("- better: epoch saving 50%") for x in lines)
+    assert any(x.startswith("- better: epoch saving ≥ 50% [50%, 50%]") for x in lines)
+    # the worse method, run at the full budget only, is compared on its paired seeds
+    worse_row = next(x for x in lines if x.startswith("| worse | 5 |"))
+    assert "| 5 | -" in worse_row and "| − |" in worse_row
     assert "hand-written reading" in text
 
 
@@ -72,9 +78,47 @@ def test_report_uses_step_ratios_measured_alone_for_wall_clock(tmp_path):
             _write_run(tmp_path, "baseline", b, seed, [0.5, base], 0.10)
             _write_run(tmp_path, "better", b, seed, [0.6, base + 0.05], 0.10)
     text = build_report(tmp_path, title="t")
-    assert "wall-clock saving +50%" in text  # in-suite ratio 1.00x
+    assert "wall-clock saving ≥ +50%" in text  # in-suite ratio 1.00x
     overhead = {"meta": {}, "methods": {"baseline": {"ratio": 1.0}, "better": {"ratio": 1.5}}}
     (tmp_path / "overhead.json").write_text(json.dumps(overhead))
     text = build_report(tmp_path, title="t")
-    assert "wall-clock saving +25%" in text  # 1 - 0.5 x 1.5
+    assert "wall-clock saving ≥ +25%" in text  # 1 - 0.5 x 1.5
     assert "| 1.50× |" in text
+
+
+def test_report_pairs_seeds(tmp_path):
+    """A method run on seeds 0-2 is compared with baseline seeds 0-2 only."""
+    offsets = [0.00, 0.10, 0.05, 0.30, 0.30]  # baseline seeds 3, 4 are far better
+    for seed, off in enumerate(offsets):
+        _write_run(tmp_path, "baseline", 1.0, seed, [0.5, 0.5 + off], 0.1)
+    for seed in range(3):  # +1 pp on each of its seeds 0-2
+        _write_run(tmp_path, "paired_gain", 1.0, seed, [0.5, 0.51 + offsets[seed]], 0.1)
+    text = build_report(tmp_path, title="t")
+    row = next(x for x in text.splitlines() if x.startswith("| paired_gain |"))
+    cols = [c.strip() for c in row.split("|")]
+    assert cols[4] == "3"  # paired seeds
+    assert cols[5].startswith("+1.00 [+1.00, +1.00]")  # not -10.0 from unmatched seeds
+    assert cols[8] == "+"
+
+
+def _verdict(text, method):
+    row = next(x for x in text.splitlines() if x.startswith(f"| {method} |"))
+    return [c.strip() for c in row.split("|")][8]
+
+
+def test_report_verdicts_are_holm_corrected(tmp_path):
+    # Paired differences (0.01, 0.03, 0.0, 0.02, 0.02): t = 3.14 with 4 df, p = 0.035 --
+    # significant alone, not once two more methods share the 5% (Holm: 0.05/3 first).
+    diffs = (0.01, 0.03, 0.0, 0.02, 0.02)
+    for seed, d in enumerate(diffs):
+        _write_run(tmp_path, "baseline", 1.0, seed, [0.5, 0.6 + 0.01 * seed], 0.1)
+        _write_run(tmp_path, "borderline", 1.0, seed, [0.5, 0.6 + 0.01 * seed + d], 0.1)
+    text = build_report(tmp_path, title="t")
+    assert "| 0.0349 |" in text
+    assert _verdict(text, "borderline") == "+"
+    for name in ("null_a", "null_b"):
+        for seed in range(5):
+            _write_run(tmp_path, name, 1.0, seed, [0.5, 0.6 + 0.01 * seed + 0.01 * (-1) ** seed], 0.1)
+    text = build_report(tmp_path, title="t")
+    assert _verdict(text, "borderline") == "="
+    assert "borderline" in next(x for x in text.splitlines() if x.startswith("- No difference"))

@@ -134,24 +134,67 @@ def test_train_mode_updates_batch_stats_eval_does_not(r20):
     r20.train()
 
 
-def test_batchnorm_settings_and_zero_init(r20):
+def test_batchnorm_settings_and_residual_init(r20):
     bns = [
         m
         for _, m in nnx.iter_modules(_abstract(resnet50, num_classes=1000))
         if isinstance(m, nnx.BatchNorm)
     ]
     assert bns and all(bn.momentum == 0.9 and bn.epsilon == 1e-5 for bn in bns)
+    # Default (He et al.): every BatchNorm scale starts at one.
     for stage in r20.stages:
         for block in stage.blocks:
-            assert bool(jnp.all(block.bn2.scale[...] == 0))  # last BN of the block
-            assert bool(jnp.all(block.bn1.scale[...] == 1))
-    tiny = ResNet(
-        (1, 1), block="bottleneck", widths=(4, 8), stem_features=8, num_classes=2, rngs=nnx.Rngs(0)
-    )
-    for stage in tiny.stages:
+            assert bool(jnp.all(block.bn2.scale[...] == 1)) and bool(jnp.all(block.bn1.scale[...] == 1))
+    for zero in (False, True):
+        tiny = ResNet(
+            (1, 1),
+            block="bottleneck",
+            widths=(4, 8),
+            stem_features=8,
+            num_classes=2,
+            zero_init_residual=zero,
+            rngs=nnx.Rngs(0),
+        )
+        for stage in tiny.stages:
+            for block in stage.blocks:
+                assert bool(jnp.all(block.bn3.scale[...] == (0 if zero else 1)))
+                assert bool(jnp.all(block.bn2.scale[...] == 1))
+    with pytest.raises(ValueError, match="zero_init_residual must be a bool"):
+        resnet20(zero_init_residual="yes", rngs=nnx.Rngs(0))
+
+
+def _shortcut_only(model, x):
+    """The network with every residual branch removed: stem, shortcuts, ReLUs, head."""
+    h = model.stem(x)
+    for stage in model.stages:
         for block in stage.blocks:
-            assert bool(jnp.all(block.bn3.scale[...] == 0))
-            assert bool(jnp.all(block.bn2.scale[...] == 1))
+            h = jax.nn.relu(block._residual(h))
+    return model.head(jnp.mean(h, axis=(1, 2)))
+
+
+def _perturb_conv2(model, stage: int, block: int):
+    conv = model.stages[stage].blocks[block].conv2
+    conv.kernel[...] = conv.kernel[...] * 1.5 + 0.01
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_zero_init_residual_decides_whether_blocks_matter_at_init(zero):
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    model = resnet20(zero_init_residual=zero, rngs=nnx.Rngs(0))
+    y = model(x)
+    if zero:  # a fresh network is its shortcut-only version, whatever the branches hold
+        np.testing.assert_allclose(y, _shortcut_only(model, x), rtol=1e-5, atol=1e-6)
+    else:
+        assert float(jnp.max(jnp.abs(y - _shortcut_only(model, x)))) > 1e-3
+    for stage in range(3):
+        for block in range(3):
+            changed = resnet20(zero_init_residual=zero, rngs=nnx.Rngs(0))
+            _perturb_conv2(changed, stage, block)
+            diff = float(jnp.max(jnp.abs(changed(x) - y)))
+            if zero:
+                assert diff == 0.0, (stage, block)
+            else:  # off: the output depends on every block
+                assert diff > 1e-4, (stage, block)
 
 
 def test_he_init_scale(r20):
