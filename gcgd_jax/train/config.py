@@ -123,6 +123,9 @@ class ModelConfig:
     num_classes: int | None = None  # None = the data set's
     in_channels: int | None = None  # None = the data set's
     small_stem: bool = False  # resnet18/34/50 only: 3x3 stem without max-pool
+    # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
+    # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
+    zero_init_residual: bool = False
     gc_ode: str = "none"  # "none", "branch", "gradient"
     gc_ode_solver: str = "euler"
     gc_ode_steps: int = 1

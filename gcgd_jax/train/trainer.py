@@ -137,7 +137,11 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
     from gcgd_jax import models
 
     m = cfg.model
-    kwargs: dict[str, Any] = {"in_channels": in_channels, "rngs": nnx.Rngs(cfg.run.seed)}
+    kwargs: dict[str, Any] = {
+        "in_channels": in_channels,
+        "zero_init_residual": m.zero_init_residual,
+        "rngs": nnx.Rngs(cfg.run.seed),
+    }
     if m.name not in CIFAR_MODELS:
         kwargs["small_stem"] = m.small_stem
     if m.gc_ode != "none":
