@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
             suite = dataclasses.replace(suite, **{name: value})
     try:  # fail before the first run, with the config error, not inside 100 subprocesses
-        load_config(suite.base_config, list(suite.overrides))
+        base_cfg = load_config(suite.base_config, list(suite.overrides))
     except ConfigError as err:
         parser.error(str(err))
     out = args.out or RESULTS / suite.name
@@ -286,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{suite.description}\n\n"
         "Methods are configuration overrides of the base configuration "
         f"(`experiments/configs/{suite.base_config}.toml`); every hyperparameter is the "
-        "documented default of its method. No tuning was done (tuning grid: none), on any split.\n\n"
+        "documented default of its method; the methods' own hyperparameters were not tuned. "
+        f"Shared settings: base learning rate {base_cfg.optim.lr:g} (chosen for the baseline on a "
+        "validation split, `experiments/results/lr_sweep/`, where a sweep exists), "
+        f"model `{base_cfg.model.name}` with zero_init_residual = "
+        f"{str(base_cfg.model.zero_init_residual).lower()}, budgets "
+        f"{', '.join(f'{b:g}' for b in suite.budgets)} of the base schedule.\n\n"
         "| method | overrides |\n|---|---|\n"
         f"{settings}\n\n"
         f"Produced by `python -m experiments.compare --suite {args.suite}"

@@ -18,8 +18,9 @@ def test_every_cell_of_every_suite_is_a_valid_config(suite):
 def test_grid_sizes_follow_the_protocol():
     s = SUITES["cpu-fmnist"]
     grid = s.grid()
-    # 5 seeds x 4 budgets for the core methods, 3 seeds at 100% for the others.
-    assert len(grid) == 5 * 4 * len(s.core) + 3 * len(s.others)
+    # 5 seeds x 6 budgets (0.5 ... 1.0) for the core methods, 3 seeds at 100% for the others.
+    assert s.budgets == (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert len(grid) == 5 * 6 * len(s.core) + 3 * len(s.others)
     assert {m for m, _, _ in grid} == set(METHODS)
     assert len(set(grid)) == len(grid)
 
