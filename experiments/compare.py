@@ -17,7 +17,7 @@ stopped and restarted at will. The report (``RESULTS.md`` + PNG plots) is
 rebuilt from whatever runs are complete.
 
 Method definitions are configuration overrides on top of the suite's base
-configuration (``experiments/configs/<base>.toml``); all hyperparameters are
+configuration (``gcgd_jax/configs/<base>.toml``); all hyperparameters are
 the documented defaults of each method (no tuning on the test split).
 """
 
@@ -106,20 +106,20 @@ SUITES: dict[str, Suite] = {
     "cpu-fmnist": Suite(
         name="cpu-fmnist",
         base_config="cpu_fmnist",
-        description="Fashion-MNIST subset on the 2-core CPU (see experiments/configs/cpu_fmnist.toml).",
+        description="Fashion-MNIST subset on the 2-core CPU (see gcgd_jax/configs/cpu_fmnist.toml).",
         method_overrides={"gc_w": SHORT_RUN_GC_W, "gcgd": SHORT_RUN_GC_W},
     ),
     "cpu-cifar10": Suite(
         name="cpu-cifar10",
         base_config="cpu_cifar10",
-        description="CIFAR-10 (JPEG copy) subset on the 2-core CPU (see experiments/configs/cpu_cifar10.toml).",
+        description="CIFAR-10 (JPEG copy) subset on the 2-core CPU (see gcgd_jax/configs/cpu_cifar10.toml).",
         method_overrides={"gc_w": SHORT_RUN_GC_W, "gcgd": SHORT_RUN_GC_W},
     ),
     "gpu-cifar10-resnet20": Suite(
         name="gpu-cifar10-resnet20",
         base_config="cifar10_resnet20",
         description="He et al. ResNet-20 on full CIFAR-10: SGD 0.9, lr 0.1, wd 1e-4, batch 128, "
-        "64k iterations, lr/10 at 32k and 48k (experiments/configs/cifar10_resnet20.toml).",
+        "64k iterations, lr/10 at 32k and 48k (gcgd_jax/configs/cifar10_resnet20.toml).",
         budgets=(1.0,),
         core_seeds=3,
         other_seeds=0,
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{suite.description}\n\n"
         "Methods are configuration overrides of the base configuration "
-        f"(`experiments/configs/{suite.base_config}.toml`); every hyperparameter is the "
+        f"(`gcgd_jax/configs/{suite.base_config}.toml`); every hyperparameter is the "
         "documented default of its method; the methods' own hyperparameters were not tuned. "
         f"Shared settings: base learning rate {base_cfg.optim.lr:g} (chosen for the baseline on a "
         "validation split, `experiments/results/lr_sweep/`, where a sweep exists), "

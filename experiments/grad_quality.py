@@ -7,7 +7,7 @@ Usage::
 
 Protocol (one seed):
 
-1. The suite's base model and data (``experiments/configs/<base>.toml``) are
+1. The suite's base model and data (``gcgd_jax/configs/<base>.toml``) are
    trained with the baseline optimizer (no correction) for ``--steps`` steps,
    exactly as the suite's 100% run.
 2. Every correction rides along as a *shadow*: it sees every minibatch gradient

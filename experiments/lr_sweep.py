@@ -5,7 +5,7 @@ trained at the full budget with ``data.val_fraction`` of the training set held
 out (``data.eval_split=val``) and its final validation accuracy read; the
 learning rate with the highest mean validation accuracy over seeds is chosen.
 The test split is never read. The chosen value is what the suite's base
-configuration should carry (``optim.lr`` in ``experiments/configs/<base>.toml``)
+configuration should carry (``optim.lr`` in ``gcgd_jax/configs/<base>.toml``)
 for every method.
 
 Usage::

@@ -12,6 +12,10 @@ Where a split is looked for, in this order (the first hit wins):
    ``../shared/data`` relative to the working directory and to the repository
    root, and Debian's ``/usr/share/datasets/fashion-mnist`` (Fashion-MNIST).
 4. A tensorflow-datasets download, only with ``download=True``.
+5. Fashion-MNIST only, when no folder was given: the sample bundled with the
+   package (``gcgd_jax/data/sample``: a stratified 12,000 training / 2,000 test
+   image subset of the official release, checked against its ``SHA256SUMS``).
+   One line on stderr says so and how to get the full data set.
 
 Local formats, looked for in each folder ``F`` (``A`` = a folder name of the
 data set, e.g. ``cifar10``, ``cifar-10``, ``mnist``, ``fashion-mnist``,
@@ -47,9 +51,17 @@ from . import formats, tfds_source
 from .dataset import SPECS, Dataset, DatasetSpec, canonical_name, synthetic_dataset
 from .formats import DataFormatError
 
-__all__ = ["DEBIAN_FASHION_MNIST", "DatasetNotFoundError", "default_search_roots", "load_dataset"]
+__all__ = [
+    "BUNDLED_SAMPLE",
+    "DEBIAN_FASHION_MNIST",
+    "DatasetNotFoundError",
+    "default_search_roots",
+    "load_dataset",
+]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+BUNDLED_SAMPLE = Path(__file__).resolve().parent / "sample"
+_told_about_sample = False
 SPLITS = ("train", "test")
 _SYNTHETIC_SIZES = {"train": 2048, "test": 512}
 _IMAGE_DIR_SUFFIXES = ("", "-jpeg", "-png", "-images")
@@ -295,6 +307,13 @@ def _search(spec: DatasetSpec, split: str, data_dir, download: bool, image_size:
 
     if data_dir is not None:
         root = Path(data_dir).expanduser().resolve()
+        readable = root.is_dir() and os.access(root, os.R_OK | os.X_OK)
+        if (root.exists() and not readable) or (not root.exists() and not download):
+            what = "is not a readable folder" if root.exists() else "does not exist"
+            raise DatasetNotFoundError(
+                f"data folder {root} {what}: pass --data-dir (or GCGD_DATA_DIR) naming a folder "
+                f"that holds {spec.name!r}, or leave it unset to search the default places."
+            )
         steps = [lambda: local(root, True), lambda: tfds(root, False)]
         download_dir = root
     else:
@@ -305,6 +324,8 @@ def _search(spec: DatasetSpec, split: str, data_dir, download: bool, image_size:
         download_dir = tfds_source.default_tfds_dir()
     if download:
         steps.append(lambda: tfds(download_dir, True))
+    if data_dir is None and spec.name == "fashion_mnist":
+        steps.append(lambda: _bundled_sample(spec, split, tried))
     for step in steps:
         found = step()
         if found is not None:
@@ -312,6 +333,50 @@ def _search(spec: DatasetSpec, split: str, data_dir, download: bool, image_size:
     if not download:
         tried.append("download: not allowed (download=False)")
     raise DatasetNotFoundError(_not_found_message(spec, split, data_dir, tried))
+
+
+def _bundled_sample(spec: DatasetSpec, split: str, tried: list[str]) -> _Found:
+    """The Fashion-MNIST sample shipped in the package, checked against its manifest."""
+    global _told_about_sample
+    import hashlib
+    import sys
+
+    prefix = "train" if split == "train" else "t10k"
+    names = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+    fix = (
+        "reinstall gcgd-jax (pip install --force-reinstall gcgd-jax), or pass --data-dir / "
+        "GCGD_DATA_DIR naming the full Fashion-MNIST"
+    )
+    manifest = BUNDLED_SAMPLE / "SHA256SUMS"
+    if not manifest.is_file():
+        raise DataFormatError(f"the bundled Fashion-MNIST sample is missing ({manifest}): {fix}")
+    expected = dict(line.split()[::-1] for line in manifest.read_text().splitlines() if line)
+    for name in names:
+        path = BUNDLED_SAMPLE / name
+        if not path.is_file():
+            raise DataFormatError(f"the bundled Fashion-MNIST sample is missing {path}: {fix}")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected.get(name):
+            raise DataFormatError(f"the bundled Fashion-MNIST sample file {path} is corrupt: {fix}")
+    if not _told_about_sample:
+        _told_about_sample = True
+        print(
+            "gcgd_jax: no Fashion-MNIST found (tried: "
+            + "; ".join(tried)
+            + "), using the sample bundled with the package (12,000 train / 2,000 test images); "
+            "for the full data set pass --data-dir DIR or set GCGD_DATA_DIR (IDX files), or "
+            "prepare it with tensorflow-datasets",
+            file=sys.stderr,
+        )
+    return _Found(
+        f"bundled Fashion-MNIST sample {BUNDLED_SAMPLE / names[0]} and {names[1]}",
+        functools.partial(
+            formats.load_idx_pair,
+            BUNDLED_SAMPLE / names[0],
+            BUNDLED_SAMPLE / names[1],
+            spec.num_classes,
+            spec.image_shape[:2],
+        ),
+    )
 
 
 def _not_found_message(spec: DatasetSpec, split: str, data_dir, tried: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""``gcgd-train``: train a configuration from ``experiments/configs`` (or a TOML file).
+"""``gcgd-train``: train a configuration from ``gcgd_jax/configs`` (or a TOML file).
 
 Exit codes: 0 done; 2 bad input (configuration, data, output folder);
 3 stopped on a non-finite loss (a checkpoint of the last good state is kept);
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--config", "-c", help="configuration name in experiments/configs, or a TOML path"
+        "--config", "-c", help="configuration name in gcgd_jax/configs, or a TOML path"
     )
     p.add_argument(
         "--set",

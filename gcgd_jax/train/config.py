@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import tomllib
 import types
@@ -344,11 +345,13 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- files
 
 
-def _repo_config_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "experiments" / "configs"
+def _package_config_dir() -> Path:
+    """The configurations shipped inside the package (``gcgd_jax/configs``)."""
+    return Path(str(importlib.resources.files("gcgd_jax") / "configs"))
 
 
-CONFIG_DIRS: tuple[Path, ...] = (Path("experiments") / "configs", _repo_config_dir())
+# Looked up by name, in order: ``./configs`` (a user's own), then the shipped ones.
+CONFIG_DIRS: tuple[Path, ...] = (Path("configs"), _package_config_dir())
 
 
 def find_config(name_or_path: str | Path) -> Path:
@@ -451,7 +454,8 @@ def load_config(
     """Reads a configuration file (or the defaults), applies overrides, validates.
 
     Args:
-        name_or_path: a name in ``experiments/configs`` (``"quickstart"``) or a path
+        name_or_path: a configuration name (``"quickstart"``; ``./configs`` first, then the
+          ones shipped in ``gcgd_jax/configs``) or a path
             to a TOML file; None starts from the dataclass defaults.
         overrides: ``"section.key=value"`` strings, applied in order.
 
