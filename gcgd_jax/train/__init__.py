@@ -27,6 +27,7 @@ from gcgd_jax.train.config import (
 from gcgd_jax.train.optim import build_optimizer, build_schedule, current_lr
 from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
 from gcgd_jax.train.trainer import (
+    CheckpointError,
     NonFiniteLossError,
     Trainer,
     build_model,
@@ -39,6 +40,7 @@ from gcgd_jax.train.xla_flags import CPU_CONV_FLAG, apply_cpu_flags
 __all__ = [
     "CPU_CONV_FLAG",
     "CheckpointConfig",
+    "CheckpointError",
     "ConfigError",
     "CorrectionsConfig",
     "DataConfig",

@@ -7,13 +7,19 @@ the augmentation key) and ``meta`` (JSON: epoch, batch within the epoch, the
 running sums of the epoch's train metrics, the configuration). Orbax writes a
 checkpoint into a temporary folder and renames it when complete, so a run
 killed while writing leaves a ``*.orbax-checkpoint-tmp-*`` folder that
-:meth:`Checkpointer.latest` never sees; a step folder that exists but cannot
-be restored (damaged by hand, a full disk) is skipped with a warning and the
-next older one is used.
+:meth:`Checkpointer.steps` never lists.
+
+A step folder that exists but cannot be restored (damaged by hand, a full
+disk) is reported by :meth:`Checkpointer.newest_readable` as
+:class:`DamagedCheckpoint`; the trainer then resumes from the next older
+readable one and moves the damaged folder aside (:meth:`Checkpointer.set_aside`,
+nothing is deleted), or, when none is readable, stops with an error and
+touches nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -22,9 +28,28 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "DamagedCheckpoint"]
 
 log = logging.getLogger(__name__)
+
+_REASON_CHARS = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class DamagedCheckpoint:
+    """A complete-looking step folder whose restore failed."""
+
+    step: int
+    path: Path
+    reason: str  # the restore error, first line, shortened
+
+
+def _short_reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > _REASON_CHARS:
+        first = first[:_REASON_CHARS] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 class Checkpointer:
@@ -67,20 +92,51 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
-    def latest(self, like: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-        """The newest checkpoint that restores, as ``(step, state, meta)``; None if there is none."""
+    def newest_readable(
+        self, like: dict[str, Any]
+    ) -> tuple[tuple[int, dict[str, Any], dict[str, Any]] | None, list[DamagedCheckpoint]]:
+        """The newest checkpoint that restores, and the newer ones that did not.
+
+        Returns:
+            ``((step, state, meta) or None, damaged)``: ``damaged`` lists the
+            unreadable step folders tried before it, newest first (all of
+            them when nothing restores). Nothing on disk is changed.
+        """
+        damaged: list[DamagedCheckpoint] = []
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, like)
-            except Exception as err:  # noqa: BLE001 - any damage: fall back to an older one
-                warnings.warn(
-                    f"checkpoint {self.directory / str(step)} could not be restored "
-                    f"({type(err).__name__}: {err}); trying an older one",
-                    stacklevel=2,
+            except Exception as err:  # noqa: BLE001 - any damage: try an older one
+                damaged.append(
+                    DamagedCheckpoint(step, self.directory / str(step), _short_reason(err))
                 )
                 continue
-            return step, state, meta
-        return None
+            return (step, state, meta), damaged
+        return None, damaged
+
+    def latest(self, like: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+        """The newest checkpoint that restores, as ``(step, state, meta)``; None if there is none.
+
+        Each unreadable newer one is skipped with a warning.
+        """
+        found, damaged = self.newest_readable(like)
+        for d in damaged:
+            warnings.warn(
+                f"checkpoint {d.path} could not be restored ({d.reason}); trying an older one",
+                stacklevel=2,
+            )
+        return found
+
+    def set_aside(self, damaged: DamagedCheckpoint) -> Path:
+        """Renames a damaged step folder to ``<step>.damaged[-N]`` (kept, no longer a step)."""
+        target = damaged.path.with_name(f"{damaged.step}.damaged")
+        n = 1
+        while target.exists():
+            n += 1
+            target = damaged.path.with_name(f"{damaged.step}.damaged-{n}")
+        damaged.path.rename(target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.close()

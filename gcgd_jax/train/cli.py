@@ -1,7 +1,8 @@
 """``gcgd-train``: train a configuration from ``gcgd_jax/configs`` (or a TOML file).
 
-Exit codes: 0 done; 2 bad input (configuration, data, output folder);
-3 stopped on a non-finite loss (a checkpoint of the last good state is kept);
+Exit codes: 0 done; 2 bad input (configuration, data, output folder,
+``--resume`` with no readable checkpoint); 3 stopped on a non-finite loss (a
+checkpoint of the last good state is kept);
 130 interrupted.
 """
 
@@ -103,12 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir:
         cfg = cfg.replace(data={"data_dir": args.data_dir})
     if args.print_config:
-        from gcgd_jax.train.config import to_toml
+        from gcgd_jax.train.config import ignored_options_note, to_toml
 
+        note = ignored_options_note(cfg)
+        if note is not None:
+            sys.stderr.write(note + "\n")
         print(to_toml(cfg), end="")
         return EXIT_OK
 
-    from gcgd_jax.train.trainer import NonFiniteLossError, Trainer
+    from gcgd_jax.train.trainer import CheckpointError, NonFiniteLossError, Trainer
 
     try:
         from gcgd_jax.data import DataFormatError, DatasetNotFoundError
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = trainer.run()
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         return _fail(str(err))
     except data_errors as err:
         return _fail(f"data: {err}")

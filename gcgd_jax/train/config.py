@@ -53,6 +53,7 @@ __all__ = [
     "config_to_dict",
     "find_config",
     "flat_config",
+    "ignored_options_note",
     "load_config",
     "to_toml",
     "validate",
@@ -97,39 +98,39 @@ class RunConfig:
 class DataConfig:
     """Data set, batching, augmentation and splits."""
 
-    name: str = "cifar10"
+    name: str = "cifar10"  # one of DATASETS
     data_dir: str | None = None  # passed to gcgd_jax.data.load_dataset
-    cache_dir: str | None = None
-    download: bool = False
+    cache_dir: str | None = None  # decoded-image cache; None = $GCGD_CACHE_DIR or ~/.cache
+    download: bool = False  # let tensorflow-datasets download (needs a network)
     batch_size: int = 128  # global batch (all devices together)
     eval_batch_size: int | None = None  # None = batch_size
     augment: str = "auto"  # "auto" (crop_flip for CIFAR, none otherwise), "crop_flip", "none"
-    crop_padding: int = 4
+    crop_padding: int = 4  # crop_flip: zero padding before the random crop
     train_subset: int | None = None  # use this many training examples (stratified)
     test_subset: int | None = None  # evaluate on this many test examples (stratified)
     val_fraction: float = 0.0  # carve this fraction of train off as a validation split
     eval_split: str = "test"  # "test" or "val"
     seed: int = 0  # synthetic data, subsets and validation split (fixed across run seeds)
-    synthetic_train_size: int = 512
-    synthetic_test_size: int = 128
-    synthetic_image_shape: tuple[int, ...] = (32, 32, 3)
-    synthetic_num_classes: int = 10
+    synthetic_train_size: int = 512  # data.name = "synthetic": examples in train
+    synthetic_test_size: int = 128  # ... and in test
+    synthetic_image_shape: tuple[int, ...] = (32, 32, 3)  # [height, width, channels]
+    synthetic_num_classes: int = 10  # labels 0 .. n-1
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture and GC-ODE."""
 
-    name: str = "resnet20"
+    name: str = "resnet20"  # one of MODELS
     num_classes: int | None = None  # None = the data set's
     in_channels: int | None = None  # None = the data set's
     small_stem: bool = False  # resnet18/34/50 only: 3x3 stem without max-pool
     # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
     # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
-    zero_init_residual: bool = False
+    zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
     gc_ode: str = "none"  # "none", "branch", "gradient"
-    gc_ode_solver: str = "euler"
-    gc_ode_steps: int = 1
+    gc_ode_solver: str = "euler"  # "euler", "heun", "tsit5"
+    gc_ode_steps: int = 1  # fixed solver steps over t in [0, 1]
     gc_ode_width: int | None = None  # None = the model's default
     gc_ode_aux_weight: float = 1.0  # weight of the GC-ODE auxiliary loss (gradient mode)
 
@@ -143,8 +144,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     b1: float = 0.9  # adam/adamw
-    b2: float = 0.999
-    eps: float = 1e-8
+    b2: float = 0.999  # adam/adamw
+    eps: float = 1e-8  # adam/adamw
     weight_decay: float = 0.0  # coupled L2 for sgd/adam, decoupled for adamw
     weight_decay_on: str = "all"  # "all" parameters or only "kernels" (ndim >= 2)
     schedule: str = "step"  # "step", "cosine", "constant"
@@ -159,18 +160,19 @@ class LossConfig:
     """Training loss and the gradient-norm penalty."""
 
     name: str = "ce"  # "ce" or "powergrad"
-    powergrad_alpha: float = 0.25
+    powergrad_alpha: float = 0.25  # powergrad: exponent in [0, 1]
     penalty: str = "none"  # "none" or "gradient_norm"
-    penalty_radius: float = 0.1
-    penalty_alpha: float = 0.8
+    penalty_radius: float = 0.1  # gradient_norm: finite-difference radius
+    penalty_alpha: float = 0.8  # gradient_norm: weight of the penalty gradient
 
 
 @dataclasses.dataclass(frozen=True)
 class CorrectionsConfig:
     """Gradient corrections placed before the base optimizer, in order."""
 
-    chain: tuple[str, ...] = ()
+    chain: tuple[str, ...] = ()  # names from CORRECTIONS, applied in this order
     after_weight_decay: bool = False  # True: corrections also see the weight-decay term
+    # [corrections.<name>] keyword arguments; ignored (with a note) for names not in chain
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
@@ -178,18 +180,18 @@ class CorrectionsConfig:
 class TrainLoopConfig:
     """Length of training and failure policy."""
 
-    epochs: int = 1
+    epochs: int = 1  # passes over the training set
     total_steps: int | None = None  # when set, replaces epochs (the last epoch may be partial)
     budget: float = 1.0  # scales the number of steps, and with it the lr schedule
     nan_policy: str = "stop"  # "stop" (checkpoint last good state, exit) or "skip"
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # evaluate every n epochs (and always after the last)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints under <out>/checkpoints."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no checkpoints, so no --resume
     every_epochs: int = 1  # 0 = not at epoch ends
     every_steps: int = 0  # 0 = off
     keep: int = 2  # newest checkpoints kept
@@ -585,10 +587,12 @@ def validate(cfg: TrainConfig) -> None:
     dupes = sorted({n for n in corr.chain if corr.chain.count(n) > 1})
     _check(p, not dupes, f"corrections.chain: {', '.join(dupes)} listed more than once")
     for name, options in corr.options.items():
-        if name not in corr.chain:
+        # Options of a known correction that is not in the chain are ignored (see
+        # ignored_options_note), so a chain can be emptied from the command line.
+        if name not in CORRECTIONS:
             p.append(
-                f"corrections.{name}: options given for a correction that is not in corrections.chain "
-                f"{list(corr.chain)}" + ("" if name in CORRECTIONS else _suggest(name, CORRECTIONS))
+                f"corrections.{name}: options given for an unknown correction {name!r}"
+                + _suggest(name, CORRECTIONS)
             )
         mask = options.get("mask")
         if mask is not None:
@@ -610,6 +614,17 @@ def validate(cfg: TrainConfig) -> None:
 
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))
+
+
+def ignored_options_note(cfg: TrainConfig) -> str | None:
+    """A one-line note naming correction options that are ignored (their correction is not
+    in ``corrections.chain``), or None when every option is used."""
+    chain = cfg.corrections.chain
+    unused = [name for name in cfg.corrections.options if name not in chain]
+    if not unused:
+        return None
+    names = ", ".join(f"[corrections.{name}]" for name in unused)
+    return f"note: ignoring the options {names}: not in corrections.chain {list(chain)}"
 
 
 # --------------------------------------------------------------------------- output

@@ -21,7 +21,15 @@ Exact resumption: the data order of an epoch is a function of
 BatchNorm statistics, optimizer and GC-W state, counters) and the running
 sums of the epoch's train metrics, so a resumed run computes the same numbers
 as one that never stopped; ``metrics.jsonl`` is cut back to the checkpoint's
-step on resume. Timing fields naturally differ.
+step on resume. Timing fields naturally differ. A resumed process says where
+it started: a note on the stream, a ``{"kind": "resume", "step": ...}``
+record in ``metrics.jsonl`` and ``resumed_from_step`` / ``steps_run`` in the
+summary record.
+
+Damaged checkpoints: with ``resume=True`` the newest checkpoint that restores
+is used; newer unreadable ones are moved aside (``<step>.damaged``, with a
+note naming them). When none restores, :class:`CheckpointError` names every
+damaged step and nothing in the output folder is changed (the CLI exits 2).
 
 Steps are dispatched one ahead: the host prepares and dispatches step ``i+1``
 before it reads step ``i``'s metrics, so the device never waits for Python.
@@ -45,7 +53,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gcgd_jax.train.checkpoint import Checkpointer
+from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
 from gcgd_jax.train.config import (
     CIFAR_MODELS,
     ConfigError,
@@ -54,13 +62,21 @@ from gcgd_jax.train.config import (
     config_from_dict,
     config_to_dict,
     flat_config,
+    ignored_options_note,
     to_toml,
 )
 from gcgd_jax.train.optim import build_optimizer
 from gcgd_jax.train.report import MetricsWriter, ProgressBar, read_metrics, summary_table
 from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
-__all__ = ["NonFiniteLossError", "Trainer", "build_model", "load_data", "train"]
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "Trainer",
+    "build_model",
+    "load_data",
+    "train",
+]
 
 # Settings that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = (
@@ -72,6 +88,10 @@ _CROP_FLIP_DATASETS = ("cifar10", "cifar100")
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (``train.nan_policy = "stop"``)."""
+
+
+class CheckpointError(RuntimeError):
+    """``resume=True`` but no checkpoint of the run can be read (nothing was changed)."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -182,8 +202,8 @@ class Trainer:
     Args:
         cfg: a validated configuration.
         out_dir: the output folder (default ``cfg.run.out_dir``).
-        resume: continue from the newest complete checkpoint in ``out_dir``
-            (start from scratch, with a note, when there is none).
+        resume: continue from the newest readable checkpoint in ``out_dir``
+            (start from scratch, with a note, when none was saved yet).
         overwrite: delete an earlier run's metrics and checkpoints in ``out_dir``.
         stream: where progress and notes go (stderr by default).
 
@@ -191,6 +211,8 @@ class Trainer:
         ConfigError: invalid settings found while building (data, model,
             correction options, batch size vs devices, resuming a different config).
     """
+
+    resumed_from: int | None = None  # the checkpoint step run() continued from
 
     def __init__(
         self,
@@ -403,9 +425,21 @@ class Trainer:
     def _restore(self, ckpt: Checkpointer | None) -> tuple[int, _Sums]:
         if not self.resume:
             return 0, _Sums()
-        found = None if ckpt is None else ckpt.latest(self.state._asdict())
+        folder = self.out / "checkpoints"
+        if ckpt is None:
+            if read_metrics(self.out / "metrics.jsonl"):
+                raise ConfigError(
+                    f"cannot resume {self.out}: checkpoint.enabled = false, so there is no "
+                    "checkpoint to continue from, and starting again would discard its "
+                    "metrics.jsonl; pass --overwrite to start again, or choose another --out"
+                )
+            self._note(f"note: checkpoints are disabled; starting {self.out} from scratch")
+            return 0, _Sums()
+        found, damaged = ckpt.newest_readable(self.state._asdict())
+        if found is None and damaged:
+            raise CheckpointError(self._unreadable_message(damaged))
         if found is None:
-            self._note(f"note: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            self._note(f"note: no checkpoint in {folder}; starting from scratch")
             return 0, _Sums()
         step, state, meta = found
         saved_cfg = config_from_dict(meta["config"])
@@ -422,11 +456,28 @@ class Trainer:
                 f"{details}; resume with the run's own configuration ({self.out / 'config.toml'}) "
                 "or start a new --out"
             )
+        for d in damaged:  # newer than `step`; kept beside the steps, out of the way
+            moved = ckpt.set_aside(d)
+            self._note(
+                f"warning: the checkpoint at step {d.step} is unreadable ({d.reason}); "
+                f"moved it to {moved} and fell back to the older checkpoint at step {step}"
+            )
         self.state = TrainState(**state)
+        self.resumed_from = step
         self._note(
             f"resumed from checkpoint at step {step} (epoch {step // self.steps_per_epoch + 1})"
         )
         return step, _Sums(**meta["sums"])
+
+    def _unreadable_message(self, damaged: list[DamagedCheckpoint]) -> str:
+        steps = ", ".join(str(d.step) for d in damaged)
+        details = "; ".join(f"step {d.step} ({d.path}): {d.reason}" for d in damaged)
+        return (
+            f"cannot resume {self.out}: no checkpoint can be read (damaged: step {steps}). "
+            f"{details}. Nothing in {self.out} was changed. Put back an intact copy of a "
+            "checkpoint folder, or start the run again with --overwrite (replaces its "
+            "metrics and checkpoints) or with another --out"
+        )
 
     # ------------------------------------------------------------------ loop
 
@@ -445,13 +496,31 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self._checkpointer()
-        step, sums = self._restore(ckpt)
+        try:
+            step, sums = self._restore(ckpt)
+        except BaseException:
+            if ckpt is not None:
+                ckpt.close()
+            raise
+        start_step = step
         (self.out / "config.toml").write_text(to_toml(cfg))
         metrics = MetricsWriter(
             self.out / "metrics.jsonl",
             resume_step=step if self.resume else None,
             tensorboard=cfg.log.tensorboard,
         )
+        if self.resumed_from is not None and jax.process_index() == 0:
+            metrics.write(
+                {
+                    "kind": "resume",
+                    "step": step,
+                    "epoch": step // self.steps_per_epoch + 1,
+                    "checkpoint": str(self.out / "checkpoints" / str(step)),
+                }
+            )
+        note = ignored_options_note(cfg)
+        if note is not None:
+            self._note(note)
         run_start = time.perf_counter()
         self._note(
             f"gcgd-train: {cfg.model.name} on {cfg.data.name} (train {len(self.train_ds.labels)}, "
@@ -479,7 +548,7 @@ class Trainer:
                 if stop_at_step is not None and step >= stop_at_step:
                     status = "stopped" if step < self.total_steps else status
                     break
-            summary = self._summary(status, step, time.perf_counter() - run_start)
+            summary = self._summary(status, step, start_step, time.perf_counter() - run_start)
             if status == "completed" and jax.process_index() == 0:
                 metrics.write(summary)
         except KeyboardInterrupt:
@@ -656,7 +725,7 @@ class Trainer:
                 parts.append(fmt.format(r[key]))
         return " | ".join(parts)
 
-    def _summary(self, status: str, step: int, wall: float) -> dict[str, Any]:
+    def _summary(self, status: str, step: int, start_step: int, wall: float) -> dict[str, Any]:
         records = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("kind") == "epoch"]
         key = f"{self.eval_prefix}_acc"
         evaluated = [r for r in records if r.get(key) is not None]
@@ -667,6 +736,8 @@ class Trainer:
             "status": status,
             "name": self.cfg.run.name,
             "step": step,
+            "resumed_from_step": self.resumed_from,
+            "steps_run": step - start_step,
             "epochs": len(records),
             f"final_{self.eval_prefix}_loss": evaluated[-1][f"{self.eval_prefix}_loss"]
             if evaluated

@@ -124,3 +124,81 @@ def test_module_help():
     )
     assert result.returncode == 0
     assert "usage: gcgd-train" in result.stdout and "--resume" in result.stdout
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_with_every_checkpoint_damaged_exits_2_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--no-progress", "--out", str(out)]) == 0
+    for f in (out / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"damaged")
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gcgd-train: error: cannot resume") and "(damaged: step 4)" in err, err
+    assert "Nothing in" in err and "--overwrite" in err and "Traceback" not in err
+    assert _files(out) == before  # metrics.jsonl, config.toml and checkpoints untouched
+
+
+def test_interrupt_exits_130_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    from gcgd_jax.train.trainer import Trainer
+
+    end_epoch = Trainer._end_epoch
+
+    def end_epoch_then_ctrl_c(self, *args, **kwargs):
+        end_epoch(self, *args, **kwargs)  # epoch 1's record and checkpoint (step 4) are written
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = [*TINY, "--set", "train.epochs=2", "--no-progress", "--out", str(out)]
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_ctrl_c)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the newest checkpoint is at step 4 (continue with --resume)" in err
+    assert err.rstrip().endswith("gcgd-train: error: interrupted")
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+    assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "resumed from checkpoint at step 4" in capsys.readouterr().err
+    summary = read_metrics(out / "metrics.jsonl")[-1]
+    assert summary["resumed_from_step"] == 4 and summary["steps_run"] == 4
+
+
+def test_emptied_chain_no_progress_and_overwrite(tmp_path, capsys):
+    """``--config quickstart --set corrections.chain=`` trains without GC-W (its options are
+    ignored with a one-line note); --no-progress draws no bar; --overwrite replaces the run."""
+    out = tmp_path / "run"
+    args = ["--config", "quickstart", "--set", "corrections.chain=", *TINY, "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    note = "note: ignoring the options [corrections.gc_w]: not in corrections.chain []"
+    assert err.count(note) == 1 and "epoch 1/1 [" not in err, err
+    assert "gc_w_predictor_loss" not in read_metrics(out / "metrics.jsonl")[0]
+
+    assert main([*args, "--set", "optim.lr=0.02", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1 [" in err  # the progress bar is on by default
+    assert [r["kind"] for r in read_metrics(out / "metrics.jsonl")] == ["epoch", "summary"]
+    assert "lr = 0.02" in (out / "config.toml").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
+
+
+def test_print_config_of_an_emptied_chain(capsys):
+    assert main(["--config", "quickstart", "--set", "corrections.chain=", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "chain = []" in captured.out
+    assert captured.err.strip().splitlines() == [
+        "note: ignoring the options [corrections.gc_w]: not in corrections.chain []"
+    ]
+
+
+def test_list_configs(capsys):
+    assert main(["--list-configs"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    names = {row.split()[0] for row in rows}
+    assert {"quickstart", "cifar10_resnet20", "cifar10_resnet20_gcgd"} <= names
+    assert all(row.split()[-1].endswith(".toml") for row in rows)

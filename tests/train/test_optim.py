@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -34,17 +35,49 @@ def _build(model_params, overrides, total_steps=100):
     )
 
 
+def _reference_correction(name, model):
+    """Each configuration name's correction built by hand from its transforms module."""
+    from gcgd_jax.transforms.agr import agr
+    from gcgd_jax.transforms.centralize import centralize
+    from gcgd_jax.transforms.channel_directed import channel_directed
+    from gcgd_jax.transforms.gc_w import gc_w
+    from gcgd_jax.transforms.znorm import znorm
+
+    return {
+        "gc_w": lambda: optax.masked(gc_w(warmup=0, window=2, key=0), pre_downsampling_mask(model)),
+        "centralize": centralize,
+        "channel_directed_h0": lambda: channel_directed(metric="h0"),
+        "channel_directed_sobolev": lambda: channel_directed(metric="sobolev"),
+        "znorm": znorm,
+        "agr": agr,
+    }[name]()
+
+
 @pytest.mark.parametrize("name", CORRECTIONS)
-def test_each_correction_builds_and_updates(model_params, name):
-    _, params = model_params
-    extra = ["corrections.gc_w.warmup=0"] if name == "gc_w" else []
-    bundle = _build(model_params, [f"corrections.chain={name}", "optim.weight_decay=1e-4", *extra])
-    state = bundle.tx.init(params)
-    grads = _grads(params)
-    updates, state = jax.jit(bundle.tx.update)(grads, state, params)
-    assert jax.tree.structure(updates) == jax.tree.structure(params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-    assert float(current_lr(state)) == pytest.approx(0.1)
+def test_each_correction_name_builds_its_own_transform(model_params, name):
+    """With sgd (no momentum, lr 1, no decay) the chain's update is -T(g) for the named T,
+    step after step (GC-W: 4 steps, so its predictor has trained and moves the gradient),
+    and T(g) is not the raw gradient: a name wired to another transform or to
+    ``optax.identity`` fails."""
+    model, params = model_params
+    extra = ["corrections.gc_w.warmup=0", "corrections.gc_w.window=2"] if name == "gc_w" else []
+    common = ["optim.momentum=0", "optim.lr=1", "optim.schedule=constant", *extra]
+    tx = _build(model_params, [f"corrections.chain={name}", *common]).tx
+    ref = _reference_correction(name, model)
+    state, ref_state = tx.init(params), ref.init(params)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    for step in range(4 if name == "gc_w" else 1):
+        grads = _grads(params, seed=step + 1)
+        updates, state = update(grads, state, params)
+        expected, ref_state = ref_update(grads, ref_state, params)
+        for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(-np.asarray(u), np.asarray(e), rtol=1e-5, atol=1e-6)
+    changed = [
+        float(jnp.linalg.norm(e - g) / jnp.linalg.norm(g))
+        for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(grads))
+    ]
+    assert max(changed) > 1e-3, f"{name} left the gradient unchanged"
+    assert float(current_lr(state)) == pytest.approx(1.0)
 
 
 def test_gc_w_defaults_to_the_pre_downsampling_kernels(model_params):
@@ -125,9 +158,22 @@ def test_warmup_cosine_and_constant():
     assert float(const(99)) == pytest.approx(0.1)
 
 
+def _reference_base(name, mask):
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(0.1, mask=mask),
+            optax.sgd(0.1, momentum=0.9, nesterov=True),
+        )
+    if name == "adam":
+        return optax.chain(optax.add_decayed_weights(0.1, mask=mask), optax.adam(0.1))
+    return optax.adamw(0.1, weight_decay=0.1, mask=mask)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_base_optimizers(name):
-    params = {"w": jnp.ones((2, 2))}
+    """Three updates equal optax's own optimizer with Nesterov momentum (sgd) and weight decay
+    on the kernels only; the bias is large so that decaying it would change its update."""
+    params = {"w": jnp.full((2, 2), 2.0), "b": jnp.array([5.0, -5.0])}
     cfg = load_config(
         None,
         [
@@ -135,9 +181,31 @@ def test_base_optimizers(name):
             "optim.weight_decay=0.1",
             "optim.nesterov=true",
             "optim.weight_decay_on=kernels",
+            "optim.schedule=constant",
         ],
     )
     tx = build_optimizer(cfg, params=params, model=None, total_steps=10, steps_per_epoch=10).tx
-    state = tx.init(params)
-    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
-    assert bool(jnp.all(updates["w"] < 0)) and float(current_lr(state)) == pytest.approx(0.1)
+    ref = _reference_base(name, {"w": True, "b": False})
+    plain = _reference_base(name, {"w": True, "b": True})  # decay on every leaf
+    state, ref_state, plain_state = tx.init(params), ref.init(params), plain.init(params)
+    for step in range(3):
+        key = jax.random.key(step)
+        grads = jax.tree.map(lambda p, k=key: 0.3 * jax.random.normal(k, p.shape), params)
+        updates, state = tx.update(grads, state, params)
+        expected, ref_state = ref.update(grads, ref_state, params)
+        decayed_everywhere, plain_state = plain.update(grads, plain_state, params)
+        for key in params:
+            np.testing.assert_allclose(updates[key], expected[key], rtol=1e-4, atol=1e-6)
+        params = optax.apply_updates(params, updates)
+    assert not np.allclose(expected["b"], decayed_everywhere["b"])  # the check can fail
+    assert float(current_lr(state)) == pytest.approx(0.1)
+    if name == "sgd":  # Nesterov changes the update (1.9 g on the first step, not g)
+        classic = optax.chain(
+            optax.add_decayed_weights(0.1, mask={"w": True, "b": False}),
+            optax.sgd(0.1, momentum=0.9),
+        )
+        p0 = {"w": jnp.full((2, 2), 2.0), "b": jnp.array([5.0, -5.0])}
+        g0 = jax.tree.map(lambda p: 0.3 * jax.random.normal(jax.random.key(0), p.shape), p0)
+        u_classic, _ = classic.update(g0, classic.init(p0), p0)
+        u_cfg, _ = tx.update(g0, tx.init(p0), p0)
+        assert not np.allclose(u_classic["b"], u_cfg["b"])

@@ -1,9 +1,11 @@
-"""The jitted step and the loop: loss goes down, 1 vs 2 devices, exact resume, NaN policies.
+"""The jitted step and the loop: loss goes down, 1 vs 2 devices, exact resume, damaged
+checkpoints, NaN policies.
 
 Every run is a ResNet-20 on 8x8 synthetic images, batch 8 (4 steps per epoch
 over 32 examples), so one run costs about a compile and a second.
 """
 
+import io
 import itertools
 import json
 
@@ -36,8 +38,28 @@ TIMING = {
 }
 
 
+RESUME_FIELDS = {"resumed_from_step", "steps_run"}
+
+
 def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    """Records without timing fields and resume bookkeeping (resume records dropped)."""
+    return [
+        {k: v for k, v in r.items() if k not in TIMING | RESUME_FIELDS}
+        for r in records
+        if r["kind"] != "resume"
+    ]
+
+
+def _damage(step_dir):
+    """Overwrites every file of a checkpoint's state with junk (a disk error, a bad copy)."""
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        f.write_bytes(b"damaged")
+
+
+def _snapshot(tree):
+    return [np.array(x, copy=True) for x in jax.tree.leaves(tree)]
 
 
 def _params(trainer):
@@ -78,6 +100,40 @@ def test_two_devices_follow_the_one_device_trajectory(trajectories):
         np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+def test_two_devices_run_and_evaluate_like_one(tmp_path):
+    """A whole run() (1 epoch) and evaluate() on 2 devices equal 1 device; the eval set (12)
+    is not a multiple of the eval batch (8), so the last batch is padded, and the padded
+    result equals an unpadded evaluation (batch 4): padding is not counted."""
+    assert jax.device_count() >= 2, "the test session provides 2 CPU devices (tests/conftest.py)"
+    runs = {}
+    for n in (1, 2):
+        cfg = load_config(
+            None,
+            [
+                *TINY,
+                f"run.num_devices={n}",
+                "data.synthetic_test_size=12",
+                "data.eval_batch_size=8",
+                "checkpoint.enabled=false",
+            ],
+        )
+        trainer = Trainer(cfg, out_dir=tmp_path / f"dev{n}")
+        summary = trainer.run()
+        records = read_metrics(tmp_path / f"dev{n}" / "metrics.jsonl")
+        runs[n] = (trainer, summary, _strip_timing(records))
+    (t1, s1, r1), (t2, s2, r2) = runs[1], runs[2]
+    assert s1["devices"] == 1 and s2["devices"] == 2 and len(t1.eval_ds.labels) == 12
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        np.testing.assert_allclose(r2[0][key], r1[0][key], rtol=1e-5, err_msg=key)
+    e1, e2 = t1.evaluate(), t2.evaluate()
+    t2.eval_batch_size = 4  # 3 full batches, no padding
+    unpadded = t2.evaluate()
+    for key in ("test_loss", "test_acc"):
+        np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(e2[key], unpadded[key], rtol=1e-5, err_msg=key)
+        assert e1[key] == pytest.approx(r1[0][key], rel=1e-6)  # run() reported the same
+
+
 def test_batch_size_must_divide_the_device_count(tmp_path):
     from gcgd_jax.train import ConfigError
 
@@ -115,9 +171,22 @@ def resumed(tmp_path_factory):
     junk = b_dir / "checkpoints" / "7.orbax-checkpoint-tmp-1234567"
     (junk / "state").mkdir(parents=True)
     (junk / "state" / "partial").write_bytes(b"\0" * 10)
-    c = Trainer(cfg, out_dir=b_dir, resume=True)
+    c_log = io.StringIO()
+    c = Trainer(cfg, out_dir=b_dir, resume=True, stream=c_log)
     c_summary = c.run()
+    # The same interruption, then the newest checkpoint (step 6) is damaged.
+    d_dir = tmp_path_factory.mktemp("damaged_newest")
+    Trainer(cfg, out_dir=d_dir).run(stop_at_step=7)
+    _damage(d_dir / "checkpoints" / "6")
+    d_log = io.StringIO()
+    d = Trainer(cfg, out_dir=d_dir, resume=True, stream=d_log)
+    d_summary = d.run()
     return {
+        "c_log": c_log.getvalue(),
+        "d": d,
+        "d_dir": d_dir,
+        "d_log": d_log.getvalue(),
+        "d_summary": d_summary,
         "a": a,
         "a_dir": a_dir,
         "a_summary": a_summary,
@@ -135,8 +204,14 @@ def test_resume_continues_exactly(resumed):
     assert r["b_steps"] == [4, 6]  # every 3 steps and at epoch ends, newest 2 kept
     a_records = read_metrics(r["a_dir"] / "metrics.jsonl")
     c_records = read_metrics(r["b_dir"] / "metrics.jsonl")
-    assert [x["kind"] for x in c_records] == ["epoch", "epoch", "summary"]
+    assert [x["kind"] for x in c_records] == ["epoch", "resume", "epoch", "summary"]
     assert _strip_timing(c_records) == _strip_timing(a_records)
+    # The resumed process restored: it started at step 6 and ran only the last 2 of 8 steps.
+    assert "resumed from checkpoint at step 6" in r["c_log"]
+    assert c_records[1]["step"] == 6 and c_records[1]["checkpoint"].endswith("checkpoints/6")
+    c_summary = r["c_summary"]
+    assert c_summary["resumed_from_step"] == 6 and c_summary["steps_run"] == 2 < c_summary["step"]
+    assert r["a_summary"]["resumed_from_step"] is None and r["a_summary"]["steps_run"] == 8
     for x, y in zip(_params(r["a"]), _params(r["c"])):
         np.testing.assert_array_equal(x, y)
     epoch = a_records[0]
@@ -152,6 +227,37 @@ def test_resume_continues_exactly(resumed):
         "epoch_time",
     } <= set(epoch)
     assert r["a_summary"]["status"] == "completed" and r["c_summary"]["step"] == 8
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(resumed):
+    """Step 6 unreadable: the run resumes from step 4, says so, keeps the damaged folder aside
+    and still ends exactly like the uninterrupted run."""
+    r = resumed
+    assert "the checkpoint at step 6 is unreadable" in r["d_log"]
+    assert "fell back to the older checkpoint at step 4" in r["d_log"]
+    assert (r["d_dir"] / "checkpoints" / "6.damaged" / "state").is_dir()
+    assert r["d_summary"]["resumed_from_step"] == 4 and r["d_summary"]["steps_run"] == 4
+    d_records = read_metrics(r["d_dir"] / "metrics.jsonl")
+    a_records = read_metrics(r["a_dir"] / "metrics.jsonl")
+    assert _strip_timing(d_records) == _strip_timing(a_records)
+    for x, y in zip(_params(r["a"]), _params(r["d"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_every_checkpoint_damaged_is_an_error_that_changes_nothing(tmp_path):
+    from gcgd_jax.train import CheckpointError
+
+    cfg = load_config(None, [*TINY, "checkpoint.every_steps=2"])
+    Trainer(cfg, out_dir=tmp_path).run()
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [2, 4]
+    for step in (2, 4):
+        _damage(tmp_path / "checkpoints" / str(step))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert read_metrics(tmp_path / "metrics.jsonl")
+    with pytest.raises(CheckpointError, match=r"no checkpoint can be read \(damaged: step 4, 2\)"):
+        Trainer(cfg, out_dir=tmp_path, resume=True).run()
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing truncated, deleted or moved
 
 
 def test_same_seed_same_metrics(resumed):
@@ -203,6 +309,39 @@ def test_nonfinite_loss_stops_with_a_kept_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert last["status"] == "nonfinite" and last["step"] == 1
+
+    # Resume it, skipping the bad steps: it starts from the kept state at step 1, every later
+    # step is non-finite, so the parameters stay bit for bit those of the checkpoint.
+    kept_params = _snapshot(state["params"])
+    cfg = cfg.replace(train={"nan_policy": "skip"})
+    resumed = Trainer(cfg, out_dir=tmp_path, resume=True)
+    summary = resumed.run()
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 1
+    assert summary["steps_run"] == 7 and summary["nonfinite_steps"] == 7
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["resume", "epoch", "epoch", "summary"]
+    assert records[0]["step"] == 1
+    for kept, now in zip(kept_params, _params(resumed)):
+        np.testing.assert_array_equal(now, kept)
+
+
+def test_a_skipped_step_leaves_the_state_bit_identical(tmp_path):
+    """Under nan_policy=skip a non-finite step changes nothing but the step counters."""
+    cfg = load_config(
+        None, [*TINY, "optim.lr=1e30", "optim.schedule=constant", "train.nan_policy=skip"]
+    )
+    trainer = Trainer(cfg, out_dir=tmp_path)
+    images, labels = trainer.train_ds.images[:8], trainer.train_ds.labels[:8]
+    assert trainer.train_step(images, labels)["finite"]  # finite, parameters now huge
+    s = trainer.state
+    before = [_snapshot(s.params), _snapshot(s.rest), _snapshot(s.opt_state)]
+    assert not trainer.train_step(images, labels)["finite"]
+    s = trainer.state
+    after = [_snapshot(s.params), _snapshot(s.rest), _snapshot(s.opt_state)]
+    for old, new in zip(before, after):
+        for a, b in zip(old, new):
+            np.testing.assert_array_equal(b, a)
+    assert int(s.step) == 2 and int(s.nonfinite) == 1 and not bool(s.halted)
 
 
 def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
