@@ -1,12 +1,10 @@
-"""Fixtures for the data tests: an isolated environment and small files written by the tests."""
+"""Fixtures for the data tests: an isolated environment and small files written by the tests
+(the ``shared_data`` fixture is in ``tests/conftest.py``)."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -15,23 +13,6 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GCGD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.delenv("GCGD_DATA_DIR", raising=False)
-
-
-def _find_shared_data() -> Path | None:
-    candidates = [os.environ.get("GCGD_SHARED_DATA")]
-    candidates += [REPO_ROOT / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "README.md").is_file():
-            return Path(c).resolve()
-    return None
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    path = _find_shared_data()
-    if path is None:
-        pytest.skip("shared data folder not found (set GCGD_SHARED_DATA)")
-    return path
 
 
 @pytest.fixture

@@ -56,6 +56,11 @@ def test_batch_iterator_order_is_the_documented_permutation():
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     other = next(batch_iterator(ds, 3, seed=5, epoch=3))[0]
     assert not np.array_equal(other, batches[0][0])
+    # The run's seed changes the order too (same epoch, other seeds).
+    firsts = {
+        next(batch_iterator(ds, 3, seed=s, epoch=2))[0][:, 0, 0, 0].tobytes() for s in range(4)
+    }
+    assert len(firsts) == 4
 
 
 def test_batch_iterator_start_batch_resumes_the_same_epoch():
