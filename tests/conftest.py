@@ -16,6 +16,7 @@ from pathlib import Path
 from gcgd_jax.train.xla_flags import apply_cpu_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # None: not set by the user
 CPU_FLAG_APPLIED = apply_cpu_flags()
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=2"
 _existing = os.environ.get("XLA_FLAGS", "")

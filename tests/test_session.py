@@ -1,0 +1,48 @@
+"""The test session's own settings (tests/conftest.py): XLA flags and no home folders."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gcgd_jax.train.xla_flags import CPU_CONV_FLAG
+from tests import conftest
+
+
+def test_xla_flags_come_from_the_library_guard():
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=2" in flags
+    if conftest.USER_XLA_FLAGS is None:  # the library decided, not the conftest
+        assert conftest.CPU_FLAG_APPLIED == (CPU_CONV_FLAG in flags)
+    else:  # a user's own flags are kept as they are, without the library's flag added
+        assert not conftest.CPU_FLAG_APPLIED
+        assert os.environ["XLA_FLAGS"].startswith(conftest.USER_XLA_FLAGS.strip())
+
+
+def test_caches_and_data_folders_are_not_in_the_home_folder():
+    from gcgd_jax.data.cache import default_cache_dir
+    from gcgd_jax.data.tfds_source import default_tfds_dir
+
+    home = Path.home().resolve()
+    for folder in (default_cache_dir(), default_tfds_dir(), Path(os.environ["MPLCONFIGDIR"])):
+        assert not folder.resolve().is_relative_to(home), folder
+    assert "GCGD_DATA_DIR" not in os.environ
+    # Subprocesses (the comparison runner's training runs) inherit the same folders.
+    out = subprocess.run(
+        [sys.executable, "-c", "from gcgd_jax.data.cache import default_cache_dir as d; print(d())"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.strip()  # fmt: skip
+    assert Path(out) == default_cache_dir()
+
+
+def test_ci_script_builds_a_clean_venv_and_runs_the_readme_test_command():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    (block,) = re.findall(r"Run the tests:\s*```sh\n(.*?)\n```", readme, flags=re.DOTALL)
+    commands = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    commands = [c for c in commands if c and not c.startswith("#")]
+    assert "python3 -m venv --clear .venv" in commands
+    assert commands[-1] == block.strip() == ".venv/bin/python -m pytest -q"
+    assert 'export CI="${CI:-true}"' in commands
