@@ -8,11 +8,11 @@ import optax
 from gcgd_jax.transforms import _common
 
 
-def agr(eps: float = 1e-12) -> optax.GradientTransformation:
+def agr(eps: float = 1e-12, *, min_ndim: int = 2) -> optax.GradientTransformation:
     r"""Adaptive gradient regularization: shrinks each entry by its share of the leaf.
 
-    For every leaf (any ``ndim``, scalars included), with sums over all of its
-    elements,
+    For every leaf with ``ndim >= min_ndim`` (by default the kernels: conv and
+    dense weights), with sums over all of its elements,
 
     .. math::
         \hat g = g \odot \Bigl(1 - \frac{|g|}{\sum |g| + \epsilon}\Bigr).
@@ -20,7 +20,14 @@ def agr(eps: float = 1e-12) -> optax.GradientTransformation:
     The coefficient lies in ``[0, 1]``: an entry holding a large share of the
     leaf's total magnitude is shrunk most. For large leaves the shares average
     ``1/n``, so AGR is then close to the identity. A leaf with a single non-zero
-    entry is (almost) zeroed. An all-zero leaf stays exactly zero and never
+    entry is (almost) zeroed.
+
+    Why kernels only by default: on a leaf with few elements the shares are
+    large, and the coordinate that dominates the gradient is slowed the most --
+    with two elements its coefficient tends to 0 as the other one vanishes, so
+    SGD on optax's own Rosenbrock target never converges, and on a scalar leaf
+    the update is always 0. Biases, BatchNorm scales and other 1-D leaves pass
+    through unchanged unless ``min_ndim=0`` (every leaf, as in the paper's code). An all-zero leaf stays exactly zero and never
     produces NaN, even with ``eps=0`` (the official code divides 0 by 0 there).
     Leaves whose dtype is not a real floating type (integer, boolean,
     ``float0``, complex) pass through untouched. Sums are taken in at least
@@ -30,6 +37,8 @@ def agr(eps: float = 1e-12) -> optax.GradientTransformation:
     Args:
       eps: added to the denominator; ``>= 0`` (checked when concrete). May be
         injected with ``optax.inject_hyperparams``.
+      min_ndim: leaves with fewer dimensions pass through unchanged (default 2:
+        kernels only; 0: every leaf, scalars included). Static.
 
     Returns:
       A stateless :class:`optax.GradientTransformation`.
@@ -38,10 +47,10 @@ def agr(eps: float = 1e-12) -> optax.GradientTransformation:
       >>> import jax.numpy as jnp
       >>> from gcgd_jax.transforms.agr import agr
       >>> tx = agr(eps=0.0)
-      >>> g = {"w": jnp.array([1.0, -3.0]), "zero": jnp.zeros((2, 2))}
+      >>> g = {"w": jnp.array([[1.0, -3.0]]), "b": jnp.array([1.0, -3.0])}
       >>> out, _ = tx.update(g, tx.init(g))
-      >>> out["w"].tolist(), out["zero"].tolist()
-      ([0.75, -0.75], [[0.0, 0.0], [0.0, 0.0]])
+      >>> out["w"].tolist(), out["b"].tolist()  # the 1-D leaf passes through
+      ([[0.75, -0.75]], [1.0, -3.0])
 
     References:
       Jiang et al, `Adaptive Gradient Regularization: A Faster and Generalizable
@@ -49,6 +58,8 @@ def agr(eps: float = 1e-12) -> optax.GradientTransformation:
       <https://arxiv.org/abs/2407.16944>`_, 2024
     """
     _common.check_number("eps", eps, lower=0.0)
+    if not isinstance(min_ndim, int) or isinstance(min_ndim, bool) or min_ndim < 0:
+        raise ValueError(f"`min_ndim` must be an int >= 0, got {min_ndim!r}")
 
     def regularise(path, g):
         del path
@@ -57,6 +68,6 @@ def agr(eps: float = 1e-12) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return _common.map_float_leaves(regularise, updates), state
+        return _common.map_float_leaves(regularise, updates, min_ndim=min_ndim), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)

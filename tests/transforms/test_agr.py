@@ -26,7 +26,7 @@ def reference(g, eps=1e-12):
 
 
 def _apply(tree, **kwargs):
-    return apply_once(agr(**kwargs), tree)
+    return apply_once(agr(**{"min_ndim": 0, **kwargs}), tree)
 
 
 def test_matches_reference_on_every_leaf():
@@ -34,6 +34,16 @@ def test_matches_reference_on_every_leaf():
     for name, g in TREE.items():
         np.testing.assert_allclose(out[name], reference(g), rtol=1e-6, atol=1e-7)
     assert float(out["scalar"]) == pytest.approx(0.0, abs=1e-6)  # one entry: all its own share
+
+
+def test_default_regularises_kernels_only():
+    out = apply_once(agr(), TREE)
+    for name in ("conv", "dense"):
+        np.testing.assert_allclose(out[name], reference(TREE[name]), rtol=1e-6, atol=1e-7)
+    for name in ("bias", "scalar"):
+        np.testing.assert_array_equal(out[name], TREE[name])
+    with pytest.raises(ValueError, match="`min_ndim`"):
+        agr(min_ndim=-1)
 
 
 @given(
