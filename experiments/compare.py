@@ -263,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     if not args.report_only:
+        if not all(is_complete(run_dir(out, m, b, s)) for m, b, s in grid):
+            from gcgd_jax.train import load_data
+
+            train_ds, _ = load_data(base_cfg)  # say which data the runs will read
+            print(f"data: {base_cfg.data.name}, {train_ds.source}", flush=True)
         new = 0
         for i, (m, b, s) in enumerate(grid):
             if is_complete(run_dir(out, m, b, s)):

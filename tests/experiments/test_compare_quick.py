@@ -1,11 +1,12 @@
 """`python -m experiments.compare --suite cpu-fmnist --quick` runs end to end.
 
-This is the CI smoke test of the comparison runner: 3 methods x 2 budgets x 1
-seed on a few hundred Fashion-MNIST images (from ``../shared/data`` or any
-other place the data loader searches; a synthetic 28x28x1 set stands in when
-no copy is found, so the runner is exercised on every machine). It checks the
-grid is complete, the report and plots are written, and a second invocation
-re-runs nothing (resume). Numbers are meaningless at this size.
+This is the CI smoke test of the comparison runner: 3 methods x 2 budgets x 1 seed on a
+few hundred Fashion-MNIST images of the shared data folder (``../shared/data`` or
+``$GCGD_SHARED_DATA``). The runner prints which data it read, and the test checks it
+was that real data. Where the folder is missing a synthetic 28x28x1 set stands in (so
+the runner is exercised on every machine), except with ``CI=true``, where a missing
+folder fails the test. It checks the grid is complete, the report and plots are written,
+and a second invocation re-runs nothing (resume). Numbers are meaningless at this size.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ import pytest
 
 from experiments import compare
 from experiments.report import load_runs
-from gcgd_jax.data import DatasetNotFoundError, load_dataset
+from tests.conftest import find_shared_data, in_ci
 
-
-def _data_overrides() -> list[str]:
-    try:
-        load_dataset("fashion_mnist", "test")
-    except DatasetNotFoundError:
-        return ["--set", "data.name=synthetic", "--set", "data.synthetic_image_shape=[28, 28, 1]"]
-    return []
+SYNTHETIC = ["--set", "data.name=synthetic", "--set", "data.synthetic_image_shape=[28, 28, 1]"]
 
 
 @pytest.mark.slow
 def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
-    argv = ["--suite", "cpu-fmnist", "--quick", "--out", str(tmp_path), *_data_overrides()]
+    shared = find_shared_data()
+    if shared is None and in_ci():
+        pytest.fail("CI=true but the shared data folder is missing (set GCGD_SHARED_DATA)")
+    argv = ["--suite", "cpu-fmnist", "--quick", "--out", str(tmp_path)]
+    argv += [] if shared is not None else SYNTHETIC
     assert compare.main(argv) == 0
+    out = capsys.readouterr().out
+    (data_line,) = [line for line in out.splitlines() if line.startswith("data: ")]
+    if shared is not None:  # the real data, not the bundled sample nor a synthetic set
+        idx = shared / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+        assert data_line.startswith(f"data: fashion_mnist, IDX files {idx} "), data_line
+    else:
+        assert data_line.startswith("data: synthetic"), data_line
 
     suite = compare.quick(compare.SUITES["cpu-fmnist"])
     runs = load_runs(tmp_path)
@@ -55,7 +61,6 @@ def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     # Resume: everything is complete, so nothing runs again.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/metrics.jsonl")}
-    capsys.readouterr()
     assert compare.main(argv) == 0
     assert "budget=" not in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/metrics.jsonl")}
