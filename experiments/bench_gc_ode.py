@@ -4,7 +4,7 @@ Train step: SGD with momentum (lr 0.1, 0.9), batch 128 of 32x32x3 (random data),
 softmax cross-entropy + ``aux["gc_ode_loss"]``, ``jax.jit`` over the
 ``nnx.split`` state (graphdef static), the fusion breaker passed as a runtime
 argument (``jnp.float32(1.0)``), and on the CPU the convolution flag from
-``CPU_PERFORMANCE.md`` (set here unless ``XLA_FLAGS`` is already set).
+``docs/cpu_performance.md`` (set here unless ``XLA_FLAGS`` is already set).
 
 Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 ("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step

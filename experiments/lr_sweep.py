@@ -101,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         + (" **chosen** |" if lr == chosen else " |")
         for lr in lrs
     )
+    edge = chosen in (min(lrs), max(lrs))
     (out / "SWEEP.md").write_text(
         f"# Base learning-rate sweep: {args.suite} (baseline, validation split)\n\n"
         f"Baseline of `{base.base_config}` at the full budget, {args.seeds} seeds per learning rate, "
-        f"evaluated on a held-out {VAL_OVERRIDES[0].split('=')[1]} of the training set "
-        "(the test split is not read). Chosen: the highest mean validation accuracy.\n\n"
+        "trained on the suite's training subset drawn from 90% of the training split and "
+        "evaluated on the suite's evaluation-subset size taken from the other 10% "
+        f"(`{' '.join(VAL_OVERRIDES)}`); the test split is not read. Chosen: the highest mean "
+        "validation accuracy"
+        f"{' (at the edge of the grid: extend the grid past it)' if edge else ''}.\n\n"
         "| lr | final val acc per seed (%) | mean (%) | |\n|---|---|---|---|\n"
         f"{rows}\n\n"
         f"Command: `{command}`; machine: {record['machine']}; date: {record['date']}.\n"

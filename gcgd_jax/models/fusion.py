@@ -18,7 +18,7 @@ def fusion_break(x: jax.Array, fusion_breaker: jax.Array | None) -> jax.Array:
     ``x / 1.0`` is exact, but XLA cannot see that the divisor is 1, so it cannot
     fold it, and the division stops XLA's CPU backend from copying each block's
     forward BatchNorm/ReLU/residual chain into the weight-gradient transposes --
-    about 1.4x on a CPU ResNet-20 train step (see ``CPU_PERFORMANCE.md``). A
+    about 1.4x on a CPU ResNet-20 train step (see ``docs/cpu_performance.md``). A
     Python constant would be folded away and the gain lost. It relies on XLA
     fusion heuristics: keep it switchable (``None``) and measured.
     """

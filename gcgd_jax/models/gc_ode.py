@@ -54,7 +54,9 @@ field's parameters go through diffrax's ``args`` (``nnx.split`` outside,
 ``nnx.merge`` inside the vector field); no mutable module is closed over.
 
 This design is ours (the GCGD paper's GC-ODE section was withdrawn), written
-from its public description; see ``METHODS.md`` (GC-ODE).
+from its public description: GC-ODE puts a neural ODE between adjacent
+stage outputs to add a gradient path with dynamic-system properties. Why the
+CPU path uses its own ``conv3x3`` VJP and ``GroupNorm``: ``docs/cpu_performance.md``.
 
 References:
   Li et al, `Gradient Correction beyond Gradient Descent

@@ -4,7 +4,7 @@
 "individual convolutions" from the set of operations that XLA's CPU backend
 routes through its YNNPACK fusion path; convolutions then run through XLA's
 other CPU convolution kernels. Measured on the project's 2-core machine with
-jax/jaxlib 0.10.2 (``shared/design/CPU_PERFORMANCE.md``): a CIFAR ResNet-20
+jax/jaxlib 0.10.2 (``docs/cpu_performance.md``): a CIFAR ResNet-20
 train step at batch 128 ran about 2.3x faster (profile: with default flags 58%
 of the step was YNN weight-gradient convolutions). The numerics change
 slightly, as with any other convolution algorithm: after 5 SGD steps at
