@@ -8,6 +8,7 @@ over 32 examples), so one run costs about a compile and a second.
 import io
 import itertools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,10 @@ def resumed(tmp_path_factory):
     b = Trainer(cfg, out_dir=b_dir)
     b_summary = b.run(stop_at_step=7)  # "killed" after step 7; newest checkpoint: step 6
     b_steps = Checkpointer(b_dir / "checkpoints").steps()
+    # A copy of the interrupted run whose newest checkpoint (step 6) then gets damaged.
+    d_dir = tmp_path_factory.mktemp("damaged_newest") / "run"
+    shutil.copytree(b_dir, d_dir)
+    _damage(d_dir / "checkpoints" / "6")
     # A checkpoint write that was cut off leaves orbax's temporary folder behind.
     junk = b_dir / "checkpoints" / "7.orbax-checkpoint-tmp-1234567"
     (junk / "state").mkdir(parents=True)
@@ -174,10 +179,6 @@ def resumed(tmp_path_factory):
     c_log = io.StringIO()
     c = Trainer(cfg, out_dir=b_dir, resume=True, stream=c_log)
     c_summary = c.run()
-    # The same interruption, then the newest checkpoint (step 6) is damaged.
-    d_dir = tmp_path_factory.mktemp("damaged_newest")
-    Trainer(cfg, out_dir=d_dir).run(stop_at_step=7)
-    _damage(d_dir / "checkpoints" / "6")
     d_log = io.StringIO()
     d = Trainer(cfg, out_dir=d_dir, resume=True, stream=d_log)
     d_summary = d.run()
@@ -258,6 +259,19 @@ def test_every_checkpoint_damaged_is_an_error_that_changes_nothing(tmp_path):
         Trainer(cfg, out_dir=tmp_path, resume=True).run()
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # nothing truncated, deleted or moved
+
+
+def test_resume_without_checkpoints_keeps_the_metrics(tmp_path):
+    """checkpoint.enabled = false: nothing to resume from, and the finished run's metrics
+    are not thrown away by starting again."""
+    from gcgd_jax.train import ConfigError
+
+    cfg = load_config(None, [*TINY, "checkpoint.enabled=false"])
+    Trainer(cfg, out_dir=tmp_path).run()
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="checkpoint.enabled = false, so there is no checkpoint"):
+        Trainer(cfg, out_dir=tmp_path, resume=True).run()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
 
 def test_same_seed_same_metrics(resumed):
