@@ -239,6 +239,7 @@ def batch_iterator(
     shuffle: bool = True,
     drop_remainder: bool = True,
     start_batch: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(images, labels)`` NumPy batches of one epoch.
 
@@ -247,12 +248,21 @@ def batch_iterator(
     ``(seed, epoch)`` alone; ``start_batch`` skips the first batches of that
     order without touching them (for resuming mid-epoch). With
     ``drop_remainder`` the last partial batch is dropped, otherwise it is
-    yielded short.
+    yielded short. ``shard=(i, k)`` yields only rows ``i*b/k .. (i+1)*b/k - 1``
+    of every batch of ``b`` (what process ``i`` of ``k`` feeds to its devices);
+    the batches are the same as without it, cut into ``k`` equal parts.
 
     Raises:
-      ValueError: bad ``batch_size``/``start_batch``, or ``drop_remainder``
-        with fewer than ``batch_size`` examples (an epoch with no batches).
+      ValueError: bad ``batch_size``/``start_batch``/``shard``, or
+        ``drop_remainder`` with fewer than ``batch_size`` examples (an epoch
+        with no batches).
     """
+    index, count = shard
+    if not (isinstance(count, int) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the shard count {count}")
+    part = batch_size // count
     n = len(ds)
     total = num_batches(n, batch_size, drop_remainder)
     if total == 0 and n > 0:
@@ -264,9 +274,11 @@ def batch_iterator(
         raise ValueError(f"start_batch must be in [0, {total}], got {start_batch}")
     order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
     for b in range(start_batch, total):
-        idx = order[b * batch_size : (b + 1) * batch_size]
+        lo = b * batch_size + (index * part if count > 1 else 0)
+        hi = min(lo + (part if count > 1 else batch_size), n)
+        idx = order[lo:hi]
         if not shuffle:  # contiguous: slice (a view) instead of gathering a copy
-            idx = slice(b * batch_size, b * batch_size + len(idx))
+            idx = slice(lo, hi)
         yield ds.images[idx], ds.labels[idx]
 
 

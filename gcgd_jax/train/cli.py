@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (sets log.progress=false)"
     )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to <out>/tensorboard (sets log.tensorboard=true; "
+        "needs pip install 'gcgd-jax[tensorboard]')",
+    )
     return p
 
 
@@ -92,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.no_progress:
         overrides.append("log.progress=false")
+    if args.tensorboard:
+        overrides.append("log.tensorboard=true")
     config = args.config
     if config is None and args.resume and args.out and (Path(args.out) / "config.toml").is_file():
         config = str(Path(args.out) / "config.toml")

@@ -89,7 +89,8 @@ class RunConfig:
     name: str = "run"  # label written into the metrics
     seed: int = 0  # model init, data order, augmentation
     out_dir: str = "runs/default"  # the CLI's --out replaces it
-    num_devices: int | None = None  # data-parallel devices; None = all local devices
+    # data-parallel devices per process (its local devices); None = all of them
+    num_devices: int | None = None
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     fusion_breaker: str = "auto"  # "auto" (on for CPU), "on", "off"
 
@@ -201,8 +202,10 @@ class CheckpointConfig:
 class LogConfig:
     """Progress display and metric sinks (metrics.jsonl is always written)."""
 
-    progress: bool = True  # progress bar on stderr
-    tensorboard: bool = False  # needs tensorboardX or tensorboard's SummaryWriter installed
+    progress: bool = True  # progress bars (train and evaluation) on stderr
+    # TensorBoard event files in <out>/tensorboard: pip install "gcgd-jax[tensorboard]"
+    tensorboard: bool = False
+    tensorboard_every_steps: int = 10  # per-step scalars every this many steps (0 = epochs only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,6 +614,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(p, ckpt.every_epochs >= 0, "checkpoint.every_epochs: must be >= 0")
     _check(p, ckpt.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
     _check(p, ckpt.keep >= 1, "checkpoint.keep: must be >= 1")
+    _check(
+        p, cfg.log.tensorboard_every_steps >= 0, "log.tensorboard_every_steps: must be >= 0"
+    )
 
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))

@@ -7,12 +7,18 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsWriter", "ProgressBar", "read_metrics", "summary_table"]
+__all__ = [
+    "TENSORBOARD_MISSING",
+    "MetricsWriter",
+    "ProgressBar",
+    "read_metrics",
+    "summary_table",
+    "tensorboard_available",
+]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -29,14 +35,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _tensorboard_writer(logdir: Path):
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
+_TB_MODULES = ("tensorboardX", "torch.utils.tensorboard")
+TENSORBOARD_MISSING = (
+    "--tensorboard (log.tensorboard = true) needs a TensorBoard writer: "
+    "pip install 'gcgd-jax[tensorboard]' (tensorboardX), or drop the option"
+)
+
+
+def tensorboard_available() -> bool:
+    """Whether a SummaryWriter (tensorboardX, or torch's) can be imported."""
+    return _tensorboard_module() is not None
+
+
+def _tensorboard_module():
+    for module in _TB_MODULES:
         try:
-            mod = importlib.import_module(module)
+            return importlib.import_module(module)
         except ImportError:  # not installed (torch without tensorboard raises it too)
             continue
-        return mod.SummaryWriter(str(logdir))
     return None
+
+
+def _tensorboard_writer(logdir: Path):
+    mod = _tensorboard_module()
+    if mod is None:
+        raise RuntimeError(TENSORBOARD_MISSING)
+    return mod.SummaryWriter(str(logdir))
 
 
 class MetricsWriter:
@@ -48,14 +72,25 @@ class MetricsWriter:
             later steps (written after that checkpoint by the interrupted run)
             are removed first, so the file reads as if the run never stopped.
             None starts a new file.
-        tensorboard: also write scalars to ``<out>/tensorboard`` when a
-            SummaryWriter (tensorboardX or torch) is installed; otherwise warn once.
+        tensorboard: also write scalars to ``<out>/tensorboard`` (needs a
+            SummaryWriter: tensorboardX, the ``tensorboard`` extra, or torch's).
+        enabled: ``False`` writes nothing (the processes other than 0 of a
+            multi-process run).
     """
 
     def __init__(
-        self, path: str | Path, *, resume_step: int | None = None, tensorboard: bool = False
+        self,
+        path: str | Path,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        enabled: bool = True,
     ):
         self.path = Path(path)
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:  # another process of a multi-process run writes the files
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -66,17 +101,11 @@ class MetricsWriter:
                 if r.get("kind") != "summary" and r.get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._tb = None
-        if tensorboard:
-            self._tb = _tensorboard_writer(self.path.parent / "tensorboard")
-            if self._tb is None:
-                warnings.warn(
-                    "log.tensorboard = true but no SummaryWriter (tensorboardX or torch) is "
-                    "installed; writing metrics.jsonl only",
-                    stacklevel=2,
-                )
+        self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -89,6 +118,12 @@ class MetricsWriter:
                 ):
                     self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "step/") -> None:
+        """Per-step scalars, to TensorBoard only (``metrics.jsonl`` keeps one record per epoch)."""
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(prefix + key, value, step)
 
     def close(self) -> None:
         if self._tb is not None:

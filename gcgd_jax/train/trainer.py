@@ -66,7 +66,14 @@ from gcgd_jax.train.config import (
     to_toml,
 )
 from gcgd_jax.train.optim import build_optimizer
-from gcgd_jax.train.report import MetricsWriter, ProgressBar, read_metrics, summary_table
+from gcgd_jax.train.report import (
+    TENSORBOARD_MISSING,
+    MetricsWriter,
+    ProgressBar,
+    read_metrics,
+    summary_table,
+    tensorboard_available,
+)
 from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
 __all__ = [
@@ -227,25 +234,44 @@ class Trainer:
         self.out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
         self.resume = resume
         self.stream = stream if stream is not None else sys.stderr
+        if cfg.log.tensorboard and not tensorboard_available():
+            raise ConfigError(TENSORBOARD_MISSING)
+        self._train_compiled = self._eval_compiled = False
+        self._setup_devices()  # first: jax.distributed decides which process writes
         self._check_out_dir(overwrite)
-        self._setup_devices()
         self._setup_data()
         self._setup_model_and_optimizer()
         self._build_steps()
 
     # ------------------------------------------------------------------ setup
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this is process 0, the only one that writes files and prints."""
+        return jax.process_index() == 0
+
     def _note(self, message: str) -> None:
-        if jax.process_index() == 0:
+        """A line on the stream and in ``<out>/run.log`` (process 0 only)."""
+        if self.is_main:
             self.stream.write(message + "\n")
             self.stream.flush()
+            self._log(message)
+
+    def _log(self, text: str) -> None:
+        """Appends ``text`` to ``<out>/run.log`` (process 0 only)."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "run.log").open("a") as f:
+                f.write(text + "\n")
 
     def _check_out_dir(self, overwrite: bool) -> None:
         metrics = self.out / "metrics.jsonl"
         ckpts = self.out / "checkpoints"
         if overwrite:
-            metrics.unlink(missing_ok=True)
-            shutil.rmtree(ckpts, ignore_errors=True)
+            if self.is_main:
+                metrics.unlink(missing_ok=True)
+                (self.out / "run.log").unlink(missing_ok=True)
+                shutil.rmtree(ckpts, ignore_errors=True)
         elif not self.resume and (metrics.exists() or ckpts.exists()):
             raise ConfigError(
                 f"output folder {self.out} already holds a run; pass --resume to continue it, "
@@ -256,13 +282,19 @@ class Trainer:
         run = self.cfg.run
         if run.distributed and not jax.distributed.is_initialized():
             jax.distributed.initialize()
-        devices = jax.devices()
-        if run.num_devices is not None:
-            if run.num_devices > len(devices):
-                raise ConfigError(
-                    f"run.num_devices = {run.num_devices} but only {len(devices)} device(s) exist"
-                )
-            devices = devices[: run.num_devices]
+        local = jax.local_device_count()
+        if run.num_devices is not None and run.num_devices > local:
+            raise ConfigError(
+                f"run.num_devices = {run.num_devices} but this process has only {local} "
+                "local device(s)"
+            )
+        k = local if run.num_devices is None else run.num_devices
+        # The first k local devices of every process (process order, as jax.devices() lists them).
+        devices = [
+            d
+            for p in range(jax.process_count())
+            for d in [d for d in jax.devices() if d.process_index == p][:k]
+        ]
         self.devices = devices
         n = len(devices)
         bs = self.cfg.data.batch_size
@@ -356,11 +388,19 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _put(self, array: np.ndarray) -> jax.Array:
+        """A global host batch (the same on every process) as a batch-sharded array."""
         if jax.process_count() == 1:
             return jax.device_put(array, self.batch_sharding)
         per = len(array) // jax.process_count()
         local = array[jax.process_index() * per : (jax.process_index() + 1) * per]
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    def _put_local(self, local: np.ndarray) -> jax.Array:
+        """This process's rows of a global batch as the batch-sharded global array."""
+        if jax.process_count() == 1:
+            return jax.device_put(local, self.batch_sharding)
+        shape = (len(local) * jax.process_count(), *local.shape[1:])
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """One jitted train step on a host batch (outside the loop); returns its metrics."""
@@ -374,6 +414,17 @@ class Trainer:
         ds, bs = self.eval_ds, self.eval_batch_size
         n = len(ds.labels)
         totals = None
+        bar = ProgressBar(
+            -(-n // bs),
+            bs,
+            f"evaluating on {self.eval_prefix}",
+            enabled=self.cfg.log.progress and self.is_main,
+            stream=self.stream,
+        )
+        t0 = time.perf_counter()
+        first = not self._eval_compiled
+        if first:
+            self._note("compiling the evaluation step (XLA) ...")
         for start in range(0, n, bs):
             images = ds.images[start : start + bs]
             labels = ds.labels[start : start + bs]
@@ -392,6 +443,16 @@ class Trainer:
                 self._fb,
             )
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            if first:
+                jax.block_until_ready(out)
+                self._eval_compiled, first = True, False
+                self._note(f"evaluation step compiled in {time.perf_counter() - t0:.1f} s")
+            done = start // bs + 1
+            if bar.enabled:
+                seen = float(_host(totals["count"]))
+                loss = float(_host(totals["loss_sum"])) / max(seen, 1.0)
+                bar.update(done, loss, min(n, done * bs) / max(time.perf_counter() - t0, 1e-9))
+        bar.close()
         totals = {k: float(_host(v)) for k, v in totals.items()}
         count = max(totals["count"], 1.0)
         return {
@@ -503,11 +564,13 @@ class Trainer:
                 ckpt.close()
             raise
         start_step = step
-        (self.out / "config.toml").write_text(to_toml(cfg))
+        if self.is_main:
+            (self.out / "config.toml").write_text(to_toml(cfg))
         metrics = MetricsWriter(
             self.out / "metrics.jsonl",
             resume_step=step if self.resume else None,
             tensorboard=cfg.log.tensorboard,
+            enabled=self.is_main,
         )
         if self.resumed_from is not None and jax.process_index() == 0:
             metrics.write(
@@ -536,7 +599,7 @@ class Trainer:
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
                 t0 = time.perf_counter()
                 step, sums, times, failed = self._train_epoch(
-                    epoch, step, epoch_end, sums, ckpt, stop_at_step
+                    epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=metrics
                 )
                 if failed is not None:
                     self._stop_nonfinite(failed, sums, ckpt, metrics)
@@ -551,6 +614,7 @@ class Trainer:
             summary = self._summary(status, step, start_step, time.perf_counter() - run_start)
             if status == "completed" and jax.process_index() == 0:
                 metrics.write(summary)
+                self._log(self.summary_table())
         except KeyboardInterrupt:
             last = ckpt.steps()[-1] if ckpt is not None and ckpt.steps() else None
             self._note(
@@ -587,16 +651,23 @@ class Trainer:
         if last or (every_e and (epoch + 1) % every_e == 0) or (every_s and step % every_s == 0):
             self._save(ckpt, step, _Sums())
 
-    def _train_epoch(self, epoch, step, epoch_end, sums, ckpt, stop_at_step):
+    def _train_epoch(self, epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=None):
         """Steps ``step .. epoch_end-1``; returns ``(step, sums, step_times, failed_step)``."""
         cfg = self.cfg
         spe, bs = self.steps_per_epoch, cfg.data.batch_size
         start_batch = step - epoch * spe
         from gcgd_jax.data import batch_iterator
 
+        # Each process builds only its own rows of every global batch.
         batches = batch_iterator(
-            self.train_ds, bs, seed=cfg.run.seed, epoch=epoch, start_batch=start_batch
+            self.train_ds,
+            bs,
+            seed=cfg.run.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            shard=(jax.process_index(), jax.process_count()),
         )
+        tb_every = cfg.log.tensorboard_every_steps if cfg.log.tensorboard else 0
         bar = ProgressBar(
             epoch_end - epoch * spe,
             bs,
@@ -633,17 +704,32 @@ class Trainer:
             done = done_step - epoch * spe
             speed = (done - start_batch) * bs / max(now - t_start, 1e-9)
             bar.update(done, sums.loss / max(sums.steps, 1), speed)
+            if writer is not None and tb_every and done_step % tb_every == 0:
+                writer.scalars(
+                    done_step, {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed}
+                )
 
         pending = None  # (metrics, step) of the step dispatched last, not yet read
         while step < epoch_end and failed is None:
             images, labels = next(batches)
-            self.state, metrics = self._train_step(
-                self.state, self._put(images), self._put(labels), self._fb
+            first = not self._train_compiled
+            if first:
+                self._note("compiling the train step (XLA; this takes a while the first time) ...")
+                t_compile = time.perf_counter()
+            self.state, step_metrics = self._train_step(
+                self.state, self._put_local(images), self._put_local(labels), self._fb
             )
+            if first:
+                jax.block_until_ready(step_metrics)
+                self._train_compiled = True
+                self._note(
+                    f"train step compiled; first step done in {time.perf_counter() - t_compile:.1f} s"
+                )
+                t_start = time.perf_counter()  # speeds exclude the compilation
             step += 1
             if pending is not None:
                 complete(*pending)
-            pending = (metrics, step)
+            pending = (step_metrics, step)
             every = cfg.checkpoint.every_steps
             if every and step % every == 0 and step < epoch_end:
                 complete(*pending)  # the sums must include this step before saving

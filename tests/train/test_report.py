@@ -26,18 +26,50 @@ def test_resume_cuts_records_written_after_the_checkpoint(tmp_path):
     assert read_metrics(path) == []
 
 
-def test_tensorboard_without_a_writer_package_is_skipped(tmp_path, monkeypatch):
+def test_tensorboard_without_a_writer_package_is_an_error(tmp_path, monkeypatch):
     from gcgd_jax.train import report
 
-    monkeypatch.setattr(report, "_tensorboard_writer", lambda logdir: None)
-    with pytest.warns(UserWarning, match="no SummaryWriter"):
-        w = MetricsWriter(tmp_path / "metrics.jsonl", tensorboard=True)
-    w.write({"kind": "epoch", "step": 1, "train_loss": 1.0})
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
-        "kind": "epoch",
-        "step": 1,
-        "train_loss": 1.0,
-    }
+    monkeypatch.setattr(report, "_tensorboard_module", lambda: None)
+    assert not report.tensorboard_available()
+    with pytest.raises(RuntimeError, match=r"pip install 'gcgd-jax\[tensorboard\]'"):
+        MetricsWriter(tmp_path / "metrics.jsonl", tensorboard=True)
+
+
+def _events(logdir):
+    """(tag, step, value) of every scalar in the event files under ``logdir`` (TFRecord)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            record = data[pos + 12 : pos + 12 + length]  # after length + its crc
+            pos += 12 + length + 4  # + the record's crc
+            event = event_pb2.Event.FromString(record)
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_tensorboard_events_are_written_and_read_back(tmp_path):
+    pytest.importorskip("tensorboardX")
+    w = MetricsWriter(tmp_path / "metrics.jsonl", tensorboard=True)
+    w.scalars(10, {"loss": 2.5, "lr": 0.1})
+    w.write({"kind": "epoch", "step": 32, "train_loss": 1.5, "test_acc": 0.25})
+    w.close()
+    events = _events(tmp_path / "tensorboard")
+    assert ("step/loss", 10, 2.5) in events and ("step/lr", 10, pytest.approx(0.1)) in events
+    assert ("train_loss", 32, 1.5) in events and ("test_acc", 32, 0.25) in events
+
+
+def test_a_disabled_writer_writes_nothing(tmp_path):
+    w = MetricsWriter(tmp_path / "metrics.jsonl", enabled=False)
+    w.write({"kind": "epoch", "step": 1})
+    w.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_progress_bar_in_a_log_file_prints_every_tenth():
