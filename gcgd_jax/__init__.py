@@ -25,10 +25,30 @@ from gcgd_jax.transforms import (
     powergrad_cross_entropy,
     znorm,
 )
+from gcgd_jax.transforms import (
+    GCWv2State,
+    GrokfastEMAState,
+    MarsCorrectionState,
+    gc_w_v2,
+    gc_w_v2_effective_filter,
+    gc_w_v2_memory_floats,
+    gc_w_v2_states,
+    grokfast_ema,
+    mars_correction,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "mars_correction",
+    "grokfast_ema",
+    "gc_w_v2_states",
+    "gc_w_v2_memory_floats",
+    "gc_w_v2_effective_filter",
+    "gc_w_v2",
+    "MarsCorrectionState",
+    "GrokfastEMAState",
+    "GCWv2State",
     "GCODE",
     "BackwardGradNorm",
     "GCODEConfig",

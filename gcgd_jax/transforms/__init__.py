@@ -11,11 +11,29 @@ from gcgd_jax.transforms.gc_w import (
     gc_w_predictor_loss,
     gc_w_states,
 )
+from gcgd_jax.transforms.gc_w_v2 import (
+    GCWv2State,
+    gc_w_v2,
+    gc_w_v2_effective_filter,
+    gc_w_v2_memory_floats,
+    gc_w_v2_states,
+)
 from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
+from gcgd_jax.transforms.grokfast_ema import GrokfastEMAState, grokfast_ema
+from gcgd_jax.transforms.mars_correction import MarsCorrectionState, mars_correction
 from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
 from gcgd_jax.transforms.znorm import znorm
 
 __all__ = [
+    "mars_correction",
+    "grokfast_ema",
+    "gc_w_v2_states",
+    "gc_w_v2_memory_floats",
+    "gc_w_v2_effective_filter",
+    "gc_w_v2",
+    "MarsCorrectionState",
+    "GrokfastEMAState",
+    "GCWv2State",
     "BackwardGradNorm",
     "GCWState",
     "agr",

@@ -108,7 +108,9 @@ def mars_correction(
             return c.astype(g.dtype), g32
 
         leaves, treedef = jax.tree.flatten(updates)
-        pairs = [correct(g, prev) for g, prev in zip(leaves, treedef.flatten_up_to(state.prev_grad))]
+        pairs = [
+            correct(g, prev) for g, prev in zip(leaves, treedef.flatten_up_to(state.prev_grad))
+        ]
         new_updates = jax.tree.unflatten(treedef, [c for c, _ in pairs])
         prev = jax.tree.unflatten(treedef, [p for _, p in pairs])
         return new_updates, MarsCorrectionState(optax.safe_increment(state.count), prev)

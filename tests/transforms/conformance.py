@@ -27,8 +27,11 @@ A case names a *factory*: a zero-argument callable returning a fresh
 ``check_multi_steps``      inside ``optax.MultiSteps`` the first k-1 updates are
                            zero and the k-th is the transform of the mean grad
 ``check_cond``             the state survives ``lax.cond`` (same structure,
-                           shapes and dtypes in both branches)
-``check_map_params``       ``optax.tree.map_params`` on the state works
+                           shapes and dtypes in both branches); the true branch
+                           equals the plain update, the false one is a no-op
+``check_map_params``       ``optax.tree.map_params`` maps the params-shaped part
+                           of the state by f (and only by f), round-trips, and
+                           the mapped state stays usable
 =========================  ====================================================
 
 ``CHECKS`` maps these names to the functions; :func:`run_all` runs them all.
@@ -507,7 +510,12 @@ def check_multi_steps(case: ConformanceCase, k: int = 3) -> None:
 
 
 def check_cond(case: ConformanceCase) -> None:
-    """The state has the same avals before and after ``update``; ``lax.cond`` over it works."""
+    """The state has the same avals before and after ``update``; ``lax.cond`` over it works.
+
+    The true branch must give the plain (jitted) update's updates and state,
+    the false branch the gradients and the state unchanged, along a sequence
+    of both.
+    """
     params, tx = case.params(), case.factory()
     state = tx.init(params)
     _, after = tx.update(case.grads(), state, params)
@@ -520,19 +528,59 @@ def check_cond(case: ConformanceCase) -> None:
         )
         return updates, jax.lax.cond(pred, lambda: new_state, lambda: state)
 
-    for i, pred in enumerate([True, False, True]):
+    plain = jax.jit(lambda g, s: tx.update(g, s, params))
+    for i, pred in enumerate([True, False, True, True]):
         grads = case.grads(seed=i + 1)
-        updates, state = step(grads, state, jnp.asarray(pred))
-        if not pred:
-            assert_trees_close(updates, grads, rtol=0, atol=0, what="cond false branch")
+        expected_updates, expected_state = plain(grads, state)
+        updates, new_state = step(grads, state, jnp.asarray(pred))
+        if pred:
+            assert_trees_close(
+                updates, expected_updates, what=f"cond true branch updates, step {i}"
+            )
+            assert_trees_close(new_state, expected_state, what=f"cond true branch state, step {i}")
+        else:
+            assert_trees_close(updates, grads, rtol=0, atol=0, what="cond false branch updates")
+            assert_trees_close(new_state, state, rtol=0, atol=0, what="cond false branch state")
+        state = new_state
+
+
+def _params_shaped_subtrees(state: PyTree, params: PyTree) -> list:
+    """Subtrees of ``state`` with the structure of ``params`` (what map_params maps)."""
+    target = jax.tree.structure(params)
+    is_match = lambda x: jax.tree.structure(x) == target
+    return [x for x in jax.tree.leaves(state, is_leaf=is_match) if is_match(x)]
 
 
 def check_map_params(case: ConformanceCase) -> None:
-    """``optax.tree.map_params`` maps the state (identity here) and it stays usable."""
+    """``optax.tree.map_params`` maps exactly the params-shaped parts of the state.
+
+    Mapping ``v -> v + 1`` then ``v -> v - 1`` restores the state; after the
+    first map every leaf is either unchanged or shifted by exactly one, at
+    least one leaf is shifted when the state holds a params-shaped subtree,
+    and the mapped state is still a valid state (updates keep their avals).
+    """
     params, tx = case.params(), case.factory()
-    state = tx.init(params)
-    mapped = optax.tree.map_params(tx, lambda v: v, state)
-    assert_trees_close(mapped, state, rtol=0, atol=0, what="map_params(identity)")
+    state = tx.update(case.grads(), tx.init(params), params)[1]  # a non-trivial state
+    shift = lambda d: lambda v: v + jnp.asarray(d, v.dtype)
+    mapped = optax.tree.map_params(tx, shift(1), state)
+    assert_same_avals(mapped, state, what="map_params(v + 1)")
+    changed = 0
+    for (path, m), s in zip(jax.tree_util.tree_leaves_with_path(mapped), jax.tree.leaves(state)):
+        m, s = np.asarray(m), np.asarray(s)
+        if m.dtype == s.dtype and np.array_equal(m, s, equal_nan=True):
+            continue
+        np.testing.assert_allclose(
+            m.astype(np.float64),
+            s.astype(np.float64) + 1,
+            rtol=1e-6,
+            atol=1e-6,
+            err_msg=f"map_params changed {jax.tree_util.keystr(path)} by something other than f",
+        )
+        changed += 1
+    if _params_shaped_subtrees(state, params):
+        assert changed > 0, "map_params(v + 1) changed no leaf of a state with params-shaped parts"
+    back = optax.tree.map_params(tx, shift(-1), mapped)
+    assert_trees_close(back, state, rtol=1e-6, atol=1e-6, what="map_params round trip")
     updates, _ = tx.update(case.grads(), mapped, params)
     assert_same_avals(updates, params, what="updates from the mapped state")
 

@@ -12,6 +12,9 @@ from gcgd_jax.transforms.agr import agr
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
 from gcgd_jax.transforms.gc_w import gc_w
+from gcgd_jax.transforms.gc_w_v2 import gc_w_v2
+from gcgd_jax.transforms.grokfast_ema import grokfast_ema
+from gcgd_jax.transforms.mars_correction import mars_correction
 from gcgd_jax.transforms.znorm import znorm
 from tests.transforms import conformance
 from tests.transforms.conformance import ConformanceCase
@@ -58,6 +61,35 @@ CASES = [
         inject_kwargs={"window": 2, "warmup": 0, "rho": 0.5, "head_size": 8},
         static_args=("num_heads", "head_size"),
         param_shapes={"conv": {"kernel": (2, 2, 3, 4)}, "dense": {"kernel": (3, 4)}},
+    ),
+    # GC-W v2 on the default shapes: the bias (ndim 1) passes through. The
+    # predictor trains from the second step on and is applied in every check.
+    ConformanceCase(
+        "gc_w_v2",
+        inject_factory=gc_w_v2,
+        inject_kwargs={"rho": 1.0, "predictor_learning_rate": 1e-2, "warmup": 0, "horizon": 1},
+        static_args=("decays", "horizon", "num_heads", "head_size", "key"),
+    ),
+    ConformanceCase(
+        "mars_correction",
+        inject_factory=mars_correction,
+        inject_kwargs={"gamma": 0.025, "beta1": 0.95, "max_norm": 1.0},
+    ),
+    ConformanceCase(
+        "mars_correction_no_clip",
+        inject_factory=mars_correction,
+        inject_kwargs={"gamma": 0.1, "beta1": 0.9, "max_norm": None},
+    ),
+    # Grokfast-EMA's low-pass filter on top of momentum 0.9 adds phase lag: on
+    # Rosenbrock's curved valley it diverges at lr 1e-3 and 1e-3/3 (also with
+    # alpha 0.5 or 0.8) and stalls 6-10 away at 1e-4 and 5e-5 (measured). It is
+    # a method for long noisy training, not stiff deterministic problems; its
+    # convergence is checked on the parabola only.
+    ConformanceCase(
+        "grokfast_ema",
+        inject_factory=grokfast_ema,
+        inject_kwargs={"alpha": 0.98, "lamb": 2.0},
+        problems=("parabola",),
     ),
 ]
 
@@ -112,4 +144,3 @@ def test_dtype_check_catches_upcast():
     upcast = optax.stateless(lambda g, p: optax.tree.cast(g, jnp.float32))
     with pytest.raises(AssertionError):
         conformance.check_dtype(ConformanceCase("upcast", factory=lambda: upcast), "bfloat16")
-

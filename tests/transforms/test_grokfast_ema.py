@@ -79,7 +79,12 @@ def test_inside_masked():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"alpha": 1.0}, "alpha"), ({"alpha": -0.1}, "alpha"), ({"lamb": -1.0}, "lamb"), ({"lamb": None}, "lamb")],
+    [
+        ({"alpha": 1.0}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"lamb": -1.0}, "lamb"),
+        ({"lamb": None}, "lamb"),
+    ],
 )
 def test_invalid_options_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):

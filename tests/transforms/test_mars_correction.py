@@ -53,7 +53,9 @@ def test_matches_numpy_reference(kwargs):
         out, state = update(g, state)
         for k in SHAPES:
             np.testing.assert_allclose(np.asarray(out[k], np.float64), e[k], rtol=2e-6, atol=1e-7)
-            clipped += full["max_norm"] is not None and np.linalg.norm(e[k]) >= full["max_norm"] * (1 - 1e-6)
+            clipped += full["max_norm"] is not None and np.linalg.norm(e[k]) >= full["max_norm"] * (
+                1 - 1e-6
+            )
     if full["max_norm"] is not None:
         assert clipped > 0  # the clipping branch is exercised
     assert isinstance(state, MarsCorrectionState) and int(state.count) == len(grads)
