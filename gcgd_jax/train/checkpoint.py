@@ -134,7 +134,10 @@ class Checkpointer:
         while target.exists():
             n += 1
             target = damaged.path.with_name(f"{damaged.step}.damaged-{n}")
-        damaged.path.rename(target)
+        try:
+            damaged.path.rename(target)
+        except FileNotFoundError:  # another process of a multi-host run moved it first
+            pass
         self._manager.reload()
         return target
 
