@@ -80,6 +80,9 @@ TRANSFORMS = (
     "channel_directed_sobolev",
     "znorm",
     "agr",
+    "gc_w_v2",
+    "mars_correction",
+    "grokfast_ema",
 )
 METHODS = ("baseline", *TRANSFORMS, "gc_ode_gradient", "gcgd", "powergrad", "gradient_norm_penalty")
 

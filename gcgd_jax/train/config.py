@@ -69,6 +69,9 @@ CORRECTIONS = (
     "channel_directed_sobolev",
     "znorm",
     "agr",
+    "gc_w_v2",
+    "mars_correction",
+    "grokfast_ema",
 )
 MASKS = ("all", "all_kernels", "pre_downsampling", "pre_downsampling_block")
 OPTIMIZERS = ("sgd", "adam", "adamw")

@@ -20,6 +20,9 @@ Corrections by name (keyword arguments from ``[corrections.<name>]``)::
     channel_directed_sobolev  gcgd_jax.transforms.channel_directed.channel_directed(metric="sobolev")
     znorm                     gcgd_jax.transforms.znorm.znorm
     agr                       gcgd_jax.transforms.agr.agr
+    gc_w_v2                   gcgd_jax.transforms.gc_w_v2.gc_w_v2
+    mars_correction           gcgd_jax.transforms.mars_correction.mars_correction
+    grokfast_ema              gcgd_jax.transforms.grokfast_ema.grokfast_ema
 
 Every correction also takes ``mask``: ``"all"`` (every parameter; the
 correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim 2 or
@@ -27,6 +30,7 @@ correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim 2 or
 (:func:`gcgd_jax.models.pre_downsampling_mask` with ``whole_block`` False /
 True). GC-W defaults to ``"pre_downsampling"``, the others to ``"all"``.
 GC-W's predictor seed ``key`` defaults to the run's seed.
+The same two defaults hold for ``gc_w_v2``.
 
 The base optimizer is wrapped in :func:`optax.inject_hyperparams`, so the
 learning rate of the last update is in the state (:func:`current_lr`).
@@ -71,8 +75,12 @@ CORRECTION_FACTORIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "znorm": ("gcgd_jax.transforms.znorm", "znorm", {}),
     "agr": ("gcgd_jax.transforms.agr", "agr", {}),
+    "gc_w_v2": ("gcgd_jax.transforms.gc_w_v2", "gc_w_v2", {}),
+    "mars_correction": ("gcgd_jax.transforms.mars_correction", "mars_correction", {}),
+    "grokfast_ema": ("gcgd_jax.transforms.grokfast_ema", "grokfast_ema", {}),
 }
 _DEFAULT_MASK = {"gc_w": "pre_downsampling"}
+_DEFAULT_MASK["gc_w_v2"] = "pre_downsampling"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,8 @@ def build_correction(
     kwargs = dict(options)
     mask_kind = kwargs.pop("mask", _DEFAULT_MASK.get(name, "all"))
     if name == "gc_w":
+        kwargs.setdefault("key", seed)
+    if name == "gc_w_v2":
         kwargs.setdefault("key", seed)
     accepted = inspect.signature(factory).parameters
     for key in kwargs:
