@@ -360,11 +360,10 @@ def _bundled_sample(spec: DatasetSpec, split: str, tried: list[str]) -> _Found:
     if not _told_about_sample:
         _told_about_sample = True
         print(
-            "gcgd_jax: no Fashion-MNIST found (tried: "
-            + "; ".join(tried)
-            + "), using the sample bundled with the package (12,000 train / 2,000 test images); "
-            "for the full data set pass --data-dir DIR or set GCGD_DATA_DIR (IDX files), or "
-            "prepare it with tensorflow-datasets",
+            f"gcgd_jax: no Fashion-MNIST found in the {len(tried)} places searched, using the "
+            "sample bundled with the package (12,000 train / 2,000 test images); for the full "
+            "data set pass --data-dir DIR or set GCGD_DATA_DIR (IDX files), or prepare it with "
+            "tensorflow-datasets",
             file=sys.stderr,
         )
     return _Found(
