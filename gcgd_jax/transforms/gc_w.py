@@ -4,8 +4,11 @@ Li et al.'s GCGD paper describes GC-W only in words (an attention-like
 structure predicts a gradient offset ``ΔG``; ``Ĝ = G + ΔG``; trained
 asynchronously towards "optimal gradient directions and scales according to
 historical training information") and was withdrawn with its structure
-section marked wrong. Everything concrete below is therefore our design
-(``shared/design/METHODS.md``, section GC-W), made explicit and tested.
+section marked wrong. Everything concrete below is therefore our design,
+made explicit and tested. This module is version 1 (attention across output
+units, one predictor step per window); version 2, a per-coordinate filter over
+the gradient's time scales trained every step, is
+:mod:`gcgd_jax.transforms.gc_w_v2`. Both stay available: ``gc_w`` is v1.
 """
 
 from __future__ import annotations
@@ -246,9 +249,13 @@ def gc_w(
     **What to expect.** The target is where the gradient is going, so GC-W
     helps where the true gradient changes slowly compared with the noise (far
     from the optimum); at the noise floor the future gradients also reflect
-    the optimizer's own last steps and GC-W can raise the floor (measured in
-    ``experiments/results/gc_w_study/``). ``rho < 1`` and the zero start bound
-    the damage.
+    the optimizer's own last steps and GC-W can raise the floor. With the
+    optimizer's learning rate tuned for each method, the speed-up of the
+    far-from-optimum regime disappears (a tuned learning rate leaves that
+    regime within a few steps) and the raised floor remains
+    (``experiments/results/gc_w_study/``). ``rho < 1`` and the zero start bound
+    the damage. This is version 1, kept for the ablation; version 2 is
+    :func:`gcgd_jax.transforms.gc_w_v2.gc_w_v2`.
 
     **Non-finite gradients.** If any selected gradient is not finite, the
     gradients are passed on *unchanged* (so an outer ``optax.apply_if_finite``
