@@ -17,14 +17,33 @@ and joins it to ``h_i`` in one of two modes:
     also runs at inference.
 
 ``"gradient"``
-    The forward value is unchanged::
+    The forward value is unchanged, and the gradient that reaches ``h_{i-1}``
+    becomes a **convex mix** of the stage's and the branch's backward maps::
 
-        h_i <- h_i + s * (zhat - stop_gradient(zhat))    # value: h_i exactly
+        dL/dh_{i-1} = (1 - s_t) J_stage^T g + s_t J_branch^T g,    g = dL/dh_i
 
-    where ``zhat`` is ``z(1)`` computed from the **live** input ``h_{i-1}`` and
-    **stop-gradient branch parameters** (P and phi). The task loss therefore
-    gets the extra backward path ``dL/dh_{i-1} += (d zhat / d h_{i-1})^T (s * dL/dh_i)``
-    but never trains the branch. The branch is trained by an auxiliary loss::
+    so its scale is the plain network's wherever the two Jacobians agree. The
+    stage's own parameters still get their plain gradient (only the signal
+    passed on to ``h_{i-1}`` is mixed). Built from two exact pieces: the stage
+    input ``h_{i-1}`` goes through :func:`scale_gradient` (identity forward,
+    cotangent times ``1 - s_t``), and the join adds
+    ``s_t * (zhat - stop_gradient(zhat))`` (value 0) where ``zhat`` is ``z(1)``
+    from the live input and stop-gradient branch parameters.
+
+    The gate opens only as far as the branch fits the stage::
+
+        s_t = gate_max * fit_{t-1},   fit_t = m fit_{t-1} + (1 - m) clip(1 - aux_t / Var(h_i), 0, 1)
+
+    ``aux_t = mean((z(1) - h_i)^2)`` is the branch's fit on the current batch,
+    ``Var(h_i)`` the variance of the stage output (so ``1 - aux/Var`` is the
+    fraction of ``h_i``'s variance the branch explains), ``m`` =
+    ``gate_momentum``; ``fit`` starts at 0, so a fresh model's gradients are
+    exactly the plain network's, and an untrained branch adds nothing. The
+    gate is a non-trained state variable (:class:`GateFit`, updated in
+    training mode like BatchNorm statistics); ``aux["gc_ode_gate"]`` reports
+    the mean ``s_t`` over pairs.
+
+    The branch is trained by an auxiliary loss::
 
         gc_ode_loss_i = mean((z(1) - stop_gradient(h_i))**2)
 
@@ -36,16 +55,23 @@ and joins it to ``h_i`` in one of two modes:
     pass (a ``jax.custom_vjp`` routes the two cotangents; see
     :func:`_routed_branch`).
 
-    ``s`` (``GCODEConfig.gradient_scale``, default 1.0) is a **fixed, untrained**
-    scale: ``zhat - stop_gradient(zhat)`` has value 0, so a trained ``gamma``
-    would receive zero gradient and, started at 0, would keep the extra path
-    at exactly zero forever. Note that the branch's Jacobian starts near the
-    identity (or the projection), so with ``s = 1`` the hidden-state gradient
-    reaching ``h_{i-1}`` through a pair is roughly doubled at the start; this
-    compounds over the pairs for the earliest stages. Tune ``s`` if needed.
-
     At inference (``model.eval()``, i.e. ``deterministic=True``) the branch is
     skipped entirely (the forward value does not depend on it).
+
+Controls, for experiments that must tell the ODE's part from a rescaling:
+
+``"scale_only"``
+    No branch at all: the gradient passed on to ``h_{i-1}`` is only multiplied
+    by ``control_scale`` (forward unchanged). Run it with the factor that
+    gradient mode's mixed gradient has relative to the plain one.
+``"frozen_branch"``
+    Gradient mode with a random branch that is never trained (its auxiliary
+    loss has no gradient); the same gate, so it opens only as far as the
+    random branch happens to fit.
+
+The time input of the vector field is fed as the constant channel ``1 + t``,
+so that it contributes (and is trained) at every evaluation, ``t = 0``
+included (a one-step Euler solve evaluates only there).
 
 Solvers: ``"euler"``, ``"heun"``, ``"tsit5"``; fixed steps by default
 (``ConstantStepSize``, ``RecursiveCheckpointAdjoint(checkpoints=steps)``,
@@ -79,16 +105,20 @@ from flax import nnx
 
 __all__ = [
     "GCODE",
+    "FrozenWeight",
     "GCODEConfig",
+    "GateFit",
     "GroupNorm",
     "ODEBranch",
     "ODEVectorField",
     "conv3x3",
     "odeint",
     "resolve_gc_ode",
+    "scale_gradient",
 ]
 
-_MODES = ("branch", "gradient")
+_MODES = ("branch", "gradient", "scale_only", "frozen_branch")
+_GATED = ("gradient", "frozen_branch")
 _SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5}
 _ADJOINTS = ("recursive_checkpoint", "direct")
 _GN_EPS = 1e-5
@@ -114,9 +144,12 @@ class GCODEConfig:
         with an error estimate (``"heun"`` or ``"tsit5"``).
       rtol, atol: tolerances of the adaptive controller.
       max_steps: step budget of an adaptive solve (fixed steps use ``steps``).
-      gradient_scale: the fixed scale ``s`` of the extra gradient path in
-        ``"gradient"`` mode (not trained; must be non-zero). Unused in
-        ``"branch"`` mode.
+      gate_max: the largest share ``s`` of the branch in the mixed gradient
+        (gated modes), in ``[0, 1]``; the gate opens to it as the branch's fit
+        to the stage reaches 1.
+      gate_momentum: ``m`` of the fit's moving average, in ``[0, 1)``.
+      control_scale: the factor of ``"scale_only"`` (the stage's input
+        gradient is multiplied by it); must be finite and non-zero.
       adjoint: ``"recursive_checkpoint"`` (default:
         ``diffrax.RecursiveCheckpointAdjoint(checkpoints=steps)`` for fixed steps,
         ``RecursiveCheckpointAdjoint()`` when adaptive; the backward recomputes
@@ -125,11 +158,10 @@ class GCODEConfig:
         more memory).
 
     The default (gradient mode, one Euler step, ``width=None``) is the cheapest
-    configuration: per pair one 3x3 conv and two GroupNorms forward. On a
-    shared 2-core CPU (ResNet-20, batch 128, not a clean measurement) it cost
-    roughly 1.3-1.5x the plain train step (branch mode 1.2-1.35x; Heun 1
-    step about 1.8-2.3x); ``experiments/bench_gc_ode.py`` measures it. In
-    gradient mode, inference costs the same as the plain model (branch skipped).
+    configuration: per pair one 3x3 conv and two GroupNorms forward;
+    ``experiments/bench_gc_ode.py`` measures its cost (see
+    ``experiments/results/gc_ode_overhead/``). In the gated modes inference
+    costs the same as the plain model (branch skipped).
     """
 
     mode: str = "gradient"
@@ -140,7 +172,9 @@ class GCODEConfig:
     rtol: float = 1e-3
     atol: float = 1e-4
     max_steps: int = 64
-    gradient_scale: float = 1.0
+    gate_max: float = 0.5
+    gate_momentum: float = 0.9
+    control_scale: float = 1.0
     adjoint: str = "recursive_checkpoint"
 
     def __post_init__(self):
@@ -171,11 +205,15 @@ class GCODEConfig:
             raise ValueError(
                 f"GCODEConfig.adjoint must be one of {_ADJOINTS}, got {self.adjoint!r}."
             )
-        s = self.gradient_scale
-        if not _is_real(s) or not math.isfinite(s) or s == 0:
+        for name, lo, hi, closed in (("gate_max", 0.0, 1.0, True), ("gate_momentum", 0.0, 1.0, False)):
+            v = getattr(self, name)
+            if not _is_real(v) or not (lo <= v <= hi) or (not closed and v == hi):
+                bound = "]" if closed else ")"
+                raise ValueError(f"GCODEConfig.{name} must be in [{lo:g}, {hi:g}{bound}, got {v!r}.")
+        c = self.control_scale
+        if not _is_real(c) or not math.isfinite(c) or c == 0:
             raise ValueError(
-                f"GCODEConfig.gradient_scale must be a finite non-zero number, got {s!r} "
-                "(a zero scale removes the extra gradient path)."
+                f"GCODEConfig.control_scale must be a finite non-zero number, got {c!r}."
             )
 
 
@@ -300,8 +338,9 @@ class TimeConv(nnx.Module):
     """3x3 convolution of ``[a, t]`` (``t`` as an extra constant input channel).
 
     The kernel has shape ``(3, 3, C_in + 1, C_out)`` exactly as a convolution of
-    the concatenation would. By linearity it is evaluated as
-    ``conv(a, K[..., :C_in, :]) + t * conv(1, K[..., C_in:, :])`` -- identical
+    the concatenation would; the time channel holds ``1 + t`` (so that it is
+    used, and trained, at ``t = 0`` too). By linearity it is evaluated as
+    ``conv(a, K[..., :C_in, :]) + (1 + t) * conv(1, K[..., C_in:, :])`` -- identical
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
     Both use :func:`conv3x3`.
@@ -318,7 +357,7 @@ class TimeConv(nnx.Module):
         y = conv3x3(a, kernel[:, :, : self.in_features, :])
         ones = jnp.ones((1, *a.shape[1:3], 1), a.dtype)
         y_t = conv3x3(ones, kernel[:, :, self.in_features :, :])  # (1, H, W, C_out)
-        return y + jnp.asarray(t, a.dtype) * y_t
+        return y + (1 + jnp.asarray(t, a.dtype)) * y_t
 
 
 class ODEVectorField(nnx.Module):
@@ -389,6 +428,40 @@ def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Arr
     return solution.ys[0]
 
 
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """Identity forward; the cotangent of ``x`` is multiplied by ``factor`` (which gets none)."""
+    return x
+
+
+def _scale_gradient_fwd(x, factor):
+    return x, factor
+
+
+def _scale_gradient_bwd(factor, g):
+    return (g * factor.astype(g.dtype), jnp.zeros_like(factor))
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+class GateFit(nnx.BatchStat):
+    """The moving average of a branch's fit to its stage (a statistic, not trained)."""
+
+
+class FrozenWeight(nnx.Variable):
+    """A weight of a ``"frozen_branch"`` branch: not an ``nnx.Param``, so never optimised
+    (no gradient, no weight decay) -- the control keeps its random initialisation."""
+
+
+def _freeze(module: nnx.Module) -> None:
+    """Turns every ``nnx.Param`` inside ``module`` into a :class:`FrozenWeight`."""
+    for _, sub in nnx.iter_modules(module):
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, nnx.Param):
+                setattr(sub, name, FrozenWeight(value[...]))
+
+
 class ODEBranch(nnx.Module):
     """One GC-ODE branch ``h_{i-1} -> z(1)`` (shape of ``h_i``)."""
 
@@ -422,6 +495,9 @@ class ODEBranch(nnx.Module):
             self.gamma = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
         else:
             self.gamma = None
+        self.fit = GateFit(jnp.zeros((), jnp.float32)) if config.mode in _GATED else None
+        if config.mode == "frozen_branch":
+            _freeze(self)
 
     def project(self, h: jax.Array) -> jax.Array:
         if self.proj_conv is None:
@@ -477,26 +553,40 @@ class GCODE(nnx.Module):
       config: a :class:`GCODEConfig` (or ``"branch"`` / ``"gradient"``).
       rngs: ``nnx.Rngs``.
 
-    Call ``gc_ode(i, h_prev, h, compute_loss=True)`` for pair ``i`` (0-based:
-    pair ``i`` joins ``h_i`` and ``h_{i+1}``); it returns ``(h_corrected,
-    pair_loss)`` with ``pair_loss`` a float32 scalar (0 in branch mode, in eval
-    mode, or when ``compute_loss`` is False). The model sums the pair losses into
-    ``aux["gc_ode_loss"]``.
+    A network with stages ``f_1 ... f_S`` uses it as :meth:`run_stages` does::
+
+        h = h_0
+        for i, f in enumerate(stages):
+            h_next = f(gc_ode.stage_input(i, h))        # the stage's input gradient is mixed
+            h, pair_loss = gc_ode(i, h, h_next)          # the branch joins h_{i+1}
+
+    ``gc_ode(i, h_prev, h, compute_loss=True)`` (pair ``i`` is 0-based: it joins
+    ``h_i`` and ``h_{i+1}``) returns ``(h_corrected, pair_loss)``, ``pair_loss`` a
+    float32 scalar (0 in branch and scale-only mode, in eval mode, or when
+    ``compute_loss`` is False); in training mode with ``compute_loss`` it also
+    updates the gate's fit statistic. :meth:`gates` returns the current
+    ``s_t`` of every pair.
 
     Train/eval: the attribute ``deterministic`` (set by ``model.train()`` /
     ``model.eval()``, or ``nnx.view(model, deterministic=...)`` /
-    ``nnx.view(model, use_running_average=...)``). In gradient mode with
+    ``nnx.view(model, use_running_average=...)``). In the gated modes with
     ``deterministic=True`` the branch is skipped.
 
-    Example:
+    Example (any NNX model: name its stages):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from gcgd_jax.models import GCODE, GCODEConfig
-      >>> gc = GCODE((8, 16), (2,), GCODEConfig(mode="gradient"), rngs=nnx.Rngs(0))
-      >>> h0, h1 = jnp.ones((2, 8, 8, 8)), jnp.ones((2, 4, 4, 16))
-      >>> h1_out, loss = gc(0, h0, h1)
-      >>> bool(jnp.all(h1_out == h1)), loss.dtype
-      (True, dtype('float32'))
+      >>> class TwoStages(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.s1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+      ...         self.s2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+      ...         self.gc_ode = GCODE((8, 16, 16), (2, 1), GCODEConfig(), rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.gc_ode.run_stages([self.s1, self.s2], x)
+      >>> model = TwoStages(nnx.Rngs(0))
+      >>> h, aux_loss = model(jnp.ones((2, 8, 8, 8)))
+      >>> h.shape, aux_loss.dtype
+      ((2, 4, 4, 16), dtype('float32'))
     """
 
     def __init__(
@@ -520,7 +610,9 @@ class GCODE(nnx.Module):
         self.strides = strides
         self.deterministic = False
         self.branches = nnx.List(
-            [
+            []
+            if config.mode == "scale_only"
+            else [
                 ODEBranch(channels[i], channels[i + 1], strides[i], config, rngs=rngs)
                 for i in range(len(strides))
             ]
@@ -535,27 +627,86 @@ class GCODE(nnx.Module):
 
     @property
     def num_pairs(self) -> int:
-        return len(self.branches)
+        return len(self.strides)
+
+    def gate(self, index: int) -> jax.Array:
+        """``s_t`` of pair ``index`` (float32; 0 outside the gated modes)."""
+        if self.config.mode not in _GATED:
+            return jnp.zeros((), jnp.float32)
+        return jax.lax.stop_gradient(self.config.gate_max * self.branches[index].fit[...])
+
+    def gates(self) -> jax.Array:
+        """``s_t`` of every pair, shape ``(num_pairs,)``."""
+        return jnp.stack([self.gate(i) for i in range(self.num_pairs)])
+
+    def stage_input(self, index: int, h_prev: jax.Array) -> jax.Array:
+        """What stage ``index`` should read instead of ``h_prev`` (the same value).
+
+        Gated modes: the stage's input gradient is scaled by ``1 - s_t`` (the
+        branch adds the other ``s_t``); ``"scale_only"``: by ``control_scale``;
+        branch mode and eval mode: ``h_prev`` itself.
+        """
+        mode = self.config.mode
+        if self.deterministic or mode == "branch":
+            return h_prev
+        if mode == "scale_only":
+            factor = jnp.asarray(self.config.control_scale, jnp.float32)
+        else:
+            factor = 1.0 - self.gate(index)
+        return scale_gradient(h_prev, factor)
 
     def __call__(
         self, index: int, h_prev: jax.Array, h: jax.Array, *, compute_loss: bool = True
     ) -> tuple[jax.Array, jax.Array]:
-        branch = self.branches[index]
         zero = jnp.zeros((), jnp.float32)
-        if self.config.mode == "branch":
+        mode = self.config.mode
+        if mode == "scale_only":
+            return h, zero
+        branch = self.branches[index]
+        if mode == "branch":
             z1 = branch.solve(h_prev)
             return h + branch.gamma[...].astype(h.dtype) * z1, zero
 
-        # Gradient mode.
+        # Gated modes ("gradient", "frozen_branch").
         if self.deterministic:
             return h, zero  # inference: the branch does not change the value; skip it.
-        scale = jnp.asarray(self.config.gradient_scale, h.dtype)
+        s = self.gate(index).astype(h.dtype)
         graphdef, params = nnx.split(branch)
         if not compute_loss:
             # Only the extra backward path: stop-gradient parameters, live input.
             zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
-            return h + scale * (zhat - jax.lax.stop_gradient(zhat)), zero
+            return h + s * (zhat - jax.lax.stop_gradient(zhat)), zero
+        if mode == "frozen_branch":
+            params = jax.lax.stop_gradient(params)
         zhat, z = _routed_branch(graphdef, h_prev, params)
-        h_out = h + scale * (zhat - jax.lax.stop_gradient(zhat))
-        diff = z.astype(jnp.float32) - jax.lax.stop_gradient(h).astype(jnp.float32)
-        return h_out, jnp.mean(jnp.square(diff))
+        h_out = h + s * (zhat - jax.lax.stop_gradient(zhat))
+        target = jax.lax.stop_gradient(h).astype(jnp.float32)
+        loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target))
+        explained = 1.0 - jax.lax.stop_gradient(loss) / (jnp.var(target) + 1e-12)
+        m = self.config.gate_momentum
+        branch.fit[...] = m * branch.fit[...] + (1.0 - m) * jnp.clip(explained, 0.0, 1.0)
+        return h_out, loss
+
+    def run_stages(
+        self,
+        stages: Sequence[Any],
+        h0: jax.Array,
+        *,
+        compute_loss: bool = True,
+        stage_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Runs ``h_{i+1} = stages[i](h_i)`` with this GC-ODE between every pair.
+
+        ``stages``: ``num_pairs`` callables (NNX modules or functions), each
+        mapping the previous stage output to the next; ``h0`` the first stage
+        output (e.g. the stem's). Returns ``(h_S, total_pair_loss)``.
+        """
+        if len(stages) != self.num_pairs:
+            raise ValueError(f"GCODE has {self.num_pairs} pairs but got {len(stages)} stages.")
+        kwargs = stage_kwargs or {}
+        h, total = h0, jnp.zeros((), jnp.float32)
+        for i, stage in enumerate(stages):
+            h_next = stage(self.stage_input(i, h), **kwargs)
+            h, pair_loss = self(i, h, h_next, compute_loss=compute_loss)
+            total = total + pair_loss
+        return h, total

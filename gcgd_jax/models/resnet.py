@@ -258,7 +258,8 @@ class ResNet(nnx.Module):
     Call: ``model(x, *, return_aux=False, fusion_breaker=None)`` with ``x`` NHWC
     float. Returns logits ``(N, num_classes)``, or ``(logits, aux)`` with
     ``aux = {"gc_ode_loss": float32 scalar}`` when ``return_aux`` (0.0 without
-    GC-ODE, in branch mode and in eval mode). In gradient mode, train with
+    GC-ODE, in branch mode and in eval mode), plus ``"gc_ode_gate"`` (the mean
+    gate ``s_t`` over the pairs) with GC-ODE. In gradient mode, train with
     ``loss = task_loss + aux["gc_ode_loss"]``: the auxiliary loss trains only
     the GC-ODE branches, the task loss only the backbone.
     """
@@ -326,17 +327,25 @@ class ResNet(nnx.Module):
             raise ValueError(
                 f"expected NHWC input with {self.in_channels} channels, got shape {x.shape}."
             )
-        gc_ode_loss = jnp.zeros((), jnp.float32)
         h = self.stem(x)  # h_0
-        for i, stage in enumerate(self.stages):
-            h_prev = h  # h_i
-            h = stage(h_prev, fusion_breaker)  # h_{i+1}
-            if self.gc_ode is not None:  # correction between (h_i, h_{i+1})
-                h, pair_loss = self.gc_ode(i, h_prev, h, compute_loss=return_aux)
-                gc_ode_loss = gc_ode_loss + pair_loss
+        if self.gc_ode is None:
+            for stage in self.stages:
+                h = stage(h, fusion_breaker)
+            gc_ode_loss = jnp.zeros((), jnp.float32)
+        else:  # GC-ODE between every (h_i, h_{i+1})
+            gate = jnp.mean(self.gc_ode.gates())  # the gates this step uses (before updating)
+            h, gc_ode_loss = self.gc_ode.run_stages(
+                list(self.stages),
+                h,
+                compute_loss=return_aux,
+                stage_kwargs={"fusion_breaker": fusion_breaker},
+            )
         logits = self.head(jnp.mean(h, axis=(1, 2)))
         if return_aux:
-            return logits, {"gc_ode_loss": gc_ode_loss}
+            aux = {"gc_ode_loss": gc_ode_loss}
+            if self.gc_ode is not None:
+                aux["gc_ode_gate"] = gate
+            return logits, aux
         return logits
 
     def stage_outputs(
@@ -345,10 +354,11 @@ class ResNet(nnx.Module):
         """``[h_0, ..., h_S]`` as the network uses them (after any GC-ODE join)."""
         hs = [self.stem(x)]
         for i, stage in enumerate(self.stages):
-            h = stage(hs[-1], fusion_breaker)
-            if self.gc_ode is not None:
-                h, _ = self.gc_ode(i, hs[-1], h, compute_loss=False)
-            hs.append(h)
+            if self.gc_ode is None:
+                hs.append(stage(hs[-1], fusion_breaker))
+            else:
+                h = stage(self.gc_ode.stage_input(i, hs[-1]), fusion_breaker)
+                hs.append(self.gc_ode(i, hs[-1], h, compute_loss=False)[0])
         return hs
 
 

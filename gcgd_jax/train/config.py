@@ -132,11 +132,13 @@ class ModelConfig:
     # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
     # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
     zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
-    gc_ode: str = "none"  # "none", "branch", "gradient"
+    gc_ode: str = "none"  # "none", "gradient", "branch"; controls "scale_only", "frozen_branch"
     gc_ode_solver: str = "euler"  # "euler", "heun", "tsit5"
     gc_ode_steps: int = 1  # fixed solver steps over t in [0, 1]
     gc_ode_width: int | None = None  # None = the model's default
     gc_ode_aux_weight: float = 1.0  # weight of the GC-ODE auxiliary loss (gradient mode)
+    gc_ode_gate_max: float = 0.5  # largest share of the branch in the mixed gradient
+    gc_ode_control_scale: float = 1.0  # "scale_only": factor of the stage-input gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,7 +551,12 @@ def validate(cfg: TrainConfig) -> None:
         not model.small_stem or model.name not in CIFAR_MODELS,
         f"model.small_stem: only for resnet18/34/50, not {model.name}",
     )
-    _choice(p, "model.gc_ode", model.gc_ode, ("none", "branch", "gradient"))
+    _choice(
+        p,
+        "model.gc_ode",
+        model.gc_ode,
+        ("none", "gradient", "branch", "scale_only", "frozen_branch"),
+    )
     _check(
         p, model.gc_ode_steps >= 1, f"model.gc_ode_steps: must be >= 1, got {model.gc_ode_steps}"
     )

@@ -108,7 +108,8 @@ def make_train_step(
     scalar 1.0 passed at run time (ignored unless ``opts.fusion_breaker``).
     Metrics (float32/int32 scalars): ``loss`` (the data loss, mean over the
     batch), ``correct`` (count), ``finite``, ``lr``, and ``gc_ode_loss`` /
-    ``predictor_loss`` when GC-ODE / GC-W are on.
+    ``predictor_loss`` when GC-ODE / GC-W are on (with GC-ODE also
+    ``gc_ode_gate``, the mean gate ``s_t`` of its pairs at this step).
     """
 
     def loss_fn(params, rest, images, labels, fusion_breaker):
@@ -116,13 +117,14 @@ def make_train_step(
         fb = fusion_breaker if opts.fusion_breaker else None
         if opts.gc_ode:
             logits, aux = model(images, return_aux=True, fusion_breaker=fb)
-            aux_loss = aux["gc_ode_loss"]
+            aux_loss, gate = aux["gc_ode_loss"], aux.get("gc_ode_gate", jnp.float32(0.0))
         else:
-            logits, aux_loss = model(images, fusion_breaker=fb), jnp.float32(0.0)
+            logits = model(images, fusion_breaker=fb)
+            aux_loss = gate = jnp.float32(0.0)
         data_loss = jnp.mean(_per_example_loss(logits, labels, opts))
         total = data_loss + opts.gc_ode_aux_weight * aux_loss
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return total, (data_loss, logits, new_rest, aux_loss)
+        return total, (data_loss, logits, new_rest, (aux_loss, gate))
 
     if opts.penalty == "gradient_norm":
         from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
@@ -136,7 +138,7 @@ def make_train_step(
     def train_step(state: TrainState, images, labels, fusion_breaker):
         key = jax.random.fold_in(state.rng, state.step)
         x = preprocess(images, opts, key)
-        (total, (data_loss, logits, new_rest, aux_loss)), grads = grad_fn(
+        (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = grad_fn(
             state.params, state.rest, x, labels, fusion_breaker
         )
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params, value=total)
@@ -167,6 +169,7 @@ def make_train_step(
         }
         if opts.gc_ode:
             metrics["gc_ode_loss"] = jnp.asarray(aux_loss, jnp.float32)
+            metrics["gc_ode_gate"] = jnp.asarray(gate, jnp.float32)
         if opts.gc_w:
             from gcgd_jax.transforms.gc_w import gc_w_predictor_loss
 

@@ -174,7 +174,12 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
     if m.gc_ode != "none":
         try:
             kwargs["gc_ode"] = models.GCODEConfig(
-                mode=m.gc_ode, solver=m.gc_ode_solver, steps=m.gc_ode_steps, width=m.gc_ode_width
+                mode=m.gc_ode,
+                solver=m.gc_ode_solver,
+                steps=m.gc_ode_steps,
+                width=m.gc_ode_width,
+                gate_max=m.gc_ode_gate_max,
+                control_scale=m.gc_ode_control_scale,
             )
         except ValueError as err:
             raise ConfigError(f"model.gc_ode: {err}") from None
@@ -196,6 +201,7 @@ class _Sums:
     steps: int = 0
     skipped: int = 0
     gc_ode_loss: float = 0.0
+    gc_ode_gate: float | None = None
     predictor_loss: float | None = None
     lr: float | None = None
 
@@ -699,6 +705,7 @@ class Trainer:
             sums.lr = float(m["lr"])
             if "gc_ode_loss" in m:
                 sums.gc_ode_loss += float(m["gc_ode_loss"])
+                sums.gc_ode_gate = float(m["gc_ode_gate"])
             if "predictor_loss" in m:
                 sums.predictor_loss = float(m["predictor_loss"])
             done = done_step - epoch * spe
@@ -793,6 +800,7 @@ class Trainer:
         }
         if self.step_options.gc_ode:
             record["gc_ode_loss"] = sums.gc_ode_loss / sums.steps if sums.steps else None
+            record["gc_ode_gate"] = sums.gc_ode_gate  # the mean gate s_t at the epoch's last step
         if self.step_options.gc_w:
             record["gc_w_predictor_loss"] = sums.predictor_loss
         return record

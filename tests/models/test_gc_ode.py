@@ -46,7 +46,10 @@ def test_config_defaults_and_shorthands():
         None,
         False,
     )
-    assert cfg.adjoint == "recursive_checkpoint" and cfg.gradient_scale == 1.0
+    assert cfg.adjoint == "recursive_checkpoint"
+    assert (cfg.gate_max, cfg.gate_momentum, cfg.control_scale) == (0.5, 0.9, 1.0)
+    for mode in ("scale_only", "frozen_branch"):
+        assert GCODEConfig(mode=mode).mode == mode
     assert resolve_gc_ode("branch") == GCODEConfig(mode="branch")
     assert resolve_gc_ode("gradient") == GCODEConfig(mode="gradient")
     assert resolve_gc_ode(None) is None and resolve_gc_ode(cfg) is cfg
@@ -70,8 +73,11 @@ def test_config_defaults_and_shorthands():
         ({"rtol": 0.0, "adaptive": True, "solver": "tsit5"}, "rtol"),
         ({"atol": -1.0}, "atol"),
         ({"max_steps": 0}, "max_steps"),
-        ({"gradient_scale": 0.0}, "gradient_scale"),
-        ({"gradient_scale": float("nan")}, "gradient_scale"),
+        ({"gate_max": 1.5}, "gate_max"),
+        ({"gate_max": -0.1}, "gate_max"),
+        ({"gate_momentum": 1.0}, "gate_momentum"),
+        ({"control_scale": 0.0}, "control_scale"),
+        ({"control_scale": float("nan")}, "control_scale"),
         ({"adjoint": "backsolve"}, "adjoint"),
     ],
 )
@@ -123,7 +129,7 @@ def test_conv3x3_matches_lax_conv_values_and_gradients():
 def test_time_conv_equals_convolution_of_concatenation():
     conv = TimeConv(3, 4, rngs=nnx.Rngs(0))
     a, t = _x((2, 5, 5, 3)), 0.37
-    cat = jnp.concatenate([a, jnp.full((2, 5, 5, 1), t)], axis=-1)
+    cat = jnp.concatenate([a, jnp.full((2, 5, 5, 1), 1 + t)], axis=-1)  # the channel is 1 + t
     expected = jax.lax.conv_general_dilated(
         cat, conv.kernel[...], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -232,32 +238,141 @@ def test_routed_gradients_equal_two_stop_gradient_solves():
 # ----------------------------------------------------------------------------- GCODE module
 
 
-def test_gradient_mode_adds_scaled_branch_jacobian_to_input_gradient():
-    cfg = GCODEConfig(mode="gradient", gradient_scale=2.5)
-    gc = GCODE((2, 4), (2,), cfg, rngs=nnx.Rngs(0))
-    _randomise_field(gc.branches[0])
+def _pair_gradient(gc, stage, h0, w):
+    """d/dh0 of sum(w * h1_out) through ``stage`` and GC-ODE pair 0 (one jit)."""
     graphdef, state = nnx.split(gc)
-    h0, h1, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 1), _x((2, 2, 2, 4), 2)
 
     @jax.jit
     def run(state, h0):
         def f(h0):
-            out, loss = nnx.merge(graphdef, state)(0, h0, h1)
+            g = nnx.merge(graphdef, state, copy=True)  # merged inside the trace it mutates
+            out, loss = g(0, h0, stage(g.stage_input(0, h0)))
             return jnp.sum(out * w), (out, loss)
 
-        g_h0, (out, loss) = jax.grad(f, has_aux=True)(h0)
-        branch = nnx.merge(graphdef, state).branches[0]
-        z1, vjp = jax.vjp(branch.solve, h0)
-        return out, loss, g_h0, z1, vjp(w)[0]
+        return jax.grad(f, has_aux=True)(h0)
 
-    out, loss, g_h0, z1, branch_vjp = run(state, h0)
-    np.testing.assert_array_equal(out, h1)  # forward value unchanged
-    expected = 2.5 * branch_vjp
-    assert float(jnp.max(jnp.abs(expected))) > 1e-3  # the extra path is not zero
-    np.testing.assert_allclose(g_h0, expected, rtol=1e-4, atol=1e-6)
-    # The pair loss is the mean squared distance of z(1) to h_i, in float32.
+    return run(state, h0)
+
+
+def _open(gc, fit=1.0):
+    for branch in gc.branches:
+        branch.fit[...] = jnp.float32(fit)
+
+
+def test_gradient_mode_mixes_stage_and_branch_jacobians_convexly():
+    gc = GCODE((2, 4), (2,), GCODEConfig(mode="gradient", gate_max=0.8), rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    h0, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 2)
+    kernel = _x((1, 1, 2, 4), 5)
+
+    def stage(h):  # a stride-2 1x1 conv: not the branch
+        return jax.lax.conv_general_dilated(h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    stage_vjp = jax.vjp(stage, h0)[1](w)[0]
+    branch_vjp = jax.vjp(gc.branches[0].solve, h0)[1](w)[0]
+    # Closed gate (fit 0, as at init): exactly the plain gradient.
+    g, (out, _) = _pair_gradient(gc, stage, h0, w)
+    np.testing.assert_allclose(g, stage_vjp, rtol=1e-6, atol=1e-7)  # jit vs eager rounding
+    np.testing.assert_array_equal(out, stage(h0))  # forward value unchanged
+    # Gate at s = 0.8 * 0.5 = 0.4: (1 - s) J_stage^T w + s J_branch^T w.
+    _open(gc, 0.5)
+    assert float(gc.gate(0)) == pytest.approx(0.4)
+    g, (out, loss) = _pair_gradient(gc, stage, h0, w)
+    np.testing.assert_array_equal(out, stage(h0))
+    expected = 0.6 * stage_vjp + 0.4 * branch_vjp
+    assert float(jnp.max(jnp.abs(branch_vjp - stage_vjp))) > 1e-2  # the two maps differ
+    np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6)
     assert loss.dtype == jnp.float32
-    np.testing.assert_allclose(loss, jnp.mean((z1 - h1) ** 2), rtol=1e-5)
+
+
+def test_a_branch_that_fits_the_stage_exactly_preserves_the_gradient():
+    gc = GCODE((2, 4), (2,), GCODEConfig(mode="gradient", gate_max=1.0), rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    twin = nnx.clone(gc.branches[0])  # the stage *is* the branch's function
+    h0, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 2)
+    plain = jax.vjp(twin.solve, h0)[1](w)[0]
+    _open(gc, 1.0)  # s = 1: all of the gradient through the branch
+    g, (_, loss) = _pair_gradient(gc, twin.solve, h0, w)
+    np.testing.assert_allclose(g, plain, rtol=1e-5, atol=1e-6)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gate_follows_the_branch_fit():
+    cfg = GCODEConfig(mode="gradient", gate_max=0.5, gate_momentum=0.75)
+    gc = GCODE((4, 4), (1,), cfg, rngs=nnx.Rngs(0))
+    h0 = _x((2, 4, 4, 4))
+    h1 = h0 + 0.5 * _x((2, 4, 4, 4), 1)  # the fresh branch (z(1) = h0) explains most of h1
+    _, loss = gc(0, h0, h1)
+    explained = 1.0 - float(loss) / float(jnp.var(h1))
+    assert 0.0 < explained < 1.0
+    assert float(gc.branches[0].fit[...]) == pytest.approx(0.25 * explained, rel=1e-5)
+    assert float(gc.gates()[0]) == pytest.approx(0.5 * 0.25 * explained, rel=1e-5)
+    gc(0, h0, -h1)  # a branch that explains nothing: the fit decays towards 0
+    assert float(gc.branches[0].fit[...]) == pytest.approx(0.75 * 0.25 * explained, rel=1e-5)
+    gc(0, h0, h1, compute_loss=False)  # no statistics without the loss
+    assert float(gc.branches[0].fit[...]) == pytest.approx(0.75 * 0.25 * explained, rel=1e-5)
+
+
+def test_time_input_is_used_and_trained_at_every_solver_stage():
+    for solver, steps in (("euler", 1), ("heun", 2)):
+        branch = ODEBranch(4, 4, 1, GCODEConfig(solver=solver, steps=steps), rngs=nnx.Rngs(0))
+        _randomise_field(branch)
+        h = _x((2, 4, 4, 4))
+        g = nnx.grad(lambda b: jnp.sum(b.solve(h) ** 2))(branch)
+        time_slice = g.field.conv1.kernel[...][:, :, -1, :]
+        assert float(jnp.max(jnp.abs(time_slice))) > 1e-4, solver
+
+
+def test_scale_only_control_rescales_the_input_gradient_and_has_no_branch():
+    gc = GCODE((2, 4), (2,), GCODEConfig(mode="scale_only", control_scale=1.7), rngs=nnx.Rngs(0))
+    assert gc.num_pairs == 1 and len(gc.branches) == 0
+    assert not jax.tree.leaves(nnx.state(gc, nnx.Param))
+    h0, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 2)
+    kernel = _x((1, 1, 2, 4), 5)
+
+    def stage(h):
+        return jax.lax.conv_general_dilated(h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    g, (out, loss) = _pair_gradient(gc, stage, h0, w)
+    np.testing.assert_array_equal(out, stage(h0))
+    np.testing.assert_allclose(g, 1.7 * jax.vjp(stage, h0)[1](w)[0], rtol=1e-6)
+    assert float(loss) == 0.0
+    gc.eval()
+    assert gc.stage_input(0, h0) is h0
+
+
+def test_frozen_branch_control_is_never_trained():
+    gc = GCODE((2, 4), (2,), GCODEConfig(mode="frozen_branch"), rngs=nnx.Rngs(0))
+    assert not jax.tree.leaves(nnx.state(gc, nnx.Param))  # nothing for an optimizer
+    h0, h1 = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 1)
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(gc, gc_ode_module.FrozenWeight))]
+    _, loss = gc(0, h0, h1)
+    assert float(loss) > 0  # still measured, for the gate
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(gc, gc_ode_module.FrozenWeight))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    # Its auxiliary loss has no gradient with respect to the input either.
+    graphdef, state = nnx.split(gc)
+    g = jax.grad(lambda h: nnx.merge(graphdef, state, copy=True)(0, h, h1)[1])(h0)
+    assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_run_stages_on_a_user_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+            self.b = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+            self.gc_ode = GCODE((3, 8, 8), (2, 1), "gradient", rngs=rngs)
+
+        def __call__(self, x):
+            return self.gc_ode.run_stages([self.a, self.b], x)
+
+    net = Net(nnx.Rngs(0))
+    x = _x((2, 8, 8, 3))
+    h, loss = net(x)
+    np.testing.assert_allclose(h, net.b(net.a(x)), rtol=1e-6)  # forward = the plain network
+    assert float(loss) > 0
+    with pytest.raises(ValueError, match="2 pairs but got 1 stages"):
+        net.gc_ode.run_stages([net.a], x)
 
 
 def test_branch_mode_is_exact_at_init_and_trains_gamma():
@@ -300,6 +415,8 @@ def models():
         out[mode] = resnet20(gc_ode=mode, rngs=nnx.Rngs(0))
         for branch in out[mode].gc_ode.branches:  # a non-trivial vector field
             _randomise_field(branch)
+    out["fresh_gradient"] = resnet20(gc_ode="gradient", rngs=nnx.Rngs(0))  # gate closed
+    _open(out["gradient"].gc_ode, 1.0)  # gate open (s = 0.5) as if the branches fitted
     return out
 
 
@@ -344,7 +461,16 @@ def _gradients(model):
 
 @pytest.fixture(scope="module")
 def grads(models):
-    return {name: _gradients(models[name]) for name in ("plain", "gradient")}
+    return {name: _gradients(models[name]) for name in ("plain", "gradient", "fresh_gradient")}
+
+
+def test_fresh_gradient_mode_changes_no_gradient(grads):
+    """At initialisation the gate is closed: every backbone gradient is the plain one."""
+    plain, fresh = grads["plain"], grads["fresh_gradient"]
+    np.testing.assert_array_equal(fresh["logits"], plain["logits"])
+    np.testing.assert_allclose(fresh["x"], plain["x"], rtol=1e-6, atol=1e-8)
+    for key, g in plain["task"].items():
+        np.testing.assert_allclose(fresh["task"][key], g, rtol=1e-6, atol=1e-8)
 
 
 def _backbone(model):
@@ -368,7 +494,8 @@ def test_fresh_branch_mode_equals_plain_model(models, train):
 def test_gradient_mode_same_logits_different_hidden_gradients(grads):
     plain, gradient = grads["plain"], grads["gradient"]
     np.testing.assert_allclose(gradient["logits"], plain["logits"], rtol=1e-6, atol=1e-6)
-    # Input (and hence hidden-state) gradients differ: the branches contribute.
+    # With the gates open, input (and hence hidden-state) gradients differ: the branches
+    # contribute.
     diff = float(jnp.max(jnp.abs(gradient["x"] - plain["x"])))
     assert diff > 1e-2 * float(jnp.max(jnp.abs(plain["x"])))
     stem = ("stem", "conv", "kernel")
