@@ -8,7 +8,8 @@ argument (``jnp.float32(1.0)``), and on the CPU the convolution flag from
 
 Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 ("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step
-with ``adjoint="direct"`` per mode, for comparison). They run
+with ``adjoint="direct"`` per mode, for comparison), and the controls ``scale_only``
+and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
 mode, batch 128, plain vs gradient mode (branch skipped).
@@ -64,6 +65,9 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
     if not quick:  # the diffrax adjoint without recomputation, for comparison
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
+    # The controls of the default: no branch (gradient rescaled only), a frozen branch.
+    configs["scale_only"] = GCODEConfig(mode="scale_only", control_scale=1.0)
+    configs["frozen_branch/euler/1"] = GCODEConfig(mode="frozen_branch")
     return configs
 
 
