@@ -19,6 +19,7 @@ optimum needs a mean shift is never reached).
 import contextlib
 import re
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -45,9 +46,17 @@ _TRANSFORMS = {
     "gcgd_agr": _chained(gcgd_jax.agr),
     "gcgd_agr_all_leaves": _chained(gcgd_jax.agr, min_ndim=0),
 }
-for _name in ("gc_w", "mars_correction", "grokfast_ema"):
-    if hasattr(gcgd_jax, _name):
-        _TRANSFORMS[f"gcgd_{_name}"] = _chained(getattr(gcgd_jax, _name))
+for _name in ("gc_w_v2", "mars_correction", "grokfast_ema"):
+    _TRANSFORMS[f"gcgd_{_name}"] = _chained(getattr(gcgd_jax, _name))
+
+
+def _gc_w_on_kernels():
+    """GC-W v1 rejects non-kernel leaves by design: it is meant to be masked."""
+    return optax.masked(gcgd_jax.gc_w(), lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+
+
+_gc_w_on_kernels.__name__ = "gc_w"
+_TRANSFORMS["gcgd_gc_w"] = _chained(_gc_w_on_kernels)
 
 _CASES = tuple(
     {"opt_name": name, "opt_kwargs": {"learning_rate": 1e-3}, "wrapper_name": None,
@@ -147,9 +156,8 @@ class OurTransformsUnderOptaxHarness(parameterized.TestCase):
 
 
 def test_every_public_transform_is_under_the_harness():
-    transforms = {"centralize", "channel_directed", "znorm", "agr", "gc_w", "mars_correction",
-                  "grokfast_ema"}
-    public = {n for n in transforms if hasattr(gcgd_jax, n)}
+    public = {"centralize", "channel_directed", "znorm", "agr", "gc_w", "gc_w_v2",
+              "mars_correction", "grokfast_ema"}
     covered = {n.removeprefix("gcgd_").removesuffix("_h0").removesuffix("_sobolev")
                .removesuffix("_all_leaves") for n in _TRANSFORMS}
     assert public <= covered
