@@ -34,3 +34,18 @@ def test_the_package_has_examples():
     # the public entry points carry examples: transforms, models, data, training config
     for name in ("gcgd_jax.transforms.agr", "gcgd_jax.models.resnet", "gcgd_jax.models.gc_ode"):
         assert name in WITH_EXAMPLES
+
+
+def test_no_reference_to_files_outside_the_repository():
+    """Docstrings and docs cite only what a user has: the project's design notes live
+    outside the repository, so no shipped file may point at them."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    banned = ("shared/design", "shared/seeds", "METHODS.md", "CONVENTIONS.md", "CPU_PERFORMANCE.md")
+    files = [*root.joinpath("gcgd_jax").rglob("*.py"), root / "README.md",
+             *root.joinpath("docs").glob("*.md"), *root.joinpath("experiments").glob("*.py")]
+    offenders = [
+        f"{f.relative_to(root)}: {word}" for f in files for word in banned if word in f.read_text()
+    ]
+    assert not offenders, offenders
