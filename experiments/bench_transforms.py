@@ -70,6 +70,9 @@ from gcgd_jax.transforms.agr import agr
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
 from gcgd_jax.transforms.gc_w import gc_w
+from gcgd_jax.transforms.gc_w_v2 import gc_w_v2
+from gcgd_jax.transforms.grokfast_ema import grokfast_ema
+from gcgd_jax.transforms.mars_correction import mars_correction
 from gcgd_jax.transforms.znorm import znorm
 
 OUT_DIR = Path(__file__).resolve().parent / "results" / "transforms_overhead"
@@ -84,6 +87,13 @@ TRANSFORMS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "agr": lambda params: agr(),
     "gc_w_pre_downsampling": lambda params: optax.masked(gc_w(), pre_downsampling_kernels(params)),
     "gc_w_all_kernels": lambda params: optax.masked(gc_w(), jax.tree.map(lambda x: x.ndim >= 2, params)),
+    "gc_w_v2_pre_downsampling": lambda params: optax.masked(
+        gc_w_v2(), pre_downsampling_kernels(params)
+    ),
+    # v2 passes non-kernel leaves through: every kernel without a mask.
+    "gc_w_v2_all_kernels": lambda params: gc_w_v2(),
+    "mars_correction": lambda params: mars_correction(),
+    "grokfast_ema": lambda params: grokfast_ema(),
 }
 
 _BLOCK_CONV2 = re.compile(r"stage\D*?(\d+).*?block\D*?(\d+).*conv2.*kernel")
@@ -269,7 +279,7 @@ def bench_resnet20_step(
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32)
-    breaker = jnp.float32(1.0)  # runtime 1.0: the fusion breaker (CPU_PERFORMANCE.md)
+    breaker = jnp.float32(1.0)  # runtime 1.0: the fusion breaker (docs/cpu_performance.md)
 
     def loss_fn(params, rest, x, y, breaker):
         m = nnx.merge(graphdef, params, rest, copy=True)
