@@ -35,22 +35,33 @@ def _build(model_params, overrides, total_steps=100):
     )
 
 
+STATEFUL = ("gc_w", "gc_w_v2")  # predictors that move the gradient only after some steps
+
+
 def _reference_correction(name, model):
     """Each configuration name's correction built by hand from its transforms module."""
     from gcgd_jax.transforms.agr import agr
     from gcgd_jax.transforms.centralize import centralize
     from gcgd_jax.transforms.channel_directed import channel_directed
     from gcgd_jax.transforms.gc_w import gc_w
+    from gcgd_jax.transforms.gc_w_v2 import gc_w_v2
+    from gcgd_jax.transforms.grokfast_ema import grokfast_ema
+    from gcgd_jax.transforms.mars_correction import mars_correction
     from gcgd_jax.transforms.znorm import znorm
 
-    return {
+    references = {
         "gc_w": lambda: optax.masked(gc_w(warmup=0, window=2, key=0), pre_downsampling_mask(model)),
+        "gc_w_v2": lambda: optax.masked(gc_w_v2(key=0), pre_downsampling_mask(model)),
+        "mars_correction": mars_correction,
+        "grokfast_ema": grokfast_ema,
         "centralize": centralize,
         "channel_directed_h0": lambda: channel_directed(metric="h0"),
         "channel_directed_sobolev": lambda: channel_directed(metric="sobolev"),
         "znorm": znorm,
         "agr": agr,
-    }[name]()
+    }
+    assert name in references, f"add a hand-built reference for the new correction {name!r}"
+    return references[name]()
 
 
 @pytest.mark.parametrize("name", CORRECTIONS)
@@ -58,7 +69,7 @@ def test_each_correction_name_builds_its_own_transform(model_params, name):
     """With sgd (no momentum, lr 1, no decay) the chain's update is -T(g) for the named T,
     step after step (GC-W: 4 steps, so its predictor has trained and moves the gradient),
     and T(g) is not the raw gradient: a name wired to another transform or to
-    ``optax.identity`` fails."""
+    ``optax.identity`` fails. A new correction name needs its reference here."""
     model, params = model_params
     extra = ["corrections.gc_w.warmup=0", "corrections.gc_w.window=2"] if name == "gc_w" else []
     common = ["optim.momentum=0", "optim.lr=1", "optim.schedule=constant", *extra]
@@ -66,7 +77,7 @@ def test_each_correction_name_builds_its_own_transform(model_params, name):
     ref = _reference_correction(name, model)
     state, ref_state = tx.init(params), ref.init(params)
     update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
-    for step in range(4 if name == "gc_w" else 1):
+    for step in range(4 if name in STATEFUL else 1):
         grads = _grads(params, seed=step + 1)
         updates, state = update(grads, state, params)
         expected, ref_state = ref_update(grads, ref_state, params)
