@@ -471,7 +471,7 @@ def resnet20(
       >>> model = resnet20(gc_ode="gradient", rngs=nnx.Rngs(0))
       >>> logits, aux = model(jnp.zeros((2, 32, 32, 3)), return_aux=True)
       >>> logits.shape, sorted(aux)
-      ((2, 10), ['gc_ode_loss'])
+      ((2, 10), ['gc_ode_gate', 'gc_ode_loss'])
     """
     return _cifar(
         "resnet20", 20, num_classes, in_channels, zero_init_residual, gc_ode, rngs, unknown

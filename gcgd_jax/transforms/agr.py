@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax.numpy as jnp
 import optax
 
 from gcgd_jax.transforms import _common
 
 
-def agr(eps: float = 1e-12, *, min_ndim: int = 2) -> optax.GradientTransformation:
+def agr(
+    eps: float = 1e-12, *, leaves: Literal["kernels", "all"] = "kernels"
+) -> optax.GradientTransformation:
     r"""Adaptive gradient regularization: shrinks each entry by its share of the leaf.
 
-    For every leaf with ``ndim >= min_ndim`` (by default the kernels: conv and
+    For every selected leaf (by default the kernels, ``ndim >= 2``: conv and
     dense weights), with sums over all of its elements,
 
     .. math::
@@ -27,7 +31,7 @@ def agr(eps: float = 1e-12, *, min_ndim: int = 2) -> optax.GradientTransformatio
     with two elements its coefficient tends to 0 as the other one vanishes, so
     SGD on optax's own Rosenbrock target never converges, and on a scalar leaf
     the update is always 0. Biases, BatchNorm scales and other 1-D leaves pass
-    through unchanged unless ``min_ndim=0`` (every leaf, as in the paper's code). An all-zero leaf stays exactly zero and never
+    through unchanged unless ``leaves="all"`` (every leaf, as in the paper's code). An all-zero leaf stays exactly zero and never
     produces NaN, even with ``eps=0`` (the official code divides 0 by 0 there).
     Leaves whose dtype is not a real floating type (integer, boolean,
     ``float0``, complex) pass through untouched. Sums are taken in at least
@@ -37,8 +41,9 @@ def agr(eps: float = 1e-12, *, min_ndim: int = 2) -> optax.GradientTransformatio
     Args:
       eps: added to the denominator; ``>= 0`` (checked when concrete). May be
         injected with ``optax.inject_hyperparams``.
-      min_ndim: leaves with fewer dimensions pass through unchanged (default 2:
-        kernels only; 0: every leaf, scalars included). Static.
+      leaves: ``"kernels"`` (leaves with ``ndim >= 2``; others pass through
+        unchanged) or ``"all"`` (every float leaf, scalars included). A string,
+        so ``optax.inject_hyperparams`` leaves it static.
 
     Returns:
       A stateless :class:`optax.GradientTransformation`.
@@ -58,8 +63,9 @@ def agr(eps: float = 1e-12, *, min_ndim: int = 2) -> optax.GradientTransformatio
       <https://arxiv.org/abs/2407.16944>`_, 2024
     """
     _common.check_number("eps", eps, lower=0.0)
-    if not isinstance(min_ndim, int) or isinstance(min_ndim, bool) or min_ndim < 0:
-        raise ValueError(f"`min_ndim` must be an int >= 0, got {min_ndim!r}")
+    if leaves not in ("kernels", "all"):
+        raise ValueError(f"`leaves` must be 'kernels' or 'all', got {leaves!r}")
+    min_ndim = 2 if leaves == "kernels" else 0
 
     def regularise(path, g):
         del path

@@ -26,7 +26,7 @@ def reference(g, eps=1e-12):
 
 
 def _apply(tree, **kwargs):
-    return apply_once(agr(**{"min_ndim": 0, **kwargs}), tree)
+    return apply_once(agr(**{"leaves": "all", **kwargs}), tree)
 
 
 def test_matches_reference_on_every_leaf():
@@ -42,8 +42,8 @@ def test_default_regularises_kernels_only():
         np.testing.assert_allclose(out[name], reference(TREE[name]), rtol=1e-6, atol=1e-7)
     for name in ("bias", "scalar"):
         np.testing.assert_array_equal(out[name], TREE[name])
-    with pytest.raises(ValueError, match="`min_ndim`"):
-        agr(min_ndim=-1)
+    with pytest.raises(ValueError, match="`leaves`"):
+        agr(leaves="biases")
 
 
 @given(

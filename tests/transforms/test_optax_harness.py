@@ -44,7 +44,7 @@ _TRANSFORMS = {
     "gcgd_channel_directed_sobolev": _chained(gcgd_jax.channel_directed, metric="sobolev"),
     "gcgd_znorm": _chained(gcgd_jax.znorm),
     "gcgd_agr": _chained(gcgd_jax.agr),
-    "gcgd_agr_all_leaves": _chained(gcgd_jax.agr, min_ndim=0),
+    "gcgd_agr_all_leaves": _chained(gcgd_jax.agr, leaves="all"),
 }
 for _name in ("gc_w_v2", "mars_correction", "grokfast_ema"):
     _TRANSFORMS[f"gcgd_{_name}"] = _chained(getattr(gcgd_jax, _name))
