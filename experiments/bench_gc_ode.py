@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import os
 
-_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = _CPU_FLAG  # only affects the CPU backend
+from gcgd_jax.train.xla_flags import apply_cpu_flags
+
+apply_cpu_flags()  # the CLI's CPU flag, before JAX starts (unless XLA_FLAGS is set)
 
 import argparse
 import datetime
