@@ -1,4 +1,8 @@
-"""Evidence that GC-W learns, on a stochastic problem whose true gradient is known.
+"""Evidence that GC-W learns, on stochastic problems whose true gradient is known.
+
+Sections: GC-W v1 in closed loop with Adam (below, including the comparison
+with a *tuned* baseline, where its speed-up disappears), then GC-W v2 on
+open-loop gradient streams with a known optimal linear filter (at the end).
 
 The problem is a noisy quadratic with a dense-kernel parameter ``W`` of shape
 ``(in, out) = (16, 32)``: ``L(W) = ½‖W - W*‖²``, true gradient ``g = W - W*``,
@@ -122,16 +126,79 @@ def test_corrected_gradient_is_closer_to_the_true_gradient(common_runs):
     assert not closer_than_raw(off)
 
 
-def test_reaches_the_loss_threshold_in_fewer_steps(common_runs):
+LR_GRID = (0.002, 0.008, 0.032, 0.128)  # 0.002 first: defines the threshold
+TUNE_SEEDS = (1, 2)  # disjoint from the reported seed 0
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _simulate_lrs(seeds, noise: str, rho: float | None, scale0: float):
+    """Loss curves for every (lr in LR_GRID, seed): the lr is traced, one compilation."""
+    lrs, ss = jnp.meshgrid(jnp.asarray(LR_GRID), seeds, indexing="ij")
+
+    def one(lr, seed):
+        k_init, k_data = jax.random.split(jax.random.key(seed))
+        offset = scale0 * jax.random.normal(k_init, (N_IN, N_OUT))
+        offset = offset - offset.mean(-1, keepdims=True)
+        tx = optax.identity() if rho is None else gc_w(rho=rho, warmup=WARMUP)
+        opt = optax.adam(lr)
+
+        def step(carry, key):
+            d, tx_state, opt_state = carry
+            k1, k2 = jax.random.split(key)
+            eps = 2.0 * jax.random.normal(k1, (N_IN, 1)) + 0.5 * jax.random.normal(
+                k2, (N_IN, N_OUT)
+            )
+            corrected, tx_state = tx.update(d + eps, tx_state)
+            updates, opt_state = opt.update(corrected, opt_state)
+            return (d + updates, tx_state, opt_state), 0.5 * jnp.sum(d * d)
+
+        init = (offset, tx.init(offset), opt.init(offset))
+        return jax.lax.scan(step, init, jax.random.split(k_data, STEPS))[1]
+
+    return jax.vmap(jax.vmap(one))(lrs, ss)
+
+
+def _steps_to(losses, thresholds):
+    """Per (lr, seed) run: first step at which the loss is <= its seed's threshold."""
+    losses = np.asarray(losses)
+    return np.asarray(
+        [[first_step_below(run, th) for run, th in zip(row, thresholds)] for row in losses]
+    )
+
+
+def _tuned_steps(rho):
+    """Tune the lr on TUNE_SEEDS by the steps to the threshold, report seed 0.
+
+    Threshold per seed: the untuned baseline's level (lr 0.002, mean of its
+    last 100 steps), as in the test above."""
+    out = {}
+    for seeds in (TUNE_SEEDS, (0,)):
+        base = np.asarray(_simulate_lrs(jnp.asarray(seeds), "common", None, 2.0))
+        thresholds = base[0, :, -100:].mean(axis=1)
+        losses = base if rho is None else _simulate_lrs(jnp.asarray(seeds), "common", rho, 2.0)
+        out[seeds] = _steps_to(losses, thresholds).mean(axis=1)
+    best = int(np.argmin(out[TUNE_SEEDS]))
+    return LR_GRID[best], int(out[(0,)][best])
+
+
+def test_v1_speedup_disappears_against_a_tuned_baseline(common_runs):
+    """The measurement the issue called out. At the same Adam lr (0.002) GC-W v1
+    reaches the baseline's final loss in ~15% fewer steps (first assertion), but
+    0.002 is far from the baseline's best lr. Tuning every lr on LR_GRID on
+    separate seeds (1, 2) by the steps to the same threshold (per seed, the lr
+    0.002 baseline's level) and reporting seed 0: the tuned baseline (lr 0.128,
+    measured: ~20 steps) needs a small fraction of the steps v1 needs at lr
+    0.002 (1232), and tuned v1 (the same lr: the threshold is reached before
+    its warm-up ends) is no faster than the tuned baseline. So the earlier
+    "13-15% fewer steps" of this regime came from an under-tuned baseline."""
     base_loss = common_runs[None][4]
-    threshold = base_loss[-100:].mean()  # where the baseline is near the end of the run
-    base_steps = first_step_below(base_loss, threshold)
-    gcw_steps = first_step_below(common_runs[0.5][4], threshold)
-    off_steps = first_step_below(common_runs[0.0][4], threshold)
-    # Measured (seed 0): baseline 1449 steps, GC-W 1232 (15% fewer).
-    assert gcw_steps <= 0.92 * base_steps, (base_steps, gcw_steps)
-    assert off_steps == base_steps  # rho=0 is the baseline, step for step
-    np.testing.assert_allclose(common_runs[0.0][4], base_loss, rtol=1e-6)
+    threshold = base_loss[-100:].mean()
+    gcw_untuned = first_step_below(common_runs[0.5][4], threshold)
+    assert gcw_untuned <= 0.92 * first_step_below(base_loss, threshold)
+    tuned = {"baseline": _tuned_steps(None), "gc_w": _tuned_steps(0.5)}
+    base_steps, gcw_steps = tuned["baseline"][1], tuned["gc_w"][1]
+    assert base_steps <= 0.25 * gcw_untuned, (tuned, gcw_untuned)
+    assert gcw_steps >= 0.9 * base_steps, tuned
 
 
 def test_isotropic_noise_at_the_noise_floor_does_not_hurt_much():
@@ -157,3 +224,93 @@ def test_isotropic_noise_far_from_the_optimum_learns_too():
     assert closer_than_raw(gcw)
     threshold = base[4][-100:].mean()
     assert first_step_below(gcw[4], threshold) <= first_step_below(base[4], threshold)
+
+
+# --------------------------------------------------------------------------- GC-W v2
+#
+# Open-loop streams with a known optimal linear filter: the gradient stream does
+# not depend on the correction, so "closer to the true gradient" compares the
+# filters alone. A (16, 32) kernel, true gradient mu_t a slow random walk:
+#
+# * "drift": G_t = mu_t + 2 eta_t (i.i.d. noise). The optimal causal linear
+#   filter is the steady-state Kalman filter, an EMA;
+# * "anticorrelated": G_t = mu_t + 2 (eta_t - 0.9 eta_{t-1}): lag-1 correlation
+#   -0.50; averaging over time (and a negative weight on G_t - G_{t-1}) cancels it.
+#
+# The reference optimum is a 40-tap Wiener filter fitted by least squares on a
+# *separate* stream (seed 1) with mu known, applied to the test stream (seed 0).
+# v2 runs at rho = 2 (its filter needs room: the issue asks for rho >= 1 to be
+# allowed), v1 at its defaults with the same stream.
+
+from gcgd_jax.transforms.gc_w_v2 import gc_w_v2
+
+STREAM_STEPS, STREAM_FROM, TAPS = 1500, 300, 40
+
+
+def _stream(kind, seed):
+    k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+    drift = 0.05 if kind == "drift" else 0.02
+    mu = jax.random.normal(k0, (N_IN, N_OUT)) + jnp.cumsum(
+        drift * jax.random.normal(k1, (STREAM_STEPS, N_IN, N_OUT)), axis=0
+    )
+    eta = 2.0 * jax.random.normal(k2, (STREAM_STEPS + 1, N_IN, N_OUT))
+    g = mu + eta[1:] if kind == "drift" else mu + eta[1:] - 0.9 * eta[:-1]
+    return mu, g
+
+
+def _mean_cos(a, mu):
+    c = jnp.sum(a * mu, axis=(1, 2)) / (
+        jnp.linalg.norm(a, axis=(1, 2)) * jnp.linalg.norm(mu, axis=(1, 2))
+    )
+    return float(c[STREAM_FROM:].mean())
+
+
+def _lags(g):
+    return jnp.stack([jnp.roll(g, lag, axis=0) for lag in range(TAPS)], axis=-1)
+
+
+@jax.jit
+def _wiener(g, mu):
+    x = _lags(g)[TAPS:].reshape(-1, TAPS)
+    y = mu[TAPS:].reshape(-1)
+    return jnp.linalg.solve(x.T @ x, x.T @ y)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _filtered(g, rho, version):
+    tx = gc_w_v2(rho=rho) if version == 2 else gc_w(warmup=100)
+    body = lambda s, x: tx.update(x, s)[::-1]
+    return jax.lax.scan(body, tx.init(g[0]), g)[1]
+
+
+@pytest.fixture(scope="module", params=["drift", "anticorrelated"])
+def stream_cosines(request):
+    mu, g = _stream(request.param, 0)
+    c = _wiener(*_stream(request.param, 1)[::-1])
+    optimal = (_lags(g) @ c).at[:TAPS].set(g[:TAPS])
+    return request.param, {
+        "raw": _mean_cos(g, mu),
+        "optimal": _mean_cos(optimal, mu),
+        "v1": _mean_cos(_filtered(g, 0.5, 1), mu),
+        "v2": _mean_cos(_filtered(g, 2.0, 2), mu),
+        "v2_rho0": _mean_cos(_filtered(g, 0.0, 2), mu),
+    }
+
+
+def test_v2_is_closer_to_the_true_gradient_than_raw_and_v1(stream_cosines):
+    """Measured (seed 0), mean cos to mu over steps >= 300:
+    drift: raw 0.635, v1 0.871, v2 0.940, optimal 0.975;
+    anticorrelated: raw 0.386, v1 0.706, v2 0.832, optimal 0.997.
+    Margins: v2 >= raw + 0.25, v2 >= v1 + 0.04, and v2 gets >= 60% of the
+    optimal filter's gain over raw."""
+    kind, c = stream_cosines
+    assert c["v2"] >= c["raw"] + 0.25, (kind, c)
+    assert c["v2"] >= c["v1"] + 0.04, (kind, c)
+    assert c["v2"] - c["raw"] >= 0.6 * (c["optimal"] - c["raw"]), (kind, c)
+    assert c["optimal"] >= c["v2"]  # the reference is a real upper bound here
+
+
+def test_v2_negative_control_rho_zero_is_the_raw_gradient(stream_cosines):
+    kind, c = stream_cosines
+    np.testing.assert_allclose(c["v2_rho0"], c["raw"], rtol=1e-6)
+    assert not c["v2_rho0"] >= c["raw"] + 0.25
