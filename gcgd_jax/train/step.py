@@ -73,6 +73,7 @@ class StepOptions:
     gc_ode: bool = False  # call the model with return_aux=True
     gc_ode_aux_weight: float = 1.0
     gc_w: bool = False  # report GC-W's predictor loss
+    gc_w_v2: bool = False  # report GC-W v2's last predictor objective
     fusion_breaker: bool = False
     nan_policy: str = "stop"
 
@@ -108,7 +109,7 @@ def make_train_step(
     scalar 1.0 passed at run time (ignored unless ``opts.fusion_breaker``).
     Metrics (float32/int32 scalars): ``loss`` (the data loss, mean over the
     batch), ``correct`` (count), ``finite``, ``lr``, and ``gc_ode_loss`` /
-    ``predictor_loss`` when GC-ODE / GC-W are on (with GC-ODE also
+    ``predictor_loss`` (``predictor_objective`` for GC-W v2) when GC-ODE / GC-W are on (with GC-ODE also
     ``gc_ode_gate``, the mean gate ``s_t`` of its pairs at this step).
     """
 
@@ -174,6 +175,11 @@ def make_train_step(
             from gcgd_jax.transforms.gc_w import gc_w_predictor_loss
 
             metrics["predictor_loss"] = gc_w_predictor_loss(new_state.opt_state).astype(jnp.float32)
+        if opts.gc_w_v2:
+            from gcgd_jax.transforms.gc_w_v2 import gc_w_v2_states
+
+            objectives = [st.objective for st in gc_w_v2_states(new_state.opt_state)]
+            metrics["predictor_objective"] = jnp.mean(jnp.stack(objectives)).astype(jnp.float32)
         return new_state, metrics
 
     return train_step

@@ -154,6 +154,7 @@ def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptio
         gc_ode=cfg.model.gc_ode != "none",
         gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
         gc_w="gc_w" in cfg.corrections.chain,
+        gc_w_v2="gc_w_v2" in cfg.corrections.chain,
         fusion_breaker=fusion_breaker,
         nan_policy=cfg.train.nan_policy,
     )
@@ -203,6 +204,7 @@ class _Sums:
     gc_ode_loss: float = 0.0
     gc_ode_gate: float | None = None
     predictor_loss: float | None = None
+    predictor_objective: float | None = None
     lr: float | None = None
 
 
@@ -708,6 +710,8 @@ class Trainer:
                 sums.gc_ode_gate = float(m["gc_ode_gate"])
             if "predictor_loss" in m:
                 sums.predictor_loss = float(m["predictor_loss"])
+            if "predictor_objective" in m:
+                sums.predictor_objective = float(m["predictor_objective"])
             done = done_step - epoch * spe
             speed = (done - start_batch) * bs / max(now - t_start, 1e-9)
             bar.update(done, sums.loss / max(sums.steps, 1), speed)
@@ -803,6 +807,8 @@ class Trainer:
             record["gc_ode_gate"] = sums.gc_ode_gate  # the mean gate s_t at the epoch's last step
         if self.step_options.gc_w:
             record["gc_w_predictor_loss"] = sums.predictor_loss
+        if self.step_options.gc_w_v2:
+            record["gc_w_v2_objective"] = sums.predictor_objective  # last step's mean J
         return record
 
     def _epoch_line(self, r: dict[str, Any]) -> str:

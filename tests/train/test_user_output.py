@@ -55,3 +55,14 @@ def test_unknown_config_and_unreadable_data_dir_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0] and "--data-dir" in err[0]
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_gc_w_v2_runs_record_the_predictor_objective(tmp_path, capsys):
+    from gcgd_jax.train.report import read_metrics
+
+    out = tmp_path / "run"
+    args = [*TINY, "--set", "corrections.chain=gc_w_v2", "--no-progress", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    (epoch,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    value = epoch["gc_w_v2_objective"]
+    assert isinstance(value, float) and -1.0 <= value <= 1.0 and value != 0.0  # it trained
