@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_lr": chosen,
         "command": command,
         "machine": f"{platform.platform()}, {os.cpu_count()} cores",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")

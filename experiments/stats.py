@@ -47,15 +47,15 @@ from scipy import stats as _sps
 __all__ = [
     "BudgetReading",
     "PairedComparison",
-    "budget_sweep",
+    "SweepResult",
     "bootstrap_mean_ci",
-    "equivalent_budget",
+    "budget_sweep",
     "epoch_saving",
+    "equivalent_budget",
     "grid_saving",
     "holm",
     "monotone",
     "paired",
-    "SweepResult",
     "reach_budget",
     "t_mean_ci",
 ]

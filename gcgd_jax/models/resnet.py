@@ -290,7 +290,7 @@ class ResNet(nnx.Module):
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("in_channels", in_channels)
         if not isinstance(zero_init_residual, bool):
-            raise ValueError(f"zero_init_residual must be a bool, got {zero_init_residual!r}.")
+            raise ValueError(f"zero_init_residual must be a bool, got {zero_init_residual!r}.")  # noqa: TRY004
         config = resolve_gc_ode(gc_ode)
         block_cls = BasicBlock if block == "basic" else Bottleneck
 

@@ -318,7 +318,7 @@ def test_time_input_is_used_and_trained_at_every_solver_stage():
         branch = ODEBranch(4, 4, 1, GCODEConfig(solver=solver, steps=steps), rngs=nnx.Rngs(0))
         _randomise_field(branch)
         h = _x((2, 4, 4, 4))
-        g = nnx.grad(lambda b: jnp.sum(b.solve(h) ** 2))(branch)
+        g = nnx.grad(lambda b, h=h: jnp.sum(b.solve(h) ** 2))(branch)
         time_slice = g.field.conv1.kernel[...][:, :, -1, :]
         assert float(jnp.max(jnp.abs(time_slice))) > 1e-4, solver
 

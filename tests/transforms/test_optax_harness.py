@@ -104,7 +104,7 @@ class OurTransformsUnderOptaxHarness(parameterized.TestCase):
         super().tearDownClass()
 
     @contextlib.contextmanager
-    def subTest(self, msg=None, **params):  # noqa: N802 -- unittest's name
+    def subTest(self, msg=None, **params):
         """Let a failing sub-check raise, so that an expected failure can be asserted."""
         del msg, params
         yield
