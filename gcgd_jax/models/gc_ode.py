@@ -226,8 +226,9 @@ def _is_real(value) -> bool:
 
 
 def resolve_gc_ode(spec: Any) -> GCODEConfig | None:
-    """``None`` -> ``None``; ``"branch"`` / ``"gradient"`` -> ``GCODEConfig(mode=spec)``;
-    a ``GCODEConfig`` -> itself; anything else -> ``ValueError``."""
+    """``None`` -> ``None``; a mode name (``"gradient"``, ``"branch"``, ``"scale_only"``,
+    ``"frozen_branch"``) -> ``GCODEConfig(mode=spec)``; a ``GCODEConfig`` -> itself;
+    anything else -> ``ValueError``."""
     if spec is None or isinstance(spec, GCODEConfig):
         return spec
     if isinstance(spec, str) and spec in _MODES:
