@@ -115,3 +115,18 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den > 0``, else 0: no NaN or inf from a zero ``den``."""
     positive = den > 0
     return jnp.where(positive, num / jnp.where(positive, den, 1), 0)
+
+
+def memory_parts(state: Any, parts: dict[str, Any]) -> dict[str, int]:
+    """Element counts of the named parts of an (abstract) optimizer state.
+
+    Returns ``parts``' counts, their ``"total"`` and ``"bytes"`` (the whole
+    ``state``'s size); leaves may be arrays or ``jax.ShapeDtypeStruct``.
+    """
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    out = {name: size(tree) for name, tree in parts.items()}
+    out["total"] = sum(out.values())
+    out["bytes"] = sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
+    )
+    return out

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gcgd_jax.transforms._common import check_number, concrete_value
+from gcgd_jax.transforms._common import check_number, concrete_value, memory_parts
 
 __all__ = [
     "GCWPredictor",
@@ -539,16 +539,12 @@ def gc_w_memory_floats(params: Any, **gc_w_kwargs: Any) -> dict[str, int]:
     ``jax.ShapeDtypeStruct``; nothing is allocated (``jax.eval_shape``).
     """
     shapes = jax.eval_shape(gc_w(**gc_w_kwargs).init, params)
-    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    nbytes = lambda tree: sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    return memory_parts(
+        shapes,
+        {
+            "buffers": (shapes.ema, shapes.stored_grad, shapes.stored_ema, shapes.target_sum),
+            "predictor": shapes.predictor,
+            "predictor_adam": shapes.predictor_opt_state,
+            "scalars": (shapes.count, shapes.predictor_loss, shapes.predictor_steps),
+        },
     )
-    parts = {
-        "buffers": size((shapes.ema, shapes.stored_grad, shapes.stored_ema, shapes.target_sum)),
-        "predictor": size(shapes.predictor),
-        "predictor_adam": size(shapes.predictor_opt_state),
-        "scalars": size((shapes.count, shapes.predictor_loss, shapes.predictor_steps)),
-    }
-    parts["total"] = sum(parts.values())
-    parts["bytes"] = nbytes(shapes)
-    return parts

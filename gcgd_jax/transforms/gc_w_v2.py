@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gcgd_jax.transforms._common import check_number
+from gcgd_jax.transforms._common import check_number, memory_parts
 from gcgd_jax.transforms.gc_w import _static_int
 
 __all__ = [
@@ -463,16 +463,12 @@ def gc_w_v2_memory_floats(params: Any, **kwargs: Any) -> dict[str, int]:
     counts) and ``"bytes"``; nothing is allocated (``jax.eval_shape``).
     """
     shapes = jax.eval_shape(gc_w_v2(**kwargs).init, params)
-    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    nbytes = lambda tree: sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    return memory_parts(
+        shapes,
+        {
+            "buffers": (shapes.emas, shapes.prev_grad, shapes.stored, shapes.stored_scale),
+            "predictor": shapes.predictor,
+            "predictor_adam": shapes.predictor_opt_state,
+            "scalars": (shapes.count, shapes.objective, shapes.predictor_steps),
+        },
     )
-    parts = {
-        "buffers": size((shapes.emas, shapes.prev_grad, shapes.stored, shapes.stored_scale)),
-        "predictor": size(shapes.predictor),
-        "predictor_adam": size(shapes.predictor_opt_state),
-        "scalars": size((shapes.count, shapes.objective, shapes.predictor_steps)),
-    }
-    parts["total"] = sum(parts.values())
-    parts["bytes"] = nbytes(shapes)
-    return parts
