@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from gcgd_jax.train.xla_flags import apply_cpu_flags
+from gcgd_jax.cpu_speed import apply_cpu_flags
 
 apply_cpu_flags()  # the CLI's CPU flag, before JAX starts (unless XLA_FLAGS is set)
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gcgd_jax.train.xla_flags import apply_cpu_flags
+from gcgd_jax.cpu_speed import apply_cpu_flags
 
 apply_cpu_flags()
 

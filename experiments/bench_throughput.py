@@ -12,7 +12,7 @@ Pipelines (batch 128, SGD momentum 0.9, weight decay 1e-4, one device):
   batch already on the device, cross-entropy, ``optax.sgd`` + weight decay, no
   augmentation, guard or metrics.
 
-Each pipeline runs with the XLA CPU flag (``gcgd_jax.train.xla_flags``) on or off
+Each pipeline runs with the XLA CPU flag (``gcgd_jax.cpu_speed``) on or off
 and the fusion breaker on or off. XLA reads its flags once per process, so two
 worker processes (flag on / off) each build every pipeline, and the parent asks
 them for measurements in alternating rounds (configuration order rotated each
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown pipeline(s) {sorted(unknown)}; known: {', '.join(PIPELINES)}")
 
-    from gcgd_jax.train.xla_flags import CPU_CONV_FLAG
+    from gcgd_jax.cpu_speed import CPU_CONV_FLAG
 
     repo = Path(__file__).resolve().parents[1]
     workers = {}

@@ -55,7 +55,7 @@ from typing import Any
 
 if __name__ == "__main__":  # the CPU convolution flag, before JAX starts
     try:
-        from gcgd_jax.train.xla_flags import apply_cpu_flags
+        from gcgd_jax.cpu_speed import apply_cpu_flags
 
         apply_cpu_flags()
     except ImportError:  # pragma: no cover - training package not there

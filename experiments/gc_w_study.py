@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # the library's CPU XLA flag, before JAX starts
-    from gcgd_jax.train.xla_flags import apply_cpu_flags
+    from gcgd_jax.cpu_speed import apply_cpu_flags
 
     apply_cpu_flags()
 

@@ -1,7 +1,7 @@
 """Test-session settings, set before JAX starts.
 
 * XLA flags: the CPU convolution flag goes through the library's own guard
-  (:func:`gcgd_jax.train.xla_flags.apply_cpu_flags`: only when the user has not
+  (:func:`gcgd_jax.cpu_speed.apply_cpu_flags`: only when the user has not
   set ``XLA_FLAGS``, on the CPU, with a jaxlib it was measured on), then two
   fake CPU devices are added for the data-parallel tests.
 * Home folder: every test gets temporary cache, tensorflow-datasets and
@@ -13,7 +13,7 @@
 import os
 from pathlib import Path
 
-from gcgd_jax.train.xla_flags import apply_cpu_flags
+from gcgd_jax.cpu_speed import apply_cpu_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # None: not set by the user

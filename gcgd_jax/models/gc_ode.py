@@ -79,10 +79,13 @@ Solvers: ``"euler"``, ``"heun"``, ``"tsit5"``; fixed steps by default
 field's parameters go through diffrax's ``args`` (``nnx.split`` outside,
 ``nnx.merge`` inside the vector field); no mutable module is closed over.
 
+diffrax is imported when the first solve is traced, not with this module.
+
 This design is ours (the GCGD paper's GC-ODE section was withdrawn), written
 from its public description: GC-ODE puts a neural ODE between adjacent
-stage outputs to add a gradient path with dynamic-system properties. Why the
-CPU path uses its own ``conv3x3`` VJP and ``GroupNorm``: ``docs/cpu_performance.md``.
+stage outputs to add a gradient path with dynamic-system properties. The
+vector field's ``conv3x3`` (hand-written VJP) and ``GroupNorm`` are CPU-speed
+workarounds, switchable: :mod:`gcgd_jax.cpu_speed`.
 
 References:
   Li et al, `Gradient Correction beyond Gradient Descent
@@ -95,33 +98,40 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
 
-import diffrax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gcgd_jax import cpu_speed
+from gcgd_jax.cpu_speed import conv3x3, group_norm
+
 __all__ = [
     "GCODE",
+    "Adjoint",
     "FrozenWeight",
     "GCODEConfig",
+    "GCODEMode",
     "GateFit",
-    "GroupNorm",
     "ODEBranch",
     "ODEVectorField",
-    "conv3x3",
+    "Solver",
     "odeint",
     "resolve_gc_ode",
     "scale_gradient",
 ]
 
-_MODES = ("branch", "gradient", "scale_only", "frozen_branch")
+GCODEMode = Literal["branch", "gradient", "scale_only", "frozen_branch"]
+Solver = Literal["euler", "heun", "tsit5"]
+Adjoint = Literal["recursive_checkpoint", "direct"]
+
+_MODES: tuple[str, ...] = get_args(GCODEMode)
 _GATED = ("gradient", "frozen_branch")
-_SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5}
-_ADJOINTS = ("recursive_checkpoint", "direct")
-_GN_EPS = 1e-5
+_SOLVERS: tuple[str, ...] = get_args(Solver)
+_SOLVER_CLASSES = {"euler": "Euler", "heun": "Heun", "tsit5": "Tsit5"}  # diffrax names
+_ADJOINTS: tuple[str, ...] = get_args(Adjoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +174,8 @@ class GCODEConfig:
     costs the same as the plain model (branch skipped).
     """
 
-    mode: str = "gradient"
-    solver: str = "euler"
+    mode: GCODEMode = "gradient"
+    solver: Solver = "euler"
     steps: int = 1
     width: int | None = None
     adaptive: bool = False
@@ -175,14 +185,14 @@ class GCODEConfig:
     gate_max: float = 0.5
     gate_momentum: float = 0.9
     control_scale: float = 1.0
-    adjoint: str = "recursive_checkpoint"
+    adjoint: Adjoint = "recursive_checkpoint"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"GCODEConfig.mode must be one of {_MODES}, got {self.mode!r}.")
         if self.solver not in _SOLVERS:
             raise ValueError(
-                f"GCODEConfig.solver must be one of {tuple(_SOLVERS)}, got {self.solver!r}."
+                f"GCODEConfig.solver must be one of {_SOLVERS}, got {self.solver!r}."
             )
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"GCODEConfig.steps must be an int >= 1, got {self.steps!r}.")
@@ -217,15 +227,15 @@ class GCODEConfig:
             )
 
 
-def _is_int(value) -> bool:
+def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def resolve_gc_ode(spec: Any) -> GCODEConfig | None:
+def resolve_gc_ode(spec: GCODEMode | GCODEConfig | None) -> GCODEConfig | None:
     """``None`` -> ``None``; a mode name (``"gradient"``, ``"branch"``, ``"scale_only"``,
     ``"frozen_branch"``) -> ``GCODEConfig(mode=spec)``; a ``GCODEConfig`` -> itself;
     anything else -> ``ValueError``."""
@@ -245,94 +255,8 @@ def _num_groups(channels: int) -> int:
     return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
-class GroupNorm(nnx.Module):
-    """Group normalisation over ``(H, W, channels of a group)`` for NHWC inputs.
-
-    Same maths and parameters (``scale``, ``bias``) as ``nnx.GroupNorm`` with
-    ``use_fast_variance`` (tested against it), computed as a two-stage
-    reduction -- per-(sample, channel) sums over ``H, W`` first, then over the
-    channels of each group -- with statistics in (at least) float32. On the CPU its forward
-    + backward is about 2x faster than ``nnx.GroupNorm`` for small groups.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        num_groups: int,
-        *,
-        epsilon: float = _GN_EPS,
-        zero_scale: bool = False,
-        rngs: nnx.Rngs | None = None,
-    ):
-        del rngs  # deterministic initialisation
-        if num_features % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}.")
-        self.num_features, self.num_groups, self.epsilon = num_features, num_groups, epsilon
-        init = jnp.zeros if zero_scale else jnp.ones
-        self.scale = nnx.Param(init((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, c, g = x.shape[0], x.shape[-1], self.num_groups
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # f32 statistics (f64 kept)
-        axes = tuple(range(1, x.ndim - 1))
-        count = math.prod(x.shape[1:-1]) * (c // g)
-        s1 = jnp.sum(xf, axis=axes).reshape(n, g, c // g).sum(-1)  # (N, G)
-        s2 = jnp.sum(jnp.square(xf), axis=axes).reshape(n, g, c // g).sum(-1)
-        mean = s1 / count
-        var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
-        inv = jax.lax.rsqrt(var + self.epsilon)
-        mean, inv = jnp.repeat(mean, c // g, axis=1), jnp.repeat(inv, c // g, axis=1)  # (N, C)
-        mul = inv * self.scale[...].astype(xf.dtype)
-        add = self.bias[...].astype(xf.dtype) - mean * mul
-        bshape = (n,) + (1,) * (x.ndim - 2) + (c,)
-        return (xf * mul.reshape(bshape) + add.reshape(bshape)).astype(x.dtype)
-
-
-def _group_norm(channels: int, *, rngs: nnx.Rngs, zero_scale: bool = False) -> GroupNorm:
-    return GroupNorm(channels, _num_groups(channels), zero_scale=zero_scale, rngs=rngs)
-
-
-_DN = ("NHWC", "HWIO", "NHWC")
-_PAD = ((1, 1), (1, 1))
-
-
-def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), _PAD, dimension_numbers=_DN)
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 convolution, stride 1, zero padding 1, NHWC / HWIO, with a hand-written VJP.
-
-    Values and gradients are those of ``jax.lax.conv_general_dilated`` (tested).
-    The VJP writes both backward convolutions in the canonical NHWC/HWIO form
-    (explicit transposes, as XLA itself produces outside loops). Reason: inside a
-    ``while`` loop body -- where diffrax's solve and its checkpointed backward
-    run -- XLA's CPU backend leaves the weight-gradient convolution in a
-    non-canonical layout and runs it through a slow generic kernel (measured
-    ~40x slower per conv here, jax 0.10.2; cf. jax-ml/jax#12868).
-    """
-    return _conv3x3_xla(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-    return _conv3x3_xla(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(res, dy):
-    x, kernel = res
-    # dx: correlate dy with the spatially flipped kernel, in/out swapped.
-    dx = _conv3x3_xla(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    # dk[a, b, i, o] = sum_{n,h,w} xpad[n, h + a, w + b, i] dy[n, h, w, o]: a convolution
-    # with C_in as "batch", N as "features" and dy as an (H, W, N, C_out) kernel.
-    dk = jax.lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), _PAD, dimension_numbers=_DN
-    ).transpose(1, 2, 0, 3)
-    return dx, dk.astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+def _group_norm(channels: int, *, rngs: nnx.Rngs, zero_scale: bool = False) -> nnx.Module:
+    return group_norm(channels, _num_groups(channels), zero_scale=zero_scale, rngs=rngs)
 
 
 class TimeConv(nnx.Module):
@@ -344,20 +268,22 @@ class TimeConv(nnx.Module):
     ``conv(a, K[..., :C_in, :]) + (1 + t) * conv(1, K[..., C_in:, :])`` -- identical
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
-    Both use :func:`conv3x3`.
+    Both use :func:`gcgd_jax.cpu_speed.conv3x3` (its hand-written VJP unless
+    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         self.in_features = in_features
         self.out_features = out_features
+        self.custom_vjp = cpu_speed.CUSTOM_CONV_VJP
         init = nnx.initializers.he_normal()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_features + 1, out_features)))
 
     def __call__(self, a: jax.Array, t: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(a.dtype)
-        y = conv3x3(a, kernel[:, :, : self.in_features, :])
+        y = conv3x3(a, kernel[:, :, : self.in_features, :], custom_vjp=self.custom_vjp)
         ones = jnp.ones((1, *a.shape[1:3], 1), a.dtype)
-        y_t = conv3x3(ones, kernel[:, :, self.in_features :, :])  # (1, H, W, C_out)
+        y_t = conv3x3(ones, kernel[:, :, self.in_features :, :], custom_vjp=self.custom_vjp)
         return y + (1 + jnp.asarray(t, a.dtype)) * y_t
 
 
@@ -399,9 +325,11 @@ def _vector_field(t, z, args):
 
 def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Array:
     """Integrates ``dz/dt = field(z, t)`` from 0 to 1 with diffrax; returns ``z(1)``."""
+    import diffrax  # here, not at module import: it is most of `import gcgd_jax.models`
+
     graphdef, params = nnx.split(field)
     term = diffrax.ODETerm(_vector_field)
-    solver = _SOLVERS[config.solver]()
+    solver = getattr(diffrax, _SOLVER_CLASSES[config.solver])()
     dt0 = 1.0 / config.steps
     if config.adaptive:
         controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
@@ -594,7 +522,7 @@ class GCODE(nnx.Module):
         self,
         channels: Sequence[int],
         strides: Sequence[int],
-        config: Any = "gradient",
+        config: GCODEMode | GCODEConfig = "gradient",
         *,
         rngs: nnx.Rngs,
     ):
@@ -619,7 +547,9 @@ class GCODE(nnx.Module):
             ]
         )
 
-    def set_view(self, deterministic: bool | None = None, use_running_average: bool | None = None):
+    def set_view(
+        self, deterministic: bool | None = None, use_running_average: bool | None = None
+    ) -> None:
         """Used by ``nnx.view``: ``deterministic`` or ``use_running_average`` set eval mode."""
         if deterministic is not None:
             self.deterministic = deterministic
@@ -690,7 +620,7 @@ class GCODE(nnx.Module):
 
     def run_stages(
         self,
-        stages: Sequence[Any],
+        stages: Sequence[Callable[..., jax.Array]],
         h0: jax.Array,
         *,
         compute_loss: bool = True,

@@ -37,22 +37,24 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gcgd_jax.models.fusion import fusion_break
-from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, resolve_gc_ode
+from gcgd_jax.cpu_speed import fusion_break
+from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, resolve_gc_ode
 
 __all__ = [
     "BasicBlock",
+    "BlockKind",
     "Bottleneck",
     "ResNet",
+    "Shortcut",
     "Stage",
     "Stem",
-    "fusion_break",
+    "StemKind",
     "resnet18",
     "resnet20",
     "resnet32",
@@ -61,8 +63,18 @@ __all__ = [
     "resnet56",
 ]
 
+BlockKind = Literal["basic", "bottleneck"]
+StemKind = Literal["cifar", "imagenet", "small"]
+Shortcut = Literal["A", "B"]
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = " or ".join(", ".join(repr(c) for c in choices).rsplit(", ", 1))
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
 
 
 def _conv(
@@ -104,10 +116,11 @@ class BasicBlock(nnx.Module):
         features: int,
         stride: int,
         *,
-        shortcut: str = "B",
+        shortcut: Shortcut = "B",
         zero_init_residual: bool = False,
         rngs: nnx.Rngs,
     ):
+        _check_choice("shortcut", shortcut, get_args(Shortcut))
         self.in_features, self.out_features, self.stride = in_features, features, stride
         self.conv1 = _conv(in_features, features, 3, stride, rngs=rngs)
         self.bn1 = _bn(features, rngs=rngs)
@@ -152,7 +165,7 @@ class Bottleneck(nnx.Module):
         features: int,
         stride: int,
         *,
-        shortcut: str = "B",
+        shortcut: Shortcut = "B",
         zero_init_residual: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -187,7 +200,8 @@ class Stem(nnx.Module):
     """``"cifar"``/``"small"``: 3x3/1 conv -> BN -> ReLU. ``"imagenet"``: 7x7/2
     conv -> BN -> ReLU -> 3x3/2 max pool (padding 1)."""
 
-    def __init__(self, kind: str, in_channels: int, features: int, *, rngs: nnx.Rngs):
+    def __init__(self, kind: StemKind, in_channels: int, features: int, *, rngs: nnx.Rngs):
+        _check_choice("stem", kind, get_args(StemKind))
         self.kind = kind
         kernel, stride = (7, 2) if kind == "imagenet" else (3, 1)
         self.conv = _conv(in_channels, features, kernel, stride, rngs=rngs)
@@ -205,13 +219,13 @@ class Stage(nnx.Module):
 
     def __init__(
         self,
-        block_cls,
+        block_cls: type[BasicBlock | Bottleneck],
         num_blocks: int,
         in_features: int,
         features: int,
         stride: int,
         *,
-        shortcut: str,
+        shortcut: Shortcut,
         zero_init_residual: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -252,7 +266,8 @@ class ResNet(nnx.Module):
       shortcut: ``"A"`` or ``"B"`` (basic blocks; bottlenecks need ``"B"``).
       zero_init_residual: start the last BatchNorm scale of every residual
         block at zero (Goyal et al. 2017); default ``False`` (He et al. 2016).
-      gc_ode: ``None``, ``"branch"``, ``"gradient"`` or a ``GCODEConfig``.
+      gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
+        ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs``.
 
     Call: ``model(x, *, return_aux=False, fusion_breaker=None)`` with ``x`` NHWC
@@ -261,30 +276,29 @@ class ResNet(nnx.Module):
     GC-ODE, in branch mode and in eval mode), plus ``"gc_ode_gate"`` (the mean
     gate ``s_t`` over the pairs) with GC-ODE. In gradient mode, train with
     ``loss = task_loss + aux["gc_ode_loss"]``: the auxiliary loss trains only
-    the GC-ODE branches, the task loss only the backbone.
+    the GC-ODE branches, the task loss only the backbone. ``fusion_breaker``: a
+    runtime scalar 1.0 for the CPU (:func:`gcgd_jax.cpu_speed.fusion_break`), or
+    ``None``.
     """
 
     def __init__(
         self,
         stage_sizes: Sequence[int],
         *,
-        block: str = "basic",
+        block: BlockKind = "basic",
         widths: Sequence[int],
-        stem: str = "cifar",
+        stem: StemKind = "cifar",
         stem_features: int,
         num_classes: int,
         in_channels: int = 3,
-        shortcut: str = "B",
+        shortcut: Shortcut = "B",
         zero_init_residual: bool = False,
-        gc_ode: Any = None,
+        gc_ode: GCODEMode | GCODEConfig | None = None,
         rngs: nnx.Rngs,
     ):
-        if block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}.")
-        if stem not in ("cifar", "imagenet", "small"):
-            raise ValueError(f"stem must be 'cifar', 'imagenet' or 'small', got {stem!r}.")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}.")
+        _check_choice("block", block, get_args(BlockKind))
+        _check_choice("stem", stem, get_args(StemKind))
+        _check_choice("shortcut", shortcut, get_args(Shortcut))
         if len(stage_sizes) != len(widths) or not stage_sizes:
             raise ValueError("stage_sizes and widths must be non-empty and of equal length.")
         _check_positive_int("num_classes", num_classes)
@@ -322,7 +336,7 @@ class ResNet(nnx.Module):
 
     def __call__(
         self, x: jax.Array, *, return_aux: bool = False, fusion_breaker: jax.Array | None = None
-    ):
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"expected NHWC input with {self.in_channels} channels, got shape {x.shape}."
@@ -448,9 +462,9 @@ def resnet20(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """CIFAR ResNet-20 (3 x 3 basic blocks, option-A shortcuts, 0.27M parameters).
 
@@ -459,7 +473,8 @@ def resnet20(
       in_channels: input channels (3; 1 for MNIST-family images).
       zero_init_residual: start every block's last BatchNorm scale at zero
         (Goyal et al. 2017). Default ``False``, as in He et al.'s ResNet-20.
-      gc_ode: ``None``, ``"branch"``, ``"gradient"`` or a ``GCODEConfig``.
+      gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
+        ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs`` (required).
 
     Any other keyword argument raises ``ValueError``.
@@ -483,9 +498,9 @@ def resnet32(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """CIFAR ResNet-32 (3 x 5 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
@@ -498,9 +513,9 @@ def resnet56(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """CIFAR ResNet-56 (3 x 9 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
@@ -514,9 +529,9 @@ def resnet18(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """ImageNet ResNet-18 (basic blocks [2, 2, 2, 2], 11.69M parameters at 1000 classes).
 
@@ -527,7 +542,8 @@ def resnet18(
       zero_init_residual: start every block's last BatchNorm scale at zero, as
         in Goyal et al. 2017 and Flax's ImageNet example. Default ``False``, as
         in He et al. 2016 and torchvision.
-      gc_ode: ``None``, ``"branch"``, ``"gradient"`` or a ``GCODEConfig``.
+      gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
+        ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs`` (required).
 
     Any other keyword argument raises ``ValueError``.
@@ -552,9 +568,9 @@ def resnet34(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """ImageNet ResNet-34 (basic blocks [3, 4, 6, 3]). See :func:`resnet18`."""
     return _imagenet(
@@ -577,9 +593,9 @@ def resnet50(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
-    gc_ode: str | GCODEConfig | None = None,
+    gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
-    **unknown,
+    **unknown: Any,
 ) -> ResNet:
     """ImageNet ResNet-50 (bottleneck blocks [3, 4, 6, 3], stage outputs 256/512/1024/2048
     channels). With GC-ODE, pass a ``GCODEConfig`` with a small ``width`` (e.g. 64)

@@ -35,7 +35,7 @@ from gcgd_jax.train.trainer import (
     step_options,
     train,
 )
-from gcgd_jax.train.xla_flags import CPU_CONV_FLAG, apply_cpu_flags
+from gcgd_jax.cpu_speed import CPU_CONV_FLAG, apply_cpu_flags
 
 __all__ = [
     "CPU_CONV_FLAG",

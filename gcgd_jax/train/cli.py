@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gcgd_jax.train.xla_flags import apply_cpu_flags
+from gcgd_jax.cpu_speed import apply_cpu_flags
 
 __all__ = ["main"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gcgd_jax.cpu_speed import fusion_break
 from gcgd_jax.models import (
     ResNet,
-    fusion_break,
     resnet18,
     resnet20,
     resnet32,

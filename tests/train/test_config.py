@@ -6,7 +6,6 @@ import pytest
 
 from gcgd_jax.train import config as C
 from gcgd_jax.train.config import ConfigError, load_config
-from gcgd_jax.train.xla_flags import CPU_CONV_FLAG, apply_cpu_flags
 
 
 def test_shipped_configs_load_and_validate():
@@ -162,29 +161,3 @@ def test_options_of_a_correction_not_in_the_chain_are_ignored_with_a_note():
     assert C.ignored_options_note(load_config("quickstart")) is None
     cfg = load_config(None, ["corrections.chain=znorm", "corrections.agr.eps=1e-6"])
     assert "[corrections.agr]" in C.ignored_options_note(cfg)
-
-
-def test_xla_flag_helper(monkeypatch):
-    from gcgd_jax.train import xla_flags
-
-    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: False)
-    env = {}
-    assert apply_cpu_flags(env) is True and env["XLA_FLAGS"] == CPU_CONV_FLAG
-    env = {"JAX_PLATFORMS": "cpu"}
-    assert apply_cpu_flags(env) is True
-    # A user's own XLA_FLAGS (even empty) are never touched.
-    user = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-    assert apply_cpu_flags(user) is False and user["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
-    assert apply_cpu_flags({"XLA_FLAGS": ""}) is False
-    # Not for accelerators, not for jaxlib versions it was not measured on, not once JAX runs.
-    assert apply_cpu_flags({"JAX_PLATFORMS": "cuda"}) is False
-    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: True)
-    assert apply_cpu_flags({}) is False
-    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: False)
-    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 9))
-    assert apply_cpu_flags({}) is False
-    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10))
-    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: True)
-    env = {}
-    assert apply_cpu_flags(env) is False and env == {}
-    assert CPU_CONV_FLAG == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gcgd_jax.train.report import read_metrics
-from gcgd_jax.train.xla_flags import CPU_CONV_FLAG
+from gcgd_jax.cpu_speed import CPU_CONV_FLAG
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [
