@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +28,15 @@ from gcgd_jax.transforms._common import check_number, concrete_value, memory_par
 __all__ = [
     "GCWPredictor",
     "GCWState",
+    "GCWTarget",
     "gc_w",
     "gc_w_memory_floats",
     "gc_w_predictor_loss",
     "gc_w_states",
 ]
 
-_TARGETS = ("window_mean", "next_gradient")
+GCWTarget = Literal["window_mean", "next_gradient"]
+_TARGETS: tuple[str, ...] = get_args(GCWTarget)
 # History tokens are divided by max(s, rms(M) / _MAX_HISTORY_RATIO): their RMS
 # is at most this many times the current tokens' RMS (keeps logits bounded when
 # the gradient collapses while its history does not).
@@ -191,7 +193,7 @@ def gc_w(
     head_size: int = 32,
     predictor_learning_rate: float = 1e-2,
     scale_weight: float = 0.1,
-    target: str = "window_mean",
+    target: GCWTarget = "window_mean",
     key: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GC-W: a learned, bounded, attention-based offset added to kernel gradients.
@@ -374,15 +376,13 @@ def gc_w(
             **{name: jax.tree_util.tree_unflatten(treedef, v) for name, v in fields.items()}
         )
 
-        def zeros():
-            return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-
+        zeros = optax.tree.zeros_like(params, jnp.float32)  # float leaves only (checked)
         return GCWState(
             count=jnp.zeros([], jnp.int32),
-            ema=zeros(),
-            stored_grad=zeros(),
-            stored_ema=zeros(),
-            target_sum=zeros(),
+            ema=zeros,
+            stored_grad=zeros,
+            stored_ema=zeros,
+            target_sum=zeros,
             predictor=predictor,
             predictor_opt_state=predictor_tx.init(predictor),
             predictor_loss=jnp.zeros([], jnp.float32),
@@ -408,11 +408,15 @@ def gc_w(
         if not g_leaves:
             return updates, state
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in g_leaves]))
-        g32 = [g.astype(jnp.float32) for g in g_leaves]
+        grads32 = optax.tree.cast(updates, jnp.float32)
+        g32 = flat(grads32)
         count = state.count
-        ema = [beta * m + (1.0 - beta) * g for m, g in zip(flat(state.ema), g32)]
-        debias = 1.0 - jnp.asarray(beta, jnp.float32) ** (count + 1).astype(jnp.float32)
-        ema_hat = [m / debias for m in ema]
+        # Not optax.tree.update_moment, which sums (1-β)G + βM: under jit XLA's CPU
+        # backend contracts the sum into an FMA, and the other operand order changes
+        # the last bit of the result (measured), so this keeps GC-W's numerics.
+        ema = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g, state.ema, grads32)
+        # β ** (count + 1) with a float32 exponent, as before.
+        ema_hat = flat(optax.tree.bias_correction(ema, beta, (count + 1).astype(jnp.float32)))
 
         # Window bookkeeping: `since` = steps since the last store (1..window).
         since = jnp.mod(count - 1, window) + 1
@@ -423,7 +427,7 @@ def gc_w(
         else:  # "next_gradient"
             weight = (since == 1).astype(jnp.float32)
         weight = jnp.where(count >= 1, weight, 0.0)
-        target_sum = [t + weight * g for t, g in zip(flat(state.target_sum), g32)]
+        target_sum = flat(optax.tree.add_scale(state.target_sum, weight, grads32))
 
         stored_g = flat(state.stored_grad)
         stored_m = flat(state.stored_ema)
@@ -454,10 +458,9 @@ def gc_w(
                     jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_predictor)])
                 )
             )
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
             return (
-                keep(new_predictor, predictor),
-                keep(new_opt_state, opt_state),
+                optax.tree.where(ok, new_predictor, predictor),
+                optax.tree.where(ok, new_opt_state, opt_state),
                 jnp.where(ok, mean, loss).astype(jnp.float32),
                 jnp.where(ok, optax.safe_increment(steps), steps),
             )
@@ -489,7 +492,7 @@ def gc_w(
         new_target_sum = [jnp.where(is_start, jnp.zeros_like(t), t) for t in target_sum]
         new_state = GCWState(
             count=optax.safe_increment(count),
-            ema=unflat(ema),
+            ema=ema,
             stored_grad=unflat(new_stored_g),
             stored_ema=unflat(new_stored_m),
             target_sum=unflat(new_target_sum),
@@ -498,7 +501,7 @@ def gc_w(
             predictor_loss=new_loss,
             predictor_steps=new_steps,
         )
-        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, state)
+        new_state = optax.tree.where(finite, new_state, state)
         return unflat(out_leaves), new_state
 
     _update_jit = jax.jit(_update)

@@ -75,7 +75,7 @@ def _is_kernel(x: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(jnp.shape(x)) >= 2
 
 
-def gc_w_v2_features(g: jax.Array, emas: jax.Array, prev: jax.Array):
+def gc_w_v2_features(g: jax.Array, emas: jax.Array, prev: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Normalised token features of one kernel: ``(x, s)``.
 
     ``x`` is ``(T, n)``: rows ``[G, m_{β_1}, …, m_{β_K}, G - G_{t-1}] / s`` with
@@ -101,7 +101,9 @@ def _bounded(dx: jax.Array, x0: jax.Array, rho) -> jax.Array:
     return jnp.where(jnp.all(jnp.isfinite(dx)), dx, 0.0)
 
 
-def gc_w_v2_offset(p: dict | GCWv2Predictor, x: jax.Array, rho) -> jax.Array:
+def gc_w_v2_offset(
+    p: dict[str, jax.Array] | GCWv2Predictor, x: jax.Array, rho: float | jax.Array
+) -> jax.Array:
     """Bounded offset ``ΔX`` ``(n,)`` of one kernel for features ``x`` ``(T, n)``.
 
     ``ΔG = s · ΔX`` (see :func:`gc_w_v2`). ``p`` maps the
@@ -120,7 +122,12 @@ def gc_w_v2_offset(p: dict | GCWv2Predictor, x: jax.Array, rho) -> jax.Array:
     return _bounded(dx, x[0], rho)
 
 
-def gc_w_v2_objective(p, x: jax.Array, target: jax.Array, rho):
+def gc_w_v2_objective(
+    p: dict[str, jax.Array] | GCWv2Predictor,
+    x: jax.Array,
+    target: jax.Array,
+    rho: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """``J = ⟨ΔX, Ḡ⟩ / (‖X_G‖ ‖Ḡ‖)`` for stored features ``x`` and a raw target ``Ḡ`` (flat).
 
     Equals ``⟨ΔG, Ḡ⟩ / (‖G‖ ‖Ḡ‖)``; returns ``(J, valid)`` (``J = 0`` where
@@ -358,7 +365,9 @@ def gc_w_v2(
         emas, prev, feats = {}, {}, {}
         for i in sel:
             g = g32[i]
-            b = decay_arr.reshape((-1,) + (1,) * g.ndim)
+            b = decay_arr.reshape((-1,) + (1,) * g.ndim)  # one EMA per decay
+            # Not optax.tree.update_moment ((1-β)G + βm): under jit the other operand
+            # order of this sum changes its last bit (FMA contraction; measured).
             emas[i] = jnp.where(first, g[None], b * emas_old[i] + (1.0 - b) * g[None])
             prev[i] = jnp.where(first, g, prev_old[i])
             feats[i] = gc_w_v2_features(g, emas[i], prev[i])
@@ -397,9 +406,8 @@ def gc_w_v2(
             & jnp.isfinite(mean_j)
             & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_predictor)]))
         )
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        predictor = keep(new_predictor, state.predictor)
-        opt_state = keep(new_opt_state, state.predictor_opt_state)
+        predictor = optax.tree.where(ok, new_predictor, state.predictor)
+        opt_state = optax.tree.where(ok, new_opt_state, state.predictor_opt_state)
 
         applied = (count >= warmup) & finite
         ps = per_leaf(predictor)
@@ -429,7 +437,7 @@ def gc_w_v2(
                 ok, optax.safe_increment(state.predictor_steps), state.predictor_steps
             ),
         )
-        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, state)
+        new_state = optax.tree.where(finite, new_state, state)
         return unflat(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -441,7 +449,11 @@ def gc_w_v2_states(opt_state: Any) -> list[GCWv2State]:
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
-def gc_w_v2_effective_filter(predictor_leaf: dict | GCWv2Predictor, x: jax.Array, rho=np.inf):
+def gc_w_v2_effective_filter(
+    predictor_leaf: dict[str, jax.Array] | GCWv2Predictor,
+    x: jax.Array,
+    rho: float | jax.Array = np.inf,
+) -> tuple[jax.Array, jax.Array]:
     """What one kernel's predictor does, as a linear filter over its tokens.
 
     Least-squares coefficients ``c`` (``(T,)``) with ``ΔX ≈ Σ_j c_j x_j`` over the

@@ -20,11 +20,6 @@ class GrokfastEMAState(NamedTuple):
     ema: Any  # params-shaped tree, float32 (at least): h_t, the low-pass filtered gradient.
 
 
-def _acc_dtype(x: Any) -> jnp.dtype:
-    dtype = jnp.result_type(x)
-    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
-
-
 def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransformation:
     r"""Grokfast-EMA: adds an amplified exponential moving average of the gradient.
 
@@ -77,10 +72,7 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
     _common.check_number("lamb", lamb, lower=0.0)
 
     def init_fn(params):
-        return GrokfastEMAState(
-            count=jnp.zeros([], jnp.int32),
-            ema=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p)), params),
-        )
+        return GrokfastEMAState(count=jnp.zeros([], jnp.int32), ema=_common.acc_zeros_like(params))
 
     def update_fn(updates, state, params=None):
         del params
@@ -89,7 +81,10 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
         def filt(g, h):
             if not _common.is_float(g):
                 return g, h
-            g32 = jnp.asarray(g).astype(h.dtype)
+            g32 = jnp.asarray(g).astype(h.dtype)  # in the state's (>= float32) dtype
+            # Not optax.tree.update_moment ((1-α)g + αh): under jit XLA may contract the
+            # sum into an FMA, whose rounding depends on the operand order (measured on
+            # GC-W's EMA), so the existing order is kept.
             h = jnp.where(first, g32, alpha * h + (1.0 - alpha) * g32)
             return (g32 + lamb * h).astype(g.dtype), h
 

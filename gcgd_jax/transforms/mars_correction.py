@@ -20,11 +20,6 @@ class MarsCorrectionState(NamedTuple):
     prev_grad: Any  # params-shaped tree, float32 (at least): g_{t-1}, the last raw gradient.
 
 
-def _acc_dtype(x: Any) -> jnp.dtype:
-    dtype = jnp.result_type(x)
-    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
-
-
 def mars_correction(
     gamma: float = 0.025, beta1: float = 0.95, max_norm: float | None = 1.0
 ) -> optax.GradientTransformation:
@@ -88,8 +83,7 @@ def mars_correction(
 
     def init_fn(params):
         return MarsCorrectionState(
-            count=jnp.zeros([], jnp.int32),
-            prev_grad=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p)), params),
+            count=jnp.zeros([], jnp.int32), prev_grad=_common.acc_zeros_like(params)
         )
 
     def update_fn(updates, state, params=None):
@@ -100,10 +94,10 @@ def mars_correction(
         def correct(g, prev):
             if not _common.is_float(g):
                 return g, prev
-            g32 = jnp.asarray(g).astype(prev.dtype)
+            g32 = jnp.asarray(g).astype(prev.dtype)  # in the state's (>= float32) dtype
             c = g32 + coef * jnp.where(first, 0.0, g32 - prev)
             if max_norm is not None:
-                norm = jnp.sqrt(jnp.sum(jnp.square(c)))
+                norm = optax.tree.norm(c)  # of this tensor (c is >= float32)
                 c = c * jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
             return c.astype(g.dtype), g32
 
