@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ import optax
 
 from gcgd_jax.transforms import _common
 
-METRICS = ("h0", "sobolev")
+ChannelMetric = Literal["h0", "sobolev"]
+METRICS: tuple[str, ...] = get_args(ChannelMetric)
 
 #: Default ``lam`` of the re-weighted H0 metric: deviations from the channel
 #: mean are halved. Our choice; the paper's value was not available to us.
@@ -33,7 +36,7 @@ def _sobolev_gains(n: int, lam, dtype) -> jax.Array:
 
 
 def channel_directed(
-    metric: str = "h0",
+    metric: ChannelMetric = "h0",
     lam: float | None = None,
     *,
     include_dense: bool = False,
