@@ -376,13 +376,17 @@ def gc_w(
             **{name: jax.tree_util.tree_unflatten(treedef, v) for name, v in fields.items()}
         )
 
-        zeros = optax.tree.zeros_like(params, jnp.float32)  # float leaves only (checked)
+        def zeros():
+            # A fresh tree per field: fields sharing one buffer cannot be donated by a
+            # jitted train step (XLA: "donate the same buffer twice").
+            return optax.tree.zeros_like(params, jnp.float32)  # float leaves only (checked)
+
         return GCWState(
             count=jnp.zeros([], jnp.int32),
-            ema=zeros,
-            stored_grad=zeros,
-            stored_ema=zeros,
-            target_sum=zeros,
+            ema=zeros(),
+            stored_grad=zeros(),
+            stored_ema=zeros(),
+            target_sum=zeros(),
             predictor=predictor,
             predictor_opt_state=predictor_tx.init(predictor),
             predictor_loss=jnp.zeros([], jnp.float32),

@@ -317,6 +317,19 @@ def check_jit(case: ConformanceCase) -> None:
         assert_trees_close(jit_state, eager_state, what=f"state, step {i}")
 
 
+def check_donation(case: ConformanceCase) -> None:
+    """The state can be donated to a jitted update (as a train step does): no two state
+    leaves share one buffer, and donated updates equal undonated ones."""
+    params, tx = case.params(), case.factory()
+    g = case.grads(seed=1)
+    state = tx.init(params)
+    ids = [id(x) for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    assert len(ids) == len(set(ids)), "init returns the same array in several state leaves"
+    expected = jax.jit(tx.update)(g, tx.init(params), params)
+    donated = jax.jit(tx.update, donate_argnums=1)(g, state, params)
+    assert_trees_close(donated, expected, what="update with the state donated")
+
+
 def check_extra_args(case: ConformanceCase) -> None:
     """Unknown keyword arguments are accepted and ignored (alone and in a chain)."""
     params, tx = case.params(), case.factory()
@@ -587,6 +600,7 @@ def check_map_params(case: ConformanceCase) -> None:
 
 CHECKS: Mapping[str, Callable[[ConformanceCase], None]] = {
     "jit": check_jit,
+    "donation": check_donation,
     "extra_args": check_extra_args,
     "no_recompilation": check_no_recompilation,
     "inject": check_inject,
