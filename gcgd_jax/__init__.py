@@ -1,68 +1,104 @@
 """gcgd_jax: gradient corrections for JAX / Optax.
 
-Optax transforms to chain before any optimizer (``gc_w``, ``centralize``,
-``channel_directed``, ``znorm``, ``agr``), loss- and graph-level corrections
-(``powergrad_cross_entropy``, ``backward_grad_norm``, ``gradient_norm_penalty``),
-and the GC-ODE hidden-state correction for the Flax NNX ResNets in
-:mod:`gcgd_jax.models`. The training system lives in :mod:`gcgd_jax.train`
-and the data sets in :mod:`gcgd_jax.data` (imported on demand).
+Where things are, by what they are:
+
+* :mod:`gcgd_jax.transforms` -- optax transforms to chain before any optimizer
+  (``gc_w``, ``gc_w_v2``, ``centralize``, ``channel_directed``, ``znorm``,
+  ``agr``, ``mars_correction``, ``grokfast_ema``);
+* :mod:`gcgd_jax.losses` -- losses (``powergrad_cross_entropy``);
+* :mod:`gcgd_jax.gradients` -- ``value_and_grad`` replacements
+  (``gradient_norm_penalty``);
+* :mod:`gcgd_jax.layers` -- graph layers (``backward_grad_norm``);
+* :mod:`gcgd_jax.models` -- the Flax NNX ResNets and GC-ODE;
+* :mod:`gcgd_jax.methods` -- the registry of every method above;
+* :mod:`gcgd_jax.train` and :mod:`gcgd_jax.data` -- the training system.
+
+Every public name below is importable from ``gcgd_jax`` directly; the
+sub-packages are imported on first use, so ``import gcgd_jax`` itself is cheap.
 """
 
-from gcgd_jax import models
-from gcgd_jax.models import GCODE, GCODEConfig
-from gcgd_jax.transforms import (
-    BackwardGradNorm,
-    GCWState,
-    agr,
-    backward_grad_norm,
-    centralize,
-    channel_directed,
-    gc_w,
-    gc_w_memory_floats,
-    gc_w_predictor_loss,
-    gc_w_states,
-    gradient_norm_penalty,
-    powergrad_cross_entropy,
-    znorm,
-)
-from gcgd_jax.transforms import (
-    GCWv2State,
-    GrokfastEMAState,
-    MarsCorrectionState,
-    gc_w_v2,
-    gc_w_v2_effective_filter,
-    gc_w_v2_memory_floats,
-    gc_w_v2_states,
-    grokfast_ema,
-    mars_correction,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "mars_correction",
-    "grokfast_ema",
-    "gc_w_v2_states",
-    "gc_w_v2_memory_floats",
-    "gc_w_v2_effective_filter",
-    "gc_w_v2",
-    "MarsCorrectionState",
-    "GrokfastEMAState",
-    "GCWv2State",
-    "GCODE",
-    "BackwardGradNorm",
-    "GCODEConfig",
-    "GCWState",
-    "agr",
-    "backward_grad_norm",
-    "centralize",
-    "channel_directed",
-    "gc_w",
-    "gc_w_memory_floats",
-    "gc_w_predictor_loss",
-    "gc_w_states",
-    "gradient_norm_penalty",
-    "models",
-    "powergrad_cross_entropy",
-    "znorm",
-]
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "GCWState",
+            "GCWv2State",
+            "GrokfastEMAState",
+            "MarsCorrectionState",
+            "agr",
+            "centralize",
+            "channel_directed",
+            "gc_w",
+            "gc_w_memory_floats",
+            "gc_w_predictor_loss",
+            "gc_w_states",
+            "gc_w_v2",
+            "gc_w_v2_effective_filter",
+            "gc_w_v2_memory_floats",
+            "gc_w_v2_states",
+            "grokfast_ema",
+            "mars_correction",
+            "znorm",
+        ),
+        "gcgd_jax.transforms",
+    ),
+    "powergrad_cross_entropy": "gcgd_jax.losses",
+    "gradient_norm_penalty": "gcgd_jax.gradients",
+    "BackwardGradNorm": "gcgd_jax.layers",
+    "backward_grad_norm": "gcgd_jax.layers",
+    "GCODE": "gcgd_jax.models",
+    "GCODEConfig": "gcgd_jax.models",
+}
+_SUBMODULES = ("data", "gradients", "layers", "losses", "methods", "models", "train", "transforms")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"gcgd_jax.{name}")
+    else:
+        raise AttributeError(f"module 'gcgd_jax' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from gcgd_jax import data, gradients, layers, losses, methods, models, train, transforms
+    from gcgd_jax.gradients import gradient_norm_penalty
+    from gcgd_jax.layers import BackwardGradNorm, backward_grad_norm
+    from gcgd_jax.losses import powergrad_cross_entropy
+    from gcgd_jax.models import GCODE, GCODEConfig
+    from gcgd_jax.transforms import (
+        GCWState,
+        GCWv2State,
+        GrokfastEMAState,
+        MarsCorrectionState,
+        agr,
+        centralize,
+        channel_directed,
+        gc_w,
+        gc_w_memory_floats,
+        gc_w_predictor_loss,
+        gc_w_states,
+        gc_w_v2,
+        gc_w_v2_effective_filter,
+        gc_w_v2_memory_floats,
+        gc_w_v2_states,
+        grokfast_ema,
+        mars_correction,
+        znorm,
+    )

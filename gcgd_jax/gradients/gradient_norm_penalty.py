@@ -104,7 +104,7 @@ def gradient_norm_penalty(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
+        >>> from gcgd_jax.gradients.gradient_norm_penalty import gradient_norm_penalty
         >>> loss = lambda w: 0.5 * jnp.sum(w**2)  # gradient w, Hessian identity
         >>> value, g = gradient_norm_penalty(loss, radius=0.1, alpha=0.5)(jnp.array([3.0, 4.0]))
         >>> print(value, g)  # w + alpha * r * w / |w| = [3, 4] + 0.05 * [0.6, 0.8]

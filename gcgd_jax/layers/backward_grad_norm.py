@@ -89,7 +89,7 @@ def backward_grad_norm(
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from gcgd_jax.transforms.backward_grad_norm import backward_grad_norm
+        >>> from gcgd_jax.layers.backward_grad_norm import backward_grad_norm
         >>> x = jnp.ones((2, 4))
         >>> scale = jnp.array([[3.0], [0.01]])
         >>> g = jax.grad(lambda x: jnp.sum(scale * backward_grad_norm(x)))(x)

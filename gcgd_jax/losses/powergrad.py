@@ -89,7 +89,7 @@ def powergrad_cross_entropy(logits: jax.Array, labels: jax.Array, alpha: Any) ->
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
+        >>> from gcgd_jax.losses.powergrad import powergrad_cross_entropy
         >>> logits = jnp.array([[2.0, 0.0, -1.0]])
         >>> labels = jnp.array([0])
         >>> loss = lambda z, a: powergrad_cross_entropy(z, labels, a).mean()

@@ -1,7 +1,16 @@
-"""Gradient corrections: optax transforms and loss/graph-level corrections."""
+"""Gradient corrections as optax ``GradientTransformation`` s, one per module.
+
+Each one is chained before the optimizer it corrects::
+
+    tx = optax.chain(gcgd_jax.transforms.centralize(), optax.sgd(0.1, momentum=0.9))
+
+Corrections that are not optax transforms live where their kind says:
+losses in :mod:`gcgd_jax.losses`, ``value_and_grad`` replacements in
+:mod:`gcgd_jax.gradients`, graph layers in :mod:`gcgd_jax.layers`, GC-ODE in
+:mod:`gcgd_jax.models`.
+"""
 
 from gcgd_jax.transforms.agr import agr
-from gcgd_jax.transforms.backward_grad_norm import BackwardGradNorm, backward_grad_norm
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
 from gcgd_jax.transforms.gc_w import (
@@ -18,33 +27,27 @@ from gcgd_jax.transforms.gc_w_v2 import (
     gc_w_v2_memory_floats,
     gc_w_v2_states,
 )
-from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
 from gcgd_jax.transforms.grokfast_ema import GrokfastEMAState, grokfast_ema
 from gcgd_jax.transforms.mars_correction import MarsCorrectionState, mars_correction
-from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
 from gcgd_jax.transforms.znorm import znorm
 
 __all__ = [
-    "mars_correction",
-    "grokfast_ema",
-    "gc_w_v2_states",
-    "gc_w_v2_memory_floats",
-    "gc_w_v2_effective_filter",
-    "gc_w_v2",
-    "MarsCorrectionState",
-    "GrokfastEMAState",
-    "GCWv2State",
-    "BackwardGradNorm",
     "GCWState",
+    "GCWv2State",
+    "GrokfastEMAState",
+    "MarsCorrectionState",
     "agr",
-    "backward_grad_norm",
     "centralize",
     "channel_directed",
     "gc_w",
     "gc_w_memory_floats",
     "gc_w_predictor_loss",
     "gc_w_states",
-    "gradient_norm_penalty",
-    "powergrad_cross_entropy",
+    "gc_w_v2",
+    "gc_w_v2_effective_filter",
+    "gc_w_v2_memory_floats",
+    "gc_w_v2_states",
+    "grokfast_ema",
+    "mars_correction",
     "znorm",
 ]

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
+from gcgd_jax.gradients.gradient_norm_penalty import gradient_norm_penalty
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.standard_normal((12, 3)), jnp.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gcgd_jax.transforms.backward_grad_norm import BackwardGradNorm, backward_grad_norm
+from gcgd_jax.layers.backward_grad_norm import BackwardGradNorm, backward_grad_norm
 
 
 def _np_normalise(g, axes, eps=1e-6):

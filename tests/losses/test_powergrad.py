@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
+from gcgd_jax.losses.powergrad import powergrad_cross_entropy
 
 
 def _np_probs(z):
