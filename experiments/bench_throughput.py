@@ -57,7 +57,6 @@ def _worker(data_dir: str | None) -> None:
     from gcgd_jax.data import normalization
     from gcgd_jax.models import resnet20
     from gcgd_jax.train import Trainer, load_config
-    from gcgd_jax.train.trainer import _Sums
 
     built: dict = {}
 
@@ -76,7 +75,7 @@ def _worker(data_dir: str | None) -> None:
             trainer = Trainer(cfg, out_dir=tempfile.mkdtemp(prefix="bench_"), stream=io.StringIO())
             images = trainer.train_ds.images[:BATCH]
             labels = trainer.train_ds.labels[:BATCH]
-            resident = (trainer._put(images), trainer._put(labels))
+            resident = (trainer.put_batch(images), trainer.put_batch(labels))
             built[key] = {"trainer": trainer, "step": 0, "resident": resident}
         return built[key]
 
@@ -143,8 +142,7 @@ def _worker(data_dir: str | None) -> None:
             x, y = entry["resident"]
 
             def run_one():
-                trainer.state, metrics = trainer._train_step(trainer.state, x, y, trainer._fb)
-                return metrics["loss"]
+                return trainer.dispatch(x, y)["loss"]
 
             return pipelined(run_one, steps)
         # The real loop (its per-step completion-to-completion times, first step excluded).
@@ -152,9 +150,7 @@ def _worker(data_dir: str | None) -> None:
         step = entry["step"]
         if (step % spe) + steps + 1 > spe:
             step = (step // spe + 1) * spe
-        _, _, times, _ = trainer._train_epoch(
-            step // spe, step, step + steps + 1, _Sums(), None, None
-        )
+        times = trainer.train_epoch(step // spe, step, step + steps + 1).step_times
         entry["step"] = step + steps + 1
         return times
 

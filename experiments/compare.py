@@ -17,8 +17,10 @@ stopped and restarted at will. The report (``RESULTS.md`` + PNG plots) is
 rebuilt from whatever runs are complete.
 
 Method definitions are configuration overrides on top of the suite's base
-configuration (``gcgd_jax/configs/<base>.toml``); all hyperparameters are
-the documented defaults of each method (no tuning on the test split).
+configuration (``gcgd_jax/configs/<base>.toml``), read from the method
+registry (:mod:`gcgd_jax.methods`: a new registry entry is in every suite);
+all hyperparameters are the documented defaults of each method (no tuning on
+the test split).
 """
 
 from __future__ import annotations
@@ -37,30 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.report import build_report, read_metrics
+from gcgd_jax import methods as registry
 from gcgd_jax.train.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-# Method -> overrides of the base configuration.
+# Method -> overrides of the base configuration: the optimizer alone, then every
+# method of the registry (gcgd_jax.methods), in registry order.
 METHODS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    "gc_w": ("corrections.chain=gc_w",),
-    "gc_ode_branch": ("model.gc_ode=branch",),
-    "gc_ode_gradient": ("model.gc_ode=gradient",),
-    # GCGD = GC-W + GC-ODE in its default (gradient) mode, as in cifar10_resnet20_gcgd.toml.
-    "gcgd": ("corrections.chain=gc_w", "model.gc_ode=gradient"),
-    # Capacity control: the default GC-ODE is already a single Euler step, so the
-    # control runs the same branch with 4 Euler steps; equal results mean the
-    # "ODE-ness" (more integration) does not matter, only the extra path does.
-    "gc_ode_euler4": ("model.gc_ode=branch", "model.gc_ode_solver=euler", "model.gc_ode_steps=4"),
-    "centralize": ("corrections.chain=centralize",),
-    "channel_directed_h0": ("corrections.chain=channel_directed_h0",),
-    "channel_directed_sobolev": ("corrections.chain=channel_directed_sobolev",),
-    "znorm": ("corrections.chain=znorm",),
-    "agr": ("corrections.chain=agr",),
-    "powergrad": ("loss.name=powergrad",),
-    "gradient_norm_penalty": ("loss.penalty=gradient_norm",),
+    **{m.name: m.select for m in registry.METHODS.values()},
 }
 # The budget sweep (5 seeds x 6 budgets) covers the optimizer alone, GC-W, GC-ODE in
 # its default (gradient) mode and GCGD; the other methods, GC-ODE branch mode

@@ -7,22 +7,35 @@ Usage::
 
 Protocol (one seed):
 
-1. The suite's base model and data (``gcgd_jax/configs/<base>.toml``) are
-   trained with the baseline optimizer (no correction) for ``--steps`` steps,
-   exactly as the suite's 100% run.
-2. Every correction rides along as a *shadow*: it sees every minibatch gradient
-   of this trajectory and updates its own state (GC-W's predictor trains
-   online exactly as in a real run, with the suite's GC-W settings), but its
-   output never moves the weights. GC-ODE (gradient mode) is a shadow model:
-   its backbone is the baseline's at every step, its branch is trained by its
-   auxiliary loss. GCGD = GC-W fed with GC-ODE's backbone gradients.
-   PowerGrad and the gradient-norm penalty change the loss, so their
-   minibatch gradient is simply computed with their loss at the same weights.
+1. The suite's baseline run (``gcgd_jax/configs/<base>.toml`` with the suite's
+   overrides, this seed) is trained step by step through the public seams of
+   :class:`gcgd_jax.train.Trainer`: its data order (``Trainer.batches``), its
+   gradient (``Trainer.grad_fn``: the run's loss, augmentation key and model)
+   and its update (``Trainer.update_fn``: the run's optimizer and schedule over
+   the run's ``total_steps``), for ``--steps`` steps. The trajectory is the
+   run's own.
+2. Every method of the registry (:mod:`gcgd_jax.methods`) that can be compared
+   on the baseline's weights rides along:
+
+   * ``"transform"`` methods are *shadows*: each sees every minibatch
+     gradient of this trajectory and updates its own state (GC-W's predictor
+     trains online exactly as in a real run, with the suite's settings for that
+     method), but its output never moves the weights;
+   * GC-ODE in gradient mode is a shadow model: its backbone is the
+     baseline's at every step, its branch is trained by its auxiliary loss
+     with its own optimizer; its gradient is the run's gradient function of
+     that configuration. GCGD = GC-W fed with GC-ODE's backbone gradients;
+   * ``"loss"`` and ``"gradient"`` methods (PowerGrad, the gradient-norm
+     penalty) change the gradient function only, so their minibatch gradient
+     is the gradient function of their configuration at the same weights.
+
+   GC-ODE's branch mode and its controls change the forward pass, so there is
+   no "same weights" gradient to compare; they are not probed.
 3. At each probe step, the "true" gradient ``g_L`` is the gradient of the
    training loss on ``--large-batch`` training images (train-mode BatchNorm in
    chunks of the batch size, no augmentation), and ``--probe-batches`` fresh
    minibatches give each method's corrected minibatch gradient ``T(g_b)``
-   (the same minibatches for every method). We report
+   (the same minibatches for every method, no augmentation). We report
 
    * ``cos_all``: cosine of ``T(g_b)`` and ``g_L`` over all parameters,
    * ``cos_kernels``: the same over the conv/dense kernels only,
@@ -57,6 +70,10 @@ from gcgd_jax.cpu_speed import apply_cpu_flags
 
 apply_cpu_flags()
 
+import dataclasses
+import io
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,32 +82,24 @@ from flax import nnx
 
 from experiments.compare import SUITES
 from experiments.stats import bootstrap_mean_ci
+from gcgd_jax import methods as registry
 from gcgd_jax.models import pre_downsampling_mask
-from gcgd_jax.train import build_model, build_optimizer, load_config, load_data, step_options
+from gcgd_jax.train import (
+    Trainer,
+    build_model,
+    build_optimizer,
+    load_config,
+    make_grad_fn,
+    step_options,
+)
 from gcgd_jax.train.optim import build_correction, kernel_mask
-from gcgd_jax.train.step import preprocess
-from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
-from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
 
 ROOT = Path(__file__).resolve().parent
-TRANSFORMS = (
-    "gc_w",
-    "centralize",
-    "channel_directed_h0",
-    "channel_directed_sobolev",
-    "znorm",
-    "agr",
-    "gc_w_v2",
-    "mars_correction",
-    "grokfast_ema",
+TRANSFORMS = tuple(m.name for m in registry.methods_of_kind("transform"))
+GRADIENT_FUNCTIONS = tuple(
+    m.name for m in (*registry.methods_of_kind("loss"), *registry.methods_of_kind("gradient"))
 )
-METHODS = ("baseline", *TRANSFORMS, "gc_ode_gradient", "gcgd", "powergrad", "gradient_norm_penalty")
-
-
-def _suite_gc_w_options(suite_name: str) -> dict[str, Any]:
-    """GC-W's options in ``suite_name`` (base configuration + the suite's GC-W overrides)."""
-    s = SUITES[suite_name]
-    return load_config(s.base_config, list(s.overrides_for("gc_w"))).corrections.options["gc_w"]
+METHODS = ("baseline", *TRANSFORMS, "gc_ode_gradient", "gcgd", *GRADIENT_FUNCTIONS)
 
 
 def _cos(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
@@ -104,146 +113,130 @@ class Diagnostics:
     """Baseline trajectory + shadows for one seed (see the module docstring)."""
 
     def __init__(self, suite: str, seed: int):
-        s = SUITES[suite]
-        self.cfg = load_config(s.base_config, [f"run.seed={seed}"])
-        self.ode_cfg = load_config(s.base_config, [f"run.seed={seed}", "model.gc_ode=gradient"])
-        self.train_ds, _ = load_data(self.cfg)
-        images = self.train_ds.images
-        self.bs = self.cfg.data.batch_size
-        self.steps_per_epoch = len(images) // self.bs
-        self.opts = step_options(self.cfg)  # only its preprocessing settings are used
-        shape = {"num_classes": self.train_ds.num_classes, "in_channels": images.shape[-1]}
-        model = build_model(self.cfg, **shape)
-        model.train()
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        ode_model = build_model(self.ode_cfg, **shape)
-        ode_model.train()
-        self.ode_graphdef, ode_params, self.ode_rest = nnx.split(ode_model, nnx.Param, ...)
-        self.ode_branch = ode_params["gc_ode"]
+        s = self.suite = SUITES[suite]
+        self.common = [f"run.seed={seed}", "checkpoint.enabled=false", "log.progress=false"]
+        self.cfg = load_config(s.base_config, [*s.overrides, *self.common])
+        self.trainer = Trainer(
+            self.cfg, out_dir=tempfile.mkdtemp(prefix="grad_quality_"), stream=io.StringIO()
+        )
+        t = self.trainer
+        self.train_ds, self.bs = t.train_ds, self.cfg.data.batch_size
+        self.total_steps = t.total_steps
         self.rng = np.random.default_rng(seed)
-        self.key = jax.random.PRNGKey(seed)
-
-        self.kernel_idx = [
-            i for i, leaf in enumerate(jax.tree.leaves(kernel_mask(self.params))) if leaf
-        ]
+        params = t.state.params
+        model = nnx.merge(t.graphdef, params, t.state.rest)
+        self.kernel_idx = [i for i, leaf in enumerate(jax.tree.leaves(kernel_mask(params))) if leaf]
         self.selected_idx = [
             i for i, leaf in enumerate(jax.tree.leaves(pre_downsampling_mask(model))) if leaf
         ]
-        self._build(suite, model, ode_model, seed)
+        self._build_shadows(model, seed)
+        self._build_gc_ode()
+        self._build_functions()
 
-    def _build(self, suite: str, model, ode_model, seed: int) -> None:
-        cfg, opts = self.cfg, self.opts
-        total = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = total
-        self.tx = build_optimizer(
-            cfg,
-            params=self.params,
-            model=model,
-            total_steps=total,
-            steps_per_epoch=self.steps_per_epoch,
-        ).tx
-        self.opt_state = self.tx.init(self.params)
-        _, ode_params, _ = nnx.split(ode_model, nnx.Param, ...)
+    def _method_cfg(self, name: str):
+        return load_config(self.suite.base_config, [*self.suite.overrides_for(name), *self.common])
+
+    def _build_shadows(self, model, seed: int) -> None:
+        params = self.trainer.state.params
+
+        def correction(name: str) -> optax.GradientTransformation:
+            options = self._method_cfg(name).corrections.options.get(name, {})
+            return build_correction(name, options, params=params, model=model, seed=seed)
+
+        self.shadows = {name: correction(name) for name in TRANSFORMS}
+        gcgd = registry.get("gcgd")
+        # GCGD's transforms, in the suite's settings for GCGD.
+        chain = self._method_cfg("gcgd").corrections
+        self.shadows["gcgd"] = optax.chain(
+            *(
+                build_correction(
+                    name, chain.options.get(name, {}), params=params, model=model, seed=seed
+                )
+                for name in chain.chain
+            )
+        )
+        assert tuple(chain.chain) == tuple(
+            p for p in gcgd.parts if registry.get(p).kind == "transform"
+        ), "GCGD's registry entry and its suite configuration disagree"
+        self.shadow_states = {n: tx.init(params) for n, tx in self.shadows.items()}
+
+    def _build_gc_ode(self) -> None:
+        t = self.trainer
+        self.ode_cfg = self._method_cfg("gc_ode_gradient")
+        ode_model = build_model(
+            self.ode_cfg, num_classes=t.train_ds.num_classes, in_channels=t.image_shape[-1]
+        )
+        ode_model.train()
+        self.ode_graphdef, ode_params, self.ode_rest = nnx.split(ode_model, nnx.Param, ...)
         self.ode_tx = build_optimizer(
             self.ode_cfg,
             params=ode_params,
             model=ode_model,
-            total_steps=total,
-            steps_per_epoch=self.steps_per_epoch,
+            total_steps=t.total_steps,
+            steps_per_epoch=t.steps_per_epoch,
         ).tx
+        self.ode_branch = ode_params["gc_ode"]
         self.ode_opt_state = self.ode_tx.init(ode_params)
+        self.ode_opts = step_options(self.ode_cfg, fusion_breaker=t.use_fusion_breaker)
 
-        gc_w_opts = _suite_gc_w_options(suite)
-        self.shadows: dict[str, optax.GradientTransformation] = {}
-        for name in TRANSFORMS:
-            options = gc_w_opts if name == "gc_w" else {}
-            self.shadows[name] = build_correction(
-                name, options, params=self.params, model=model, seed=seed
+    def _build_functions(self) -> None:
+        t = self.trainer
+        grad, update = t.grad_fn, t.update_fn  # the run's own train step, in its two halves
+        ode_grad = make_grad_fn(self.ode_graphdef, self.ode_opts)
+
+        def no_aug(opts):
+            return dataclasses.replace(opts, augment=False)
+
+        probe_grad = make_grad_fn(t.graphdef, no_aug(t.step_options))
+        ode_probe_grad = make_grad_fn(self.ode_graphdef, no_aug(self.ode_opts))
+        method_grads = {
+            name: make_grad_fn(
+                t.graphdef,
+                no_aug(step_options(self._method_cfg(name), fusion_breaker=t.use_fusion_breaker)),
             )
-        self.shadows["gcgd"] = build_correction(
-            "gc_w", gc_w_opts, params=self.params, model=model, seed=seed
-        )
-        self.shadow_states = {n: tx.init(self.params) for n, tx in self.shadows.items()}
+            for name in GRADIENT_FUNCTIONS
+        }
+        shadows, ode_rest, ode_tx = self.shadows, self.ode_rest, self.ode_tx
+        kernel_idx, selected_idx = self.kernel_idx, self.selected_idx
 
-        graphdef, ode_graphdef = self.graphdef, self.ode_graphdef
+        def ode_state(state, branch):
+            # GC-ODE's backbone is the baseline's (parameters and BatchNorm statistics).
+            params = nnx.merge_state(state.params, nnx.State({"gc_ode": branch}))
+            return state._replace(params=params, rest=nnx.merge_state(ode_rest, state.rest))
 
-        def ce_loss(
-            params, rest, x, labels, per_example=optax.softmax_cross_entropy_with_integer_labels
-        ):
-            m = nnx.merge(graphdef, params, rest, copy=True)
-            loss = jnp.mean(per_example(m(x), labels))
-            return loss, nnx.state(m, nnx.Not(nnx.Param))
+        def backbone(g_ode):
+            return nnx.filter_state(g_ode, lambda path, _: path[0] != "gc_ode")
 
-        def ode_loss(params, rest, x, labels):
-            m = nnx.merge(ode_graphdef, params, rest, copy=True)
-            logits, aux = m(x, return_aux=True)
-            loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-            total = loss + self.ode_cfg.model.gc_ode_aux_weight * aux["gc_ode_loss"]
-            return total, nnx.state(m, nnx.Not(nnx.Param))
-
-        pg_alpha = cfg.loss.powergrad_alpha
-
-        def pg_loss(params, rest, x, labels):
-            return ce_loss(
-                params, rest, x, labels, lambda lg, lb: powergrad_cross_entropy(lg, lb, pg_alpha)
-            )
-
-        ce_grad = jax.value_and_grad(ce_loss, has_aux=True)
-        ode_grad = jax.value_and_grad(ode_loss, has_aux=True)
-        pg_grad = jax.value_and_grad(pg_loss, has_aux=True)
-        gnp_grad = gradient_norm_penalty(
-            ce_loss, cfg.loss.penalty_radius, cfg.loss.penalty_alpha, argnums=0, has_aux=True
-        )
-
-        def with_backbone(branch, params):
-            return nnx.merge_state(params, nnx.State({"gc_ode": branch}))
-
-        def ode_rest_from(rest):
-            # The backbone's BatchNorm statistics are the baseline's; GC-ODE has none of its own.
-            return nnx.merge_state(self.ode_rest, rest)
+        def corrected(shadow_states, params, g, g_backbone):
+            return {
+                name: tx.update(g_backbone if name == "gcgd" else g, shadow_states[name], params)
+                for name, tx in shadows.items()
+            }
 
         @jax.jit
-        def train_step(
-            params, rest, opt_state, branch, ode_opt_state, shadow_states, images, labels, key
-        ):
-            x = preprocess(images, opts, key)
-            (_, new_rest), g = ce_grad(params, rest, x, labels)
-            updates, opt_state = self.tx.update(g, opt_state, params)
-            ode_params = with_backbone(branch, params)
-            (_, _), g_ode = ode_grad(ode_params, ode_rest_from(rest), x, labels)
-            ode_updates, ode_opt_state = self.ode_tx.update(g_ode, ode_opt_state, ode_params)
-            branch = optax.apply_updates(ode_params, ode_updates)["gc_ode"]
-            g_backbone = nnx.filter_state(g_ode, lambda path, _: path[0] != "gc_ode")
-            new_shadow = {}
-            for name, tx in self.shadows.items():
-                feed = g_backbone if name == "gcgd" else g
-                new_shadow[name] = tx.update(feed, shadow_states[name], params)[1]
-            return (
-                optax.apply_updates(params, updates),
-                new_rest,
-                opt_state,
-                branch,
-                ode_opt_state,
-                new_shadow,
-            )
+        def advance(state, branch, ode_opt_state, shadow_states, x, y, fb):
+            g, aux = grad(state, x, y, fb)
+            o = ode_state(state, branch)
+            g_ode, _ = ode_grad(o, x, y, fb)
+            ode_updates, ode_opt_state = ode_tx.update(g_ode, ode_opt_state, o.params)
+            branch = optax.apply_updates(o.params, ode_updates)["gc_ode"]
+            outs = corrected(shadow_states, state.params, g, backbone(g_ode))
+            state, _ = update(state, g, aux, y)
+            return state, branch, ode_opt_state, {n: out[1] for n, out in outs.items()}
 
         @jax.jit
-        def large_grad(params, rest, images, labels):
-            x = preprocess(images, opts, None)
-            return ce_grad(params, rest, x, labels)[1]
+        def large_grad(state, x, y, fb):
+            return probe_grad(state, x, y, fb)[0]
 
         @jax.jit
-        def probe(params, rest, branch, shadow_states, images, labels, g_large):
-            x = preprocess(images, opts, None)
-            g = ce_grad(params, rest, x, labels)[1]
-            _, g_ode = ode_grad(with_backbone(branch, params), ode_rest_from(rest), x, labels)
-            g_backbone = nnx.filter_state(g_ode, lambda path, _: path[0] != "gc_ode")
+        def probe(state, branch, shadow_states, x, y, g_large, fb):
+            g = probe_grad(state, x, y, fb)[0]
+            g_backbone = backbone(ode_probe_grad(ode_state(state, branch), x, y, fb)[0])
             out = {"baseline": g, "gc_ode_gradient": g_backbone}
-            for name, tx in self.shadows.items():
-                feed = g_backbone if name == "gcgd" else g
-                out[name] = tx.update(feed, shadow_states[name], params)[0]
-            out["powergrad"] = pg_grad(params, rest, x, labels)[1]
-            out["gradient_norm_penalty"] = gnp_grad(params, rest, x, labels)[1]
+            for name, (updates, _) in corrected(shadow_states, state.params, g, g_backbone).items():
+                out[name] = updates
+            for name, fn in method_grads.items():
+                out[name] = fn(state, x, y, fb)[0]
             ref = jax.tree.leaves(g_large)
             result = {}
             for name, tree in out.items():
@@ -251,67 +244,57 @@ class Diagnostics:
                 result[name] = {
                     "cos_all": _cos(leaves, ref),
                     "cos_kernels": _cos(
-                        [leaves[i] for i in self.kernel_idx], [ref[i] for i in self.kernel_idx]
+                        [leaves[i] for i in kernel_idx], [ref[i] for i in kernel_idx]
                     ),
                     "cos_selected": jnp.mean(
-                        jnp.stack([_cos([leaves[i]], [ref[i]]) for i in self.selected_idx])
+                        jnp.stack([_cos([leaves[i]], [ref[i]]) for i in selected_idx])
                     ),
                 }
             return result
 
-        self._train_step, self._large_grad, self._probe = train_step, large_grad, probe
+        self._advance, self._large_grad, self._probe = advance, large_grad, probe
 
-    def _batch(self) -> tuple[np.ndarray, np.ndarray]:
-        idx = self.rng.choice(len(self.train_ds.labels), self.bs, replace=False)
-        return self.train_ds.images[idx], self.train_ds.labels[idx]
+    def _put(self, images: np.ndarray, labels: np.ndarray):
+        return self.trainer.put_batch(images), self.trainer.put_batch(labels)
 
     def run(self, probes: list[int], large_batch: int, probe_batches: int) -> list[dict]:
-        records = []
-        order = self.rng.permutation(len(self.train_ds.labels))
-        for step in range(1, max(probes) + 1):
-            e, b = divmod(step - 1, self.steps_per_epoch)
-            if b == 0 and e > 0:
-                order = self.rng.permutation(len(self.train_ds.labels))
-            idx = order[b * self.bs : (b + 1) * self.bs]
-            key = jax.random.fold_in(self.key, step)
-            (
-                self.params,
-                self.rest,
-                self.opt_state,
-                self.ode_branch,
-                self.ode_opt_state,
-                self.shadow_states,
-            ) = self._train_step(
-                self.params,
-                self.rest,
-                self.opt_state,
-                self.ode_branch,
-                self.ode_opt_state,
-                self.shadow_states,
-                self.train_ds.images[idx],
-                self.train_ds.labels[idx],
-                key,
-            )
-            if step in probes:
-                records += self._probe_at(step, large_batch, probe_batches)
+        """Trains the run's first ``max(probes)`` steps, probing after each step in ``probes``."""
+        t = self.trainer
+        records, step = [], 0
+        for epoch in range(t.num_epochs):
+            for images, labels in t.batches(epoch):
+                if step >= max(probes):
+                    return records
+                t.state, self.ode_branch, self.ode_opt_state, self.shadow_states = self._advance(
+                    t.state,
+                    self.ode_branch,
+                    self.ode_opt_state,
+                    self.shadow_states,
+                    *self._put(images, labels),
+                    t.fusion_breaker,
+                )
+                step += 1
+                if step in probes:
+                    records += self._probe_at(step, large_batch, probe_batches)
         return records
 
     def _probe_at(self, step: int, large_batch: int, probe_batches: int) -> list[dict]:
+        t = self.trainer
         n = len(self.train_ds.labels)
         idx = self.rng.choice(n, min(large_batch, n), replace=False)
         chunks = [idx[i : i + self.bs] for i in range(0, len(idx) - self.bs + 1, self.bs)]
         g_large = None
         for c in chunks:
-            g = self._large_grad(
-                self.params, self.rest, self.train_ds.images[c], self.train_ds.labels[c]
-            )
+            x, y = self._put(self.train_ds.images[c], self.train_ds.labels[c])
+            g = self._large_grad(t.state, x, y, t.fusion_breaker)
             g_large = g if g_large is None else jax.tree.map(jnp.add, g_large, g)
         g_large = jax.tree.map(lambda x: x / len(chunks), g_large)
         out = []
         for p in range(probe_batches):
-            images, labels = self._batch()
+            pick = self.rng.choice(n, self.bs, replace=False)
+            x, y = self._put(self.train_ds.images[pick], self.train_ds.labels[pick])
             res = self._probe(
-                self.params, self.rest, self.ode_branch, self.shadow_states, images, labels, g_large
+                t.state, self.ode_branch, self.shadow_states, x, y, g_large, t.fusion_breaker
             )
             for method, vals in res.items():
                 out.append(

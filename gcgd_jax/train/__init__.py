@@ -8,64 +8,64 @@ Command line: ``gcgd-train --config quickstart --out runs/quickstart`` (see
     summary = train(cfg, out_dir="runs/x")
 """
 
-from gcgd_jax.train.config import (
-    CheckpointConfig,
-    ConfigError,
-    CorrectionsConfig,
-    DataConfig,
-    LogConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    TrainLoopConfig,
-    load_config,
-    to_toml,
-    validate,
-)
-from gcgd_jax.train.optim import build_optimizer, build_schedule, current_lr
-from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
-from gcgd_jax.train.trainer import (
-    CheckpointError,
-    NonFiniteLossError,
-    Trainer,
-    build_model,
-    load_data,
-    step_options,
-    train,
-)
-from gcgd_jax.cpu_speed import CPU_CONV_FLAG, apply_cpu_flags
+from __future__ import annotations
 
-__all__ = [
-    "CPU_CONV_FLAG",
-    "CheckpointConfig",
-    "CheckpointError",
-    "ConfigError",
-    "CorrectionsConfig",
-    "DataConfig",
-    "LogConfig",
-    "LossConfig",
-    "ModelConfig",
-    "NonFiniteLossError",
-    "OptimConfig",
-    "RunConfig",
-    "StepOptions",
-    "TrainConfig",
-    "TrainLoopConfig",
-    "TrainState",
-    "Trainer",
-    "apply_cpu_flags",
-    "build_model",
-    "build_optimizer",
-    "build_schedule",
-    "current_lr",
-    "load_config",
-    "load_data",
-    "make_eval_step",
-    "make_train_step",
-    "step_options",
-    "to_toml",
-    "train",
-    "validate",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it (imported on first use: the CLI's
+# --help must not wait for JAX)
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "CheckpointConfig",
+            "ConfigError",
+            "CorrectionsConfig",
+            "DataConfig",
+            "LogConfig",
+            "LossConfig",
+            "ModelConfig",
+            "OptimConfig",
+            "RunConfig",
+            "TrainConfig",
+            "TrainLoopConfig",
+            "load_config",
+            "to_toml",
+            "validate",
+        ),
+        "gcgd_jax.train.config",
+    ),
+    **dict.fromkeys(("build_optimizer", "build_schedule", "current_lr"), "gcgd_jax.train.optim"),
+    **dict.fromkeys(
+        (
+            "GradAux",
+            "StepOptions",
+            "TrainState",
+            "make_eval_step",
+            "make_grad_fn",
+            "make_train_step",
+            "make_update_fn",
+        ),
+        "gcgd_jax.train.step",
+    ),
+    **dict.fromkeys(("build_model", "load_data", "step_options"), "gcgd_jax.train.build"),
+    **dict.fromkeys(
+        ("CheckpointError", "EpochResult", "NonFiniteLossError", "Trainer", "train"),
+        "gcgd_jax.train.trainer",
+    ),
+    **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.cpu_speed"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gcgd_jax.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gcgd_jax.cpu_speed import apply_cpu_flags
-
 __all__ = ["main"]
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -81,7 +79,9 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (the console script exits with it)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # --help answers here, before JAX is imported
+    from gcgd_jax.cpu_speed import apply_cpu_flags
+
     apply_cpu_flags()  # before anything initialises JAX's backends
 
     from gcgd_jax.train.config import CONFIG_DIRS, ConfigError, load_config

@@ -12,25 +12,17 @@ is added; ``after_weight_decay = true`` reproduces that order
 (weight decay -> corrections -> base optimizer). With ``adamw`` the decay is
 decoupled (inside ``optax.adamw``) and the corrections always precede it.
 
-Corrections by name (keyword arguments from ``[corrections.<name>]``)::
-
-    gc_w                      gcgd_jax.transforms.gc_w.gc_w
-    centralize                gcgd_jax.transforms.centralize.centralize
-    channel_directed_h0       gcgd_jax.transforms.channel_directed.channel_directed(metric="h0")
-    channel_directed_sobolev  gcgd_jax.transforms.channel_directed.channel_directed(metric="sobolev")
-    znorm                     gcgd_jax.transforms.znorm.znorm
-    agr                       gcgd_jax.transforms.agr.agr
-    gc_w_v2                   gcgd_jax.transforms.gc_w_v2.gc_w_v2
-    mars_correction           gcgd_jax.transforms.mars_correction.mars_correction
-    grokfast_ema              gcgd_jax.transforms.grokfast_ema.grokfast_ema
+Corrections by name: the ``"transform"`` methods of :mod:`gcgd_jax.methods`
+(keyword arguments from ``[corrections.<name>]``; the registry names each
+one's factory, fixed arguments and default mask).
 
 Every correction also takes ``mask``: ``"all"`` (every parameter; the
 correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim 2 or
 4), ``"pre_downsampling"`` / ``"pre_downsampling_block"``
 (:func:`gcgd_jax.models.pre_downsampling_mask` with ``whole_block`` False /
-True). GC-W defaults to ``"pre_downsampling"``, the others to ``"all"``.
-GC-W's predictor seed ``key`` defaults to the run's seed.
-The same two defaults hold for ``gc_w_v2``.
+True). Each method's registry entry gives its default (GC-W v1 and v2:
+``"pre_downsampling"``; the others ``"all"``). Seeded methods (GC-W v1 and
+v2) take ``key``, defaulting to the run's seed.
 
 The base optimizer is wrapped in :func:`optax.inject_hyperparams`, so the
 learning rate of the last update is in the state (:func:`current_lr`).
@@ -39,7 +31,6 @@ learning rate of the last update is in the state (:func:`current_lr`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -47,10 +38,10 @@ from typing import Any
 import jax
 import optax
 
+from gcgd_jax import methods
 from gcgd_jax.train.config import ConfigError, OptimConfig, TrainConfig
 
 __all__ = [
-    "CORRECTION_FACTORIES",
     "OptimizerBundle",
     "build_correction",
     "build_optimizer",
@@ -58,30 +49,6 @@ __all__ = [
     "current_lr",
     "kernel_mask",
 ]
-
-# name -> (module, factory, fixed keyword arguments)
-CORRECTION_FACTORIES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "gc_w": ("gcgd_jax.transforms.gc_w", "gc_w", {}),
-    "centralize": ("gcgd_jax.transforms.centralize", "centralize", {}),
-    "channel_directed_h0": (
-        "gcgd_jax.transforms.channel_directed",
-        "channel_directed",
-        {"metric": "h0"},
-    ),
-    "channel_directed_sobolev": (
-        "gcgd_jax.transforms.channel_directed",
-        "channel_directed",
-        {"metric": "sobolev"},
-    ),
-    "znorm": ("gcgd_jax.transforms.znorm", "znorm", {}),
-    "agr": ("gcgd_jax.transforms.agr", "agr", {}),
-    "gc_w_v2": ("gcgd_jax.transforms.gc_w_v2", "gc_w_v2", {}),
-    "mars_correction": ("gcgd_jax.transforms.mars_correction", "mars_correction", {}),
-    "grokfast_ema": ("gcgd_jax.transforms.grokfast_ema", "grokfast_ema", {}),
-}
-_DEFAULT_MASK = {"gc_w": "pre_downsampling"}
-_DEFAULT_MASK["gc_w_v2"] = "pre_downsampling"
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerBundle:
@@ -111,18 +78,16 @@ def _mask_for(kind: str, params: Any, model: Any) -> Any | None:
 def build_correction(
     name: str, options: dict[str, Any], *, params: Any, model: Any, seed: int = 0
 ) -> optax.GradientTransformation:
-    """One named correction with its keyword arguments and mask (see module doc)."""
-    if name not in CORRECTION_FACTORIES:
-        raise ConfigError(f"unknown correction {name!r}; known: {', '.join(CORRECTION_FACTORIES)}")
-    module_name, factory_name, fixed = CORRECTION_FACTORIES[name]
-    factory: Callable[..., optax.GradientTransformation] = getattr(
-        importlib.import_module(module_name), factory_name
-    )
+    """One registered correction with its keyword arguments and mask (see module doc)."""
+    method = methods.METHODS.get(name)
+    if method is None or method.kind != "transform":
+        known = ", ".join(m.name for m in methods.methods_of_kind("transform"))
+        raise ConfigError(f"unknown correction {name!r}; known: {known}")
+    factory: Callable[..., optax.GradientTransformation] = method.load()
+    fixed = dict(method.fixed)
     kwargs = dict(options)
-    mask_kind = kwargs.pop("mask", _DEFAULT_MASK.get(name, "all"))
-    if name == "gc_w":
-        kwargs.setdefault("key", seed)
-    if name == "gc_w_v2":
+    mask_kind = kwargs.pop("mask", method.mask)
+    if method.seeded:
         kwargs.setdefault("key", seed)
     accepted = inspect.signature(factory).parameters
     for key in kwargs:

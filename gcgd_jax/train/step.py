@@ -12,8 +12,9 @@ the state can be donated, sharded and checkpointed as one pytree.
 Inside the train step: augmentation (random crop + flip, on device, keyed by
 ``fold_in(rng, step)``) and normalisation of uint8 images, the forward pass in
 training mode (BatchNorm statistics updated), the loss (cross-entropy or
-PowerGrad, plus the GC-ODE auxiliary loss times its weight), its gradient
-(or the gradient-norm-penalty gradient), the optimizer update, and the
+a registered loss, plus the GC-ODE auxiliary loss times its weight), its
+gradient (or a registered gradient function's) -- :func:`make_grad_fn` --
+then the optimizer update -- :func:`make_update_fn` -- and the
 non-finite guard: when the loss, any gradient or any updated parameter is
 not finite the update is
 not applied (parameters, optimizer state and BatchNorm statistics keep their
@@ -34,13 +35,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gcgd_jax import methods
 from gcgd_jax.train.optim import current_lr
 
 __all__ = [
+    "GradAux",
     "StepOptions",
     "TrainState",
     "make_eval_step",
+    "make_grad_fn",
     "make_train_step",
+    "make_update_fn",
     "preprocess",
 ]
 
@@ -59,23 +64,38 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """Static settings of the steps (hashable; part of the compiled program)."""
+    """Static settings of the steps (hashable; part of the compiled program).
+
+    ``loss``, ``penalty`` and ``state_metrics`` name methods of
+    :mod:`gcgd_jax.methods` (``"ce"`` / ``"none"`` / ``()`` for none); their
+    keyword arguments are ``(name, value)`` pairs so the options stay hashable.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False
     crop_padding: int = 4
-    loss: str = "ce"  # "ce" or "powergrad"
-    powergrad_alpha: float = 0.25
-    penalty: str = "none"  # "none" or "gradient_norm"
-    penalty_radius: float = 0.1
-    penalty_alpha: float = 0.8
+    loss: str = "ce"  # "ce" or the value of a "loss" method
+    loss_options: tuple[tuple[str, Any], ...] = ()
+    penalty: str = "none"  # "none" or the value of a "gradient" method
+    penalty_options: tuple[tuple[str, Any], ...] = ()
     gc_ode: bool = False  # call the model with return_aux=True
     gc_ode_aux_weight: float = 1.0
-    gc_w: bool = False  # report GC-W's predictor loss
-    gc_w_v2: bool = False  # report GC-W v2's last predictor objective
+    # names of the chain's methods with a state metric (e.g. GC-W's predictor loss)
+    state_metrics: tuple[str, ...] = ()
     fusion_breaker: bool = False
     nan_policy: str = "stop"
+
+
+class GradAux(NamedTuple):
+    """What the gradient function returns beside the gradients (all device arrays)."""
+
+    total_loss: jax.Array  # () the differentiated loss (data loss + GC-ODE auxiliary term)
+    data_loss: jax.Array  # () mean data loss of the batch
+    logits: jax.Array  # (batch, classes)
+    rest: Any  # the model's non-parameter state after the forward pass (BatchNorm statistics)
+    gc_ode_loss: jax.Array  # () GC-ODE auxiliary loss (0 without GC-ODE)
+    gc_ode_gate: jax.Array  # () mean GC-ODE gate (0 without GC-ODE)
 
 
 def preprocess(images: jax.Array, opts: StepOptions, key: jax.Array | None) -> jax.Array:
@@ -87,12 +107,12 @@ def preprocess(images: jax.Array, opts: StepOptions, key: jax.Array | None) -> j
     return normalize(images, np.asarray(opts.mean, np.float32), np.asarray(opts.std, np.float32))
 
 
-def _per_example_loss(logits: jax.Array, labels: jax.Array, opts: StepOptions) -> jax.Array:
-    if opts.loss == "powergrad":
-        from gcgd_jax.transforms.powergrad import powergrad_cross_entropy
-
-        return powergrad_cross_entropy(logits, labels, opts.powergrad_alpha)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def _per_example_loss_fn(opts: StepOptions) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    if opts.loss == "ce":
+        return optax.softmax_cross_entropy_with_integer_labels
+    loss = methods.by_value("loss", opts.loss).load()
+    kwargs = dict(opts.loss_options)
+    return lambda logits, labels: loss(logits, labels, **kwargs)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -100,18 +120,21 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The (unjitted) train step ``(state, images, labels, fusion_breaker) -> (state, metrics)``.
+def make_grad_fn(
+    graphdef: nnx.GraphDef, opts: StepOptions
+) -> Callable[..., tuple[Any, GradAux]]:
+    """The (unjitted) gradient of a train step: ``(state, images, labels, fusion_breaker)
+    -> (grads, GradAux)``.
 
-    ``images`` are uint8 NHWC, ``labels`` int32, ``fusion_breaker`` a float32
-    scalar 1.0 passed at run time (ignored unless ``opts.fusion_breaker``).
-    Metrics (float32/int32 scalars): ``loss`` (the data loss, mean over the
-    batch), ``correct`` (count), ``finite``, ``lr``, and ``gc_ode_loss`` /
-    ``predictor_loss`` (``predictor_objective`` for GC-W v2) when GC-ODE / GC-W are on (with GC-ODE also
-    ``gc_ode_gate``, the mean gate ``s_t`` of its pairs at this step).
+    Exactly what :func:`make_train_step` differentiates: augmentation keyed by
+    ``fold_in(state.rng, state.step)``, normalisation, the training-mode
+    forward pass, the loss of ``opts`` (cross-entropy or a registered loss, plus
+    the GC-ODE auxiliary loss times its weight) and its gradient with respect
+    to ``state.params`` (through ``jax.value_and_grad`` or the registered
+    gradient function of ``opts.penalty``). Diagnostics call it to see the
+    gradient a run's optimizer receives at a given state and batch.
     """
+    per_example_loss = _per_example_loss_fn(opts)
 
     def loss_fn(params, rest, images, labels, fusion_breaker):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -122,31 +145,49 @@ def make_train_step(
         else:
             logits = model(images, fusion_breaker=fb)
             aux_loss = gate = jnp.float32(0.0)
-        data_loss = jnp.mean(_per_example_loss(logits, labels, opts))
+        data_loss = jnp.mean(per_example_loss(logits, labels))
         total = data_loss + opts.gc_ode_aux_weight * aux_loss
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return total, (data_loss, logits, new_rest, (aux_loss, gate))
 
-    if opts.penalty == "gradient_norm":
-        from gcgd_jax.transforms.gradient_norm_penalty import gradient_norm_penalty
-
-        grad_fn = gradient_norm_penalty(
-            loss_fn, opts.penalty_radius, opts.penalty_alpha, argnums=0, has_aux=True
-        )
+    if opts.penalty == "none":
+        value_and_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
     else:
-        grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+        gradient_fn = methods.by_value("gradient", opts.penalty).load()
+        value_and_grad = gradient_fn(
+            loss_fn, **dict(opts.penalty_options), argnums=0, has_aux=True
+        )
 
-    def train_step(state: TrainState, images, labels, fusion_breaker):
+    def grad_fn(state: TrainState, images, labels, fusion_breaker):
         key = jax.random.fold_in(state.rng, state.step)
         x = preprocess(images, opts, key)
-        (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = grad_fn(
+        (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = value_and_grad(
             state.params, state.rest, x, labels, fusion_breaker
         )
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, value=total)
+        return grads, GradAux(total, data_loss, logits, new_rest, aux_loss, gate)
+
+    return grad_fn
+
+
+def make_update_fn(
+    tx: optax.GradientTransformation, opts: StepOptions
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) update of a train step: ``(state, grads, aux, labels) -> (state, metrics)``.
+
+    ``tx.update`` (with ``value=aux.total_loss``), ``optax.apply_updates``, the
+    non-finite guard (module docstring) and the step's metrics (see
+    :func:`make_train_step`).
+    """
+    metric_methods = [methods.get(name) for name in opts.state_metrics]
+
+    def update_fn(state: TrainState, grads, aux: GradAux, labels):
+        updates, new_opt_state = tx.update(
+            grads, state.opt_state, state.params, value=aux.total_loss
+        )
         new_params = optax.apply_updates(state.params, updates)
 
         # New parameters are checked too: a finite gradient times a huge step can overflow.
-        finite = jnp.isfinite(total) & _all_finite(grads) & _all_finite(new_params)
+        finite = jnp.isfinite(aux.total_loss) & _all_finite(grads) & _all_finite(new_params)
         apply = finite & ~state.halted
 
         def keep(new, old):
@@ -155,7 +196,7 @@ def make_train_step(
         halted = state.halted | (~finite if opts.nan_policy == "stop" else jnp.bool_(False))
         new_state = TrainState(
             params=keep(new_params, state.params),
-            rest=keep(new_rest, state.rest),
+            rest=keep(aux.rest, state.rest),
             opt_state=keep(new_opt_state, state.opt_state),
             step=state.step + 1,
             rng=state.rng,
@@ -163,24 +204,42 @@ def make_train_step(
             halted=halted,
         )
         metrics = {
-            "loss": data_loss.astype(jnp.float32),
-            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
+            "loss": aux.data_loss.astype(jnp.float32),
+            "correct": jnp.sum(jnp.argmax(aux.logits, -1) == labels).astype(jnp.int32),
             "finite": finite,
             "lr": jnp.asarray(current_lr(new_opt_state), jnp.float32),
         }
         if opts.gc_ode:
-            metrics["gc_ode_loss"] = jnp.asarray(aux_loss, jnp.float32)
-            metrics["gc_ode_gate"] = jnp.asarray(gate, jnp.float32)
-        if opts.gc_w:
-            from gcgd_jax.transforms.gc_w import gc_w_predictor_loss
-
-            metrics["predictor_loss"] = gc_w_predictor_loss(new_state.opt_state).astype(jnp.float32)
-        if opts.gc_w_v2:
-            from gcgd_jax.transforms.gc_w_v2 import gc_w_v2_states
-
-            objectives = [st.objective for st in gc_w_v2_states(new_state.opt_state)]
-            metrics["predictor_objective"] = jnp.mean(jnp.stack(objectives)).astype(jnp.float32)
+            metrics["gc_ode_loss"] = jnp.asarray(aux.gc_ode_loss, jnp.float32)
+            metrics["gc_ode_gate"] = jnp.asarray(aux.gc_ode_gate, jnp.float32)
+        for method in metric_methods:
+            value = method.read_state_metric(new_state.opt_state)
+            metrics[method.state_metric[0]] = jnp.asarray(value, jnp.float32)
         return new_state, metrics
+
+    return update_fn
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opts: StepOptions
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) train step ``(state, images, labels, fusion_breaker) -> (state, metrics)``.
+
+    :func:`make_grad_fn` then :func:`make_update_fn`. ``images`` are uint8
+    NHWC, ``labels`` int32, ``fusion_breaker`` a float32 scalar 1.0 passed at
+    run time (ignored unless ``opts.fusion_breaker``). Metrics (float32/int32
+    scalars): ``loss`` (the data loss, mean over the batch), ``correct``
+    (count), ``finite``, ``lr``; with GC-ODE ``gc_ode_loss`` and
+    ``gc_ode_gate`` (the mean gate ``s_t`` of its pairs at this step); and the
+    state metric of every method in ``opts.state_metrics`` under its record
+    key (GC-W: ``gc_w_predictor_loss``, GC-W v2: ``gc_w_v2_objective``).
+    """
+    grad_fn = make_grad_fn(graphdef, opts)
+    update_fn = make_update_fn(tx, opts)
+
+    def train_step(state: TrainState, images, labels, fusion_breaker):
+        grads, aux = grad_fn(state, images, labels, fusion_breaker)
+        return update_fn(state, grads, aux, labels)
 
     return train_step
 

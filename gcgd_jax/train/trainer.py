@@ -50,12 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
+from gcgd_jax import methods
+from gcgd_jax.train.build import build_model, load_data, step_options
 from gcgd_jax.train.config import (
-    CIFAR_MODELS,
     ConfigError,
     TrainConfig,
     config_diff,
@@ -74,14 +73,21 @@ from gcgd_jax.train.report import (
     summary_table,
     tensorboard_available,
 )
-from gcgd_jax.train.step import StepOptions, TrainState, make_eval_step, make_train_step
+from gcgd_jax.train.devices import DataParallel, host_value
+from gcgd_jax.train.step import (
+    TrainState,
+    make_eval_step,
+    make_grad_fn,
+    make_train_step,
+    make_update_fn,
+)
 
 __all__ = [
     "CheckpointError",
+    "EpochResult",
+    "EpochSums",
     "NonFiniteLossError",
     "Trainer",
-    "build_model",
-    "load_data",
     "train",
 ]
 
@@ -90,7 +96,6 @@ _RESUMABLE_CHANGES = (
     "run.name", "run.out_dir", "run.num_devices", "run.distributed", "run.fusion_breaker",
     "data.data_dir", "data.cache_dir", "data.download", "train.nan_policy",
 )  # fmt: skip
-_CROP_FLIP_DATASETS = ("cifar10", "cifar100")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,100 +106,9 @@ class CheckpointError(RuntimeError):
     """``resume=True`` but no checkpoint of the run can be read (nothing was changed)."""
 
 
-# --------------------------------------------------------------------------- building blocks
-
-
-def load_data(cfg: TrainConfig):
-    """``(train, eval)`` data sets of ``cfg`` (subsets and validation split applied)."""
-    from gcgd_jax import data as gdata
-
-    d = cfg.data
-    if d.name == "synthetic":
-        shape = tuple(d.synthetic_image_shape)
-        k = d.synthetic_num_classes
-        train = gdata.synthetic_dataset(
-            d.synthetic_train_size, shape, k, seed=d.seed, split="train"
-        )
-        test = gdata.synthetic_dataset(d.synthetic_test_size, shape, k, seed=d.seed, split="test")
-    else:
-        kwargs = {"data_dir": d.data_dir, "cache_dir": d.cache_dir, "download": d.download}
-        train = gdata.load_dataset(d.name, "train", **kwargs)
-        test = gdata.load_dataset(d.name, "test", **kwargs) if d.eval_split == "test" else None
-    try:
-        if d.val_fraction > 0.0:
-            train, val = gdata.split_validation(train, d.val_fraction, seed=d.seed)
-        eval_ds = val if d.eval_split == "val" else test
-        if d.train_subset is not None:
-            train = gdata.take(train, d.train_subset, seed=d.seed)
-        if d.test_subset is not None:
-            eval_ds = gdata.take(eval_ds, d.test_subset, seed=d.seed)
-    except ValueError as err:
-        raise ConfigError(f"data: {err}") from None
-    return train, eval_ds
-
-
-def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptions:
-    """The static step settings of ``cfg`` (normalisation, augmentation, loss, corrections)."""
-    from gcgd_jax.data import normalization
-
-    mean, std = normalization(cfg.data.name)
-    augment = cfg.data.augment
-    if augment == "auto":
-        augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
-    return StepOptions(
-        mean=tuple(float(v) for v in np.ravel(mean)),
-        std=tuple(float(v) for v in np.ravel(std)),
-        augment=augment == "crop_flip",
-        crop_padding=cfg.data.crop_padding,
-        loss=cfg.loss.name,
-        powergrad_alpha=cfg.loss.powergrad_alpha,
-        penalty=cfg.loss.penalty,
-        penalty_radius=cfg.loss.penalty_radius,
-        penalty_alpha=cfg.loss.penalty_alpha,
-        gc_ode=cfg.model.gc_ode != "none",
-        gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
-        gc_w="gc_w" in cfg.corrections.chain,
-        gc_w_v2="gc_w_v2" in cfg.corrections.chain,
-        fusion_breaker=fusion_breaker,
-        nan_policy=cfg.train.nan_policy,
-    )
-
-
-def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.Module:
-    """The model of ``cfg.model`` (initialised from ``run.seed``)."""
-    from gcgd_jax import models
-
-    m = cfg.model
-    kwargs: dict[str, Any] = {
-        "in_channels": in_channels,
-        "zero_init_residual": m.zero_init_residual,
-        "rngs": nnx.Rngs(cfg.run.seed),
-    }
-    if m.name not in CIFAR_MODELS:
-        kwargs["small_stem"] = m.small_stem
-    if m.gc_ode != "none":
-        try:
-            kwargs["gc_ode"] = models.GCODEConfig(
-                mode=m.gc_ode,
-                solver=m.gc_ode_solver,
-                steps=m.gc_ode_steps,
-                width=m.gc_ode_width,
-                gate_max=m.gc_ode_gate_max,
-                control_scale=m.gc_ode_control_scale,
-            )
-        except ValueError as err:
-            raise ConfigError(f"model.gc_ode: {err}") from None
-    return getattr(models, m.name)(num_classes, **kwargs)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A replicated array's value on this host (works with several processes too)."""
-    return np.asarray(x.addressable_data(0))
-
-
 @dataclasses.dataclass
-class _Sums:
-    """Running sums of one epoch's train metrics (restored from checkpoints)."""
+class EpochSums:
+    """Running sums of one epoch's train metrics (checkpointed with the state)."""
 
     loss: float = 0.0
     correct: int = 0
@@ -203,9 +117,33 @@ class _Sums:
     skipped: int = 0
     gc_ode_loss: float = 0.0
     gc_ode_gate: float | None = None
-    predictor_loss: float | None = None
-    predictor_objective: float | None = None
     lr: float | None = None
+    # last value of each optimizer-state metric (record key -> value), e.g. gc_w_predictor_loss
+    state_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> EpochSums:
+        """The sums saved in a checkpoint (also those written before ``state_metrics``)."""
+        saved = dict(saved)
+        metrics = dict(saved.pop("state_metrics", None) or {})
+        for old, key in (
+            ("predictor_loss", "gc_w_predictor_loss"),
+            ("predictor_objective", "gc_w_v2_objective"),
+        ):
+            value = saved.pop(old, None)
+            if value is not None:
+                metrics[key] = value
+        return cls(**saved, state_metrics=metrics)
+
+
+@dataclasses.dataclass
+class EpochResult:
+    """What :meth:`Trainer.train_epoch` returns."""
+
+    step: int  # the global step reached
+    sums: EpochSums
+    step_times: list[float]  # completion-to-completion seconds of each step after the first
+    failed: tuple[int, float] | None  # (step, loss) of a non-finite step under "stop"
 
 
 # --------------------------------------------------------------------------- trainer
@@ -290,21 +228,11 @@ class Trainer:
         run = self.cfg.run
         if run.distributed and not jax.distributed.is_initialized():
             jax.distributed.initialize()
-        local = jax.local_device_count()
-        if run.num_devices is not None and run.num_devices > local:
-            raise ConfigError(
-                f"run.num_devices = {run.num_devices} but this process has only {local} "
-                "local device(s)"
-            )
-        k = local if run.num_devices is None else run.num_devices
-        # The first k local devices of every process (process order, as jax.devices() lists them).
-        devices = [
-            d
-            for p in range(jax.process_count())
-            for d in [d for d in jax.devices() if d.process_index == p][:k]
-        ]
-        self.devices = devices
-        n = len(devices)
+        try:
+            self.parallel = DataParallel.create(run.num_devices)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        n = self.parallel.size
         bs = self.cfg.data.batch_size
         ebs = self.cfg.data.eval_batch_size or bs
         for key, value in (("data.batch_size", bs), ("data.eval_batch_size", ebs)):
@@ -314,13 +242,12 @@ class Trainer:
                     f"use a multiple of {n} or set run.num_devices"
                 )
         self.eval_batch_size = ebs
-        # Auto axes: XLA propagates the shardings (GSPMD). jax >= 0.8 makes Explicit the default,
-        # which puts shardings into types and breaks code that is not written for it (diffrax).
-        self.mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.devices = list(self.parallel.devices)
+        self.mesh = self.parallel.mesh
+        self.replicated = self.parallel.replicated
+        self.batch_sharding = self.parallel.batch_sharding
         fb = run.fusion_breaker
-        self.use_fusion_breaker = fb == "on" or (fb == "auto" and devices[0].platform == "cpu")
+        self.use_fusion_breaker = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -367,6 +294,9 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
         )
         self.step_options = step_options(cfg, fusion_breaker=self.use_fusion_breaker)
+        self._state_metric_keys = tuple(
+            methods.get(name).state_metric[0] for name in self.step_options.state_metrics
+        )
         state = TrainState(
             params=params,
             rest=rest,
@@ -391,31 +321,99 @@ class Trainer:
             in_shardings=(repl, repl, data, data, data, repl),
             out_shardings=repl,
         )
-        self._fb = jax.device_put(jnp.float32(1.0), repl)
+        self.fusion_breaker = jax.device_put(jnp.float32(1.0), repl)
+        self._grad_fn = self._update_fn = None
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ public seams
+    #
+    # What benchmarks and diagnostics use to run *this* run's computation step by step:
+    # its data order (batches), its device placement (put_batch), its jitted step
+    # (dispatch / train_step), the step split into gradient and update (grad_fn,
+    # update_fn) and the loop itself with a per-step hook (train_epoch).
 
-    def _put(self, array: np.ndarray) -> jax.Array:
-        """A global host batch (the same on every process) as a batch-sharded array."""
-        if jax.process_count() == 1:
-            return jax.device_put(array, self.batch_sharding)
-        per = len(array) // jax.process_count()
-        local = array[jax.process_index() * per : (jax.process_index() + 1) * per]
-        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+    def batches(self, epoch: int, start_batch: int = 0):
+        """The host batches ``(images, labels)`` of ``epoch`` (0-based) in the run's order.
 
-    def _put_local(self, local: np.ndarray) -> jax.Array:
-        """This process's rows of a global batch as the batch-sharded global array."""
-        if jax.process_count() == 1:
-            return jax.device_put(local, self.batch_sharding)
-        shape = (len(local) * jax.process_count(), *local.shape[1:])
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+        The order is a function of ``(run.seed, epoch)`` only; with several
+        processes each one gets its own rows of every global batch.
+        """
+        from gcgd_jax.data import batch_iterator
+
+        return batch_iterator(
+            self.train_ds,
+            self.cfg.data.batch_size,
+            seed=self.cfg.run.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            shard=(jax.process_index(), jax.process_count()),
+        )
+
+    def put_batch(self, array: np.ndarray) -> jax.Array:
+        """A global host batch (the same on every process) as a batch-sharded device array."""
+        return self.parallel.put_global(array)
+
+    def dispatch(self, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        """Dispatches one jitted train step on device batches (see :meth:`put_batch`) and
+        returns its metrics as device arrays, without waiting for them."""
+        self.state, metrics = self._train_step(self.state, images, labels, self.fusion_breaker)
+        return metrics
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """One jitted train step on a host batch (outside the loop); returns its metrics."""
-        self.state, metrics = self._train_step(
-            self.state, self._put(images), self._put(labels), self._fb
-        )
-        return {k: _host(v).item() for k, v in metrics.items()}
+        metrics = self.dispatch(self.put_batch(images), self.put_batch(labels))
+        return {k: host_value(v).item() for k, v in metrics.items()}
+
+    @property
+    def grad_fn(self):
+        """The jitted gradient half of the train step (:func:`~gcgd_jax.train.step.make_grad_fn`):
+        ``(state, images, labels, fusion_breaker) -> (grads, aux)``, with the run's loss,
+        augmentation key ``fold_in(state.rng, state.step)`` and model."""
+        if self._grad_fn is None:
+            repl, data = self.replicated, self.batch_sharding
+            self._grad_fn = jax.jit(
+                make_grad_fn(self.graphdef, self.step_options),
+                in_shardings=(repl, data, data, repl),
+            )
+        return self._grad_fn
+
+    @property
+    def update_fn(self):
+        """The jitted update half of the train step (:func:`~gcgd_jax.train.step.make_update_fn`):
+        ``(state, grads, aux, labels) -> (state, metrics)``; ``grad_fn`` then ``update_fn``
+        is the train step."""
+        if self._update_fn is None:
+            self._update_fn = jax.jit(make_update_fn(self.opt.tx, self.step_options))
+        return self._update_fn
+
+    def train_epoch(
+        self,
+        epoch: int,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        *,
+        on_step=None,
+    ) -> EpochResult:
+        """Runs the loop's steps ``start_step .. end_step - 1`` of ``epoch`` (0-based) without
+        checkpoints or metric files, exactly as :meth:`run` does.
+
+        Args:
+            epoch: the epoch whose data order is used.
+            start_step: global step to start at (default: the epoch's first step).
+            end_step: global step to stop before (default: the epoch's end or the run's).
+            on_step: called as ``on_step(step, metrics)`` after each completed step
+                (``metrics``: that step's values as Python scalars).
+        """
+        spe = self.steps_per_epoch
+        start = epoch * spe if start_step is None else start_step
+        end = min((epoch + 1) * spe, self.total_steps) if end_step is None else end_step
+        if not epoch * spe <= start <= end <= (epoch + 1) * spe:
+            raise ValueError(
+                f"steps {start}..{end} are not inside epoch {epoch} (steps {epoch * spe}.."
+                f"{(epoch + 1) * spe})"
+            )
+        return self._train_epoch(epoch, start, end, EpochSums(), None, None, on_step=on_step)
+
+    # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the evaluation split with the current state."""
@@ -445,10 +443,10 @@ class Trainer:
             out = self._eval_step(
                 self.state.params,
                 self.state.rest,
-                self._put(images),
-                self._put(labels),
-                self._put(weights),
-                self._fb,
+                self.put_batch(images),
+                self.put_batch(labels),
+                self.put_batch(weights),
+                self.fusion_breaker,
             )
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
             if first:
@@ -457,11 +455,11 @@ class Trainer:
                 self._note(f"evaluation step compiled in {time.perf_counter() - t0:.1f} s")
             done = start // bs + 1
             if bar.enabled:
-                seen = float(_host(totals["count"]))
-                loss = float(_host(totals["loss_sum"])) / max(seen, 1.0)
+                seen = float(host_value(totals["count"]))
+                loss = float(host_value(totals["loss_sum"])) / max(seen, 1.0)
                 bar.update(done, loss, min(n, done * bs) / max(time.perf_counter() - t0, 1e-9))
         bar.close()
-        totals = {k: float(_host(v)) for k, v in totals.items()}
+        totals = {k: float(host_value(v)) for k, v in totals.items()}
         count = max(totals["count"], 1.0)
         return {
             f"{self.eval_prefix}_loss": totals["loss_sum"] / count,
@@ -473,7 +471,7 @@ class Trainer:
             return None
         return Checkpointer(self.out / "checkpoints", keep=self.cfg.checkpoint.keep)
 
-    def _meta(self, step: int, sums: _Sums) -> dict[str, Any]:
+    def _meta(self, step: int, sums: EpochSums) -> dict[str, Any]:
         epoch, batch = divmod(step, self.steps_per_epoch)
         return {
             "step": step,
@@ -484,16 +482,16 @@ class Trainer:
         }
 
     def _save(
-        self, ckpt: Checkpointer | None, step: int, sums: _Sums, state: TrainState | None = None
+        self, ckpt: Checkpointer | None, step: int, sums: EpochSums, state: TrainState | None = None
     ) -> None:
         if ckpt is None:
             return
         state = self.state if state is None else state
         ckpt.save(step, state._asdict(), self._meta(step, sums))
 
-    def _restore(self, ckpt: Checkpointer | None) -> tuple[int, _Sums]:
+    def _restore(self, ckpt: Checkpointer | None) -> tuple[int, EpochSums]:
         if not self.resume:
-            return 0, _Sums()
+            return 0, EpochSums()
         folder = self.out / "checkpoints"
         if ckpt is None:
             if read_metrics(self.out / "metrics.jsonl"):
@@ -503,13 +501,13 @@ class Trainer:
                     "metrics.jsonl; pass --overwrite to start again, or choose another --out"
                 )
             self._note(f"note: checkpoints are disabled; starting {self.out} from scratch")
-            return 0, _Sums()
+            return 0, EpochSums()
         found, damaged = ckpt.newest_readable(self.state._asdict())
         if found is None and damaged:
             raise CheckpointError(self._unreadable_message(damaged))
         if found is None:
             self._note(f"note: no checkpoint in {folder}; starting from scratch")
-            return 0, _Sums()
+            return 0, EpochSums()
         step, state, meta = found
         saved_cfg = config_from_dict(meta["config"])
         changed = [
@@ -536,7 +534,7 @@ class Trainer:
         self._note(
             f"resumed from checkpoint at step {step} (epoch {step // self.steps_per_epoch + 1})"
         )
-        return step, _Sums(**meta["sums"])
+        return step, EpochSums.from_checkpoint(meta["sums"])
 
     def _unreadable_message(self, damaged: list[DamagedCheckpoint]) -> str:
         steps = ", ".join(str(d.step) for d in damaged)
@@ -606,8 +604,11 @@ class Trainer:
                 epoch = step // self.steps_per_epoch
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
                 t0 = time.perf_counter()
-                step, sums, times, failed = self._train_epoch(
+                result = self._train_epoch(
                     epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=metrics
+                )
+                step, sums, times, failed = (
+                    result.step, result.sums, result.step_times, result.failed
                 )
                 if failed is not None:
                     self._stop_nonfinite(failed, sums, ckpt, metrics)
@@ -615,7 +616,7 @@ class Trainer:
                     status = "stopped"
                     break
                 self._end_epoch(epoch, step, sums, times, t0, ckpt, metrics)
-                sums = _Sums()
+                sums = EpochSums()
                 if stop_at_step is not None and step >= stop_at_step:
                     status = "stopped" if step < self.total_steps else status
                     break
@@ -657,24 +658,16 @@ class Trainer:
         self._note(self._epoch_line(record))
         every_e, every_s = cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps
         if last or (every_e and (epoch + 1) % every_e == 0) or (every_s and step % every_s == 0):
-            self._save(ckpt, step, _Sums())
+            self._save(ckpt, step, EpochSums())
 
-    def _train_epoch(self, epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=None):
-        """Steps ``step .. epoch_end-1``; returns ``(step, sums, step_times, failed_step)``."""
+    def _train_epoch(
+        self, epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=None, on_step=None
+    ) -> EpochResult:
+        """Steps ``step .. epoch_end-1`` (checkpoints through ``ckpt`` when given)."""
         cfg = self.cfg
         spe, bs = self.steps_per_epoch, cfg.data.batch_size
         start_batch = step - epoch * spe
-        from gcgd_jax.data import batch_iterator
-
-        # Each process builds only its own rows of every global batch.
-        batches = batch_iterator(
-            self.train_ds,
-            bs,
-            seed=cfg.run.seed,
-            epoch=epoch,
-            start_batch=start_batch,
-            shard=(jax.process_index(), jax.process_count()),
-        )
+        batches = self.batches(epoch, start_batch)
         tb_every = cfg.log.tensorboard_every_steps if cfg.log.tensorboard else 0
         bar = ProgressBar(
             epoch_end - epoch * spe,
@@ -690,7 +683,7 @@ class Trainer:
             nonlocal last_done, failed
             if failed is not None:
                 return  # steps after a failure under "stop" were no-ops
-            m = {k: _host(v) for k, v in metrics.items()}
+            m = {k: host_value(v) for k, v in metrics.items()}
             now = time.perf_counter()
             if last_done is not None:
                 times.append(now - last_done)
@@ -708,13 +701,13 @@ class Trainer:
             if "gc_ode_loss" in m:
                 sums.gc_ode_loss += float(m["gc_ode_loss"])
                 sums.gc_ode_gate = float(m["gc_ode_gate"])
-            if "predictor_loss" in m:
-                sums.predictor_loss = float(m["predictor_loss"])
-            if "predictor_objective" in m:
-                sums.predictor_objective = float(m["predictor_objective"])
+            for key in self._state_metric_keys:
+                sums.state_metrics[key] = float(m[key])
             done = done_step - epoch * spe
             speed = (done - start_batch) * bs / max(now - t_start, 1e-9)
             bar.update(done, sums.loss / max(sums.steps, 1), speed)
+            if on_step is not None:
+                on_step(done_step, {k: v.item() for k, v in m.items()})
             if writer is not None and tb_every and done_step % tb_every == 0:
                 writer.scalars(
                     done_step, {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed}
@@ -728,7 +721,7 @@ class Trainer:
                 self._note("compiling the train step (XLA; this takes a while the first time) ...")
                 t_compile = time.perf_counter()
             self.state, step_metrics = self._train_step(
-                self.state, self._put_local(images), self._put_local(labels), self._fb
+                self.state, self.parallel.put_local(images), self.parallel.put_local(labels), self.fusion_breaker
             )
             if first:
                 jax.block_until_ready(step_metrics)
@@ -752,7 +745,7 @@ class Trainer:
         if pending is not None:
             complete(*pending)
         bar.close()
-        return step, sums, times, failed
+        return EpochResult(step, sums, times, failed)
 
     def _stop_nonfinite(self, failed, sums, ckpt, metrics) -> None:
         bad_step, loss = failed
@@ -805,10 +798,8 @@ class Trainer:
         if self.step_options.gc_ode:
             record["gc_ode_loss"] = sums.gc_ode_loss / sums.steps if sums.steps else None
             record["gc_ode_gate"] = sums.gc_ode_gate  # the mean gate s_t at the epoch's last step
-        if self.step_options.gc_w:
-            record["gc_w_predictor_loss"] = sums.predictor_loss
-        if self.step_options.gc_w_v2:
-            record["gc_w_v2_objective"] = sums.predictor_objective  # last step's mean J
+        for key in self._state_metric_keys:  # last step's value (e.g. gc_w_predictor_loss)
+            record[key] = sums.state_metrics.get(key)
         return record
 
     def _epoch_line(self, r: dict[str, Any]) -> str:
@@ -845,7 +836,7 @@ class Trainer:
             f"final_{key}": evaluated[-1][key] if evaluated else None,
             f"best_{key}": best[key] if best else None,
             "best_epoch": best["epoch"] if best else None,
-            "nonfinite_steps": int(_host(self.state.nonfinite)),
+            "nonfinite_steps": int(host_value(self.state.nonfinite)),
             "images_per_s_median": statistics.median(speeds) if speeds else None,
             "wall_time": wall,
             "devices": len(self.devices),

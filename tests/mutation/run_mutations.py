@@ -50,11 +50,11 @@ def _identity(correction: str) -> Mutation:
         name=f"identity-{correction}",
         description=f"correction name `{correction}` wired to `optax.identity()`",
         path="gcgd_jax/train/optim.py",
-        old="    module_name, factory_name, fixed = CORRECTION_FACTORIES[name]\n",
+        old="    factory: Callable[..., optax.GradientTransformation] = method.load()\n",
         new=(
             f"    if name == {correction!r}:\n"
             "        return optax.identity()\n"
-            "    module_name, factory_name, fixed = CORRECTION_FACTORIES[name]\n"
+            "    factory: Callable[..., optax.GradientTransformation] = method.load()\n"
         ),
         tests=(
             f"tests/train/test_optim.py::test_each_correction_name_builds_its_own_transform[{correction}]",
@@ -67,8 +67,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         name="resume-restores-nothing",
         description="`Trainer(resume=True)` starts from step 0 without restoring",
         path="gcgd_jax/train/trainer.py",
-        old="        if not self.resume:\n            return 0, _Sums()\n        folder =",
-        new="        if True:\n            return 0, _Sums()\n        folder =",
+        old="        if not self.resume:\n            return 0, EpochSums()\n        folder =",
+        new="        if True:\n            return 0, EpochSums()\n        folder =",
         tests=("tests/train/test_trainer.py", "-k", "resume or damaged"),
     ),
     *(

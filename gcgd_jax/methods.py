@@ -1,0 +1,349 @@
+"""The method registry: every gradient correction the package ships, one entry each.
+
+A :class:`Method` says what a method is (its ``kind``), where its factory is,
+how a configuration switches it on (``select``: ``section.key=value``
+overrides), its documented defaults, which parameters it applies to and its
+reference. Everything that needs to know the methods reads this table:
+
+* configuration validation (``corrections.chain``, ``loss.name``,
+  ``loss.penalty`` and ``model.gc_ode`` accept exactly the registered values),
+* the optimizer builder (:func:`gcgd_jax.train.optim.build_correction`),
+* the train step (the loss and gradient function it calls, the optimizer-state
+  metrics it reports),
+* the comparison suites (``experiments/compare.py``) and the gradient-quality
+  diagnostics (``experiments/grad_quality.py``),
+* the conformance tests (``tests/test_methods.py`` checks that every entry is
+  exercised and runs from the command line).
+
+Kinds:
+
+``"transform"``
+    an optax ``GradientTransformation`` factory chained before the optimizer
+    (``corrections.chain = ["<name>"]``, keyword arguments from
+    ``[corrections.<name>]``, applied to the parameters of ``mask``).
+``"loss"``
+    a per-example loss ``(logits, labels, **options) -> losses`` that replaces
+    cross-entropy (``loss.name = "<name>"``; ``options`` maps its keyword
+    arguments to ``[loss]`` fields).
+``"gradient"``
+    a ``jax.value_and_grad`` replacement
+    ``(loss_fn, **options, argnums, has_aux) -> value_and_grad_fn``
+    (``loss.penalty = "<name>"``).
+``"model"``
+    a model option (``model.gc_ode = "<mode>"``); its controls too.
+``"combination"``
+    several methods at once (GCGD = GC-W + GC-ODE).
+
+Adding a method = its module (maths and reference in the docstring), one
+:class:`Method` entry below, its tests; see the README ("Adding a method").
+
+Factories are named by ``"module:attribute"`` strings and imported on first
+use, so importing this module (and the configuration code that reads it)
+stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = [
+    "MASKS",
+    "METHODS",
+    "Kind",
+    "MaskName",
+    "Method",
+    "config_values",
+    "get",
+    "methods_of_kind",
+]
+
+Kind = Literal["transform", "loss", "gradient", "model", "combination"]
+MaskName = Literal["all", "all_kernels", "pre_downsampling", "pre_downsampling_block"]
+MASKS: tuple[MaskName, ...] = ("all", "all_kernels", "pre_downsampling", "pre_downsampling_block")
+
+# The configuration key a kind's ``value`` is written to.
+_CONFIG_KEY: dict[str, str] = {
+    "transform": "corrections.chain",
+    "loss": "loss.name",
+    "gradient": "loss.penalty",
+    "model": "model.gc_ode",
+}
+
+
+def _resolve(path: str) -> Any:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One registered method.
+
+    Attributes:
+        name: the method's name in suites, reports and ``corrections.chain``.
+        kind: see the module docstring.
+        summary: one line: what it does.
+        reference: where it comes from.
+        factory: ``"module:attribute"`` of its factory (None for pure configuration
+            entries such as the GC-ODE modes and combinations).
+        value: the value of its kind's configuration key (``corrections.chain``
+            entry, ``loss.name``, ``loss.penalty``, ``model.gc_ode``); None for
+            entries that only combine or re-parameterise others.
+        fixed: keyword arguments always passed to the factory (not user options).
+        options: ``"loss"``/``"gradient"`` kinds: factory keyword -> ``[loss]`` field.
+        mask: ``"transform"`` kind: the parameters it applies to by default.
+        seeded: the factory takes ``key``, defaulting to the run's seed.
+        state_metric: ``(record key, "module:function")``: a scalar read from the
+            optimizer state after every step and logged per epoch.
+        extra: further configuration overrides that ``select`` adds (e.g. solver
+            settings of a control).
+        parts: ``"combination"`` kind: the methods it combines.
+        control: a control experiment (isolates one ingredient of another method)
+            rather than a method one would deploy.
+    """
+
+    name: str
+    kind: Kind
+    summary: str
+    reference: str
+    factory: str | None = None
+    value: str | None = None
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    mask: MaskName = "all"
+    seeded: bool = False
+    state_metric: tuple[str, str] | None = None
+    extra: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
+    control: bool = False
+
+    @property
+    def config_key(self) -> str | None:
+        """The configuration key its ``value`` goes to (None for combinations)."""
+        return _CONFIG_KEY.get(self.kind)
+
+    @property
+    def select(self) -> tuple[str, ...]:
+        """Configuration overrides that switch this method on (from the baseline)."""
+        if self.kind == "combination":
+            out: list[str] = []
+            for part in self.parts:
+                out += get(part).select
+            return (*_merge_chains(out), *self.extra)
+        own = () if self.value is None else (f"{self.config_key}={self.value}",)
+        return (*own, *self.extra)
+
+    def load(self) -> Callable[..., Any]:
+        """The factory (imported now)."""
+        if self.factory is None:
+            raise ValueError(f"method {self.name!r} ({self.kind}) has no factory")
+        return _resolve(self.factory)
+
+    def read_state_metric(self, opt_state: Any) -> Any:
+        """Its ``state_metric`` read from an optimizer state."""
+        if self.state_metric is None:
+            raise ValueError(f"method {self.name!r} has no state metric")
+        return _resolve(self.state_metric[1])(opt_state)
+
+
+def _merge_chains(overrides: list[str]) -> list[str]:
+    """Joins several ``corrections.chain=x`` overrides into one (``=x,y``)."""
+    chain = [o.split("=", 1)[1] for o in overrides if o.startswith("corrections.chain=")]
+    rest = [o for o in overrides if not o.startswith("corrections.chain=")]
+    return ([f"corrections.chain={','.join(chain)}"] if chain else []) + rest
+
+
+def gc_w_v2_mean_objective(opt_state: Any) -> Any:
+    """Mean of GC-W v2's last predictor objective over its kernels (a logged metric)."""
+    import jax.numpy as jnp
+
+    from gcgd_jax.transforms.gc_w_v2 import gc_w_v2_states
+
+    return jnp.mean(jnp.stack([st.objective for st in gc_w_v2_states(opt_state)]))
+
+
+_PAPER = "Li et al., Gradient Correction beyond Gradient Descent, arXiv 2203.08345 (withdrawn)"
+
+_ENTRIES: tuple[Method, ...] = (
+    # ------------------------------------------------------------ optax transforms
+    Method(
+        "gc_w",
+        "transform",
+        "GC-W v1: learned, bounded gradient offset by attention across a kernel's output units",
+        f"ours; inspired by {_PAPER}",
+        factory="gcgd_jax.transforms.gc_w:gc_w",
+        value="gc_w",
+        mask="pre_downsampling",
+        seeded=True,
+        state_metric=("gc_w_predictor_loss", "gcgd_jax.transforms.gc_w:gc_w_predictor_loss"),
+    ),
+    Method(
+        "centralize",
+        "transform",
+        "subtract the fan-in mean per output unit",
+        "Yong et al., Gradient Centralization, ECCV 2020, arXiv 2004.01461",
+        factory="gcgd_jax.transforms.centralize:centralize",
+        value="centralize",
+    ),
+    Method(
+        "channel_directed_h0",
+        "transform",
+        "smooth the gradient along the output-channel axis (re-weighted H0 metric)",
+        "Lao et al., Channel-Directed Gradients for Optimization of CNNs, arXiv 2008.10766",
+        factory="gcgd_jax.transforms.channel_directed:channel_directed",
+        value="channel_directed_h0",
+        fixed=MappingProxyType({"metric": "h0"}),
+    ),
+    Method(
+        "channel_directed_sobolev",
+        "transform",
+        "smooth the gradient along the output-channel axis (periodic Sobolev metric)",
+        "Lao et al., Channel-Directed Gradients for Optimization of CNNs, arXiv 2008.10766",
+        factory="gcgd_jax.transforms.channel_directed:channel_directed",
+        value="channel_directed_sobolev",
+        fixed=MappingProxyType({"metric": "sobolev"}),
+    ),
+    Method(
+        "znorm",
+        "transform",
+        "per-layer z-score of the gradient",
+        "Yun et al., ZNorm, arXiv 2408.01215",
+        factory="gcgd_jax.transforms.znorm:znorm",
+        value="znorm",
+    ),
+    Method(
+        "agr",
+        "transform",
+        "g * (1 - |g| / sum |g|) per leaf",
+        "Jiang et al., Adaptive Gradient Regularization, arXiv 2407.16944",
+        factory="gcgd_jax.transforms.agr:agr",
+        value="agr",
+    ),
+    Method(
+        "gc_w_v2",
+        "transform",
+        "GC-W v2: learned, bounded offset from each coordinate's multi-scale gradient history",
+        f"ours; inspired by {_PAPER}",
+        factory="gcgd_jax.transforms.gc_w_v2:gc_w_v2",
+        value="gc_w_v2",
+        mask="pre_downsampling",
+        seeded=True,
+        state_metric=("gc_w_v2_objective", "gcgd_jax.methods:gc_w_v2_mean_objective"),
+    ),
+    Method(
+        "mars_correction",
+        "transform",
+        "g + gamma beta1/(1-beta1) (g_t - g_{t-1}), clipped per tensor (MARS-approx)",
+        "Yuan et al., MARS, arXiv 2411.10438",
+        factory="gcgd_jax.transforms.mars_correction:mars_correction",
+        value="mars_correction",
+    ),
+    Method(
+        "grokfast_ema",
+        "transform",
+        "g + lambda EMA_alpha(g): amplifies the slow part of the gradient",
+        "Lee et al., Grokfast, arXiv 2405.20233",
+        factory="gcgd_jax.transforms.grokfast_ema:grokfast_ema",
+        value="grokfast_ema",
+    ),
+    # ------------------------------------------------------------ losses and gradient functions
+    Method(
+        "powergrad",
+        "loss",
+        "cross-entropy whose backward uses softmax(alpha log p) - q",
+        "Das et al., Altering Backward Pass Gradients improves Convergence, arXiv 2111.12495",
+        factory="gcgd_jax.losses.powergrad:powergrad_cross_entropy",
+        value="powergrad",
+        options=MappingProxyType({"alpha": "powergrad_alpha"}),
+    ),
+    Method(
+        "gradient_norm_penalty",
+        "gradient",
+        "gradient of L + lambda ||grad L|| by finite differences (alpha = 1 is SAM)",
+        "Zhao, Zhang & Hu, Penalizing Gradient Norm, ICML 2022, arXiv 2202.03599",
+        factory="gcgd_jax.gradients.gradient_norm_penalty:gradient_norm_penalty",
+        value="gradient_norm",
+        options=MappingProxyType({"radius": "penalty_radius", "alpha": "penalty_alpha"}),
+    ),
+    # ------------------------------------------------------------ GC-ODE (model options)
+    Method(
+        "gc_ode_gradient",
+        "model",
+        "GC-ODE gradient mode: an ODE branch between stage outputs mixes its gradient "
+        "into the backbone's (forward unchanged)",
+        f"ours; inspired by {_PAPER}",
+        value="gradient",
+    ),
+    Method(
+        "gc_ode_branch",
+        "model",
+        "GC-ODE branch mode: the ODE branch's output is added to the next stage's input",
+        f"ours; inspired by {_PAPER}",
+        value="branch",
+    ),
+    Method(
+        "gc_ode_euler4",
+        "model",
+        "control: GC-ODE branch mode with 4 Euler steps (does more integration matter?)",
+        "ours",
+        extra=("model.gc_ode=branch", "model.gc_ode_solver=euler", "model.gc_ode_steps=4"),
+        control=True,
+    ),
+    Method(
+        "gc_ode_scale_only",
+        "model",
+        "control: gradient mode's gradient re-scaling without the ODE branch",
+        "ours",
+        value="scale_only",
+        control=True,
+    ),
+    Method(
+        "gc_ode_frozen_branch",
+        "model",
+        "control: gradient mode with the ODE branch frozen at its random init",
+        "ours",
+        value="frozen_branch",
+        control=True,
+    ),
+    # ------------------------------------------------------------ combinations
+    Method(
+        "gcgd",
+        "combination",
+        "GCGD = GC-W v1 + GC-ODE in gradient mode",
+        f"ours; inspired by {_PAPER}",
+        parts=("gc_w", "gc_ode_gradient"),
+    ),
+)
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _ENTRIES})
+"""Every registered method by name, in registry order."""
+
+
+def get(name: str) -> Method:
+    """The method called ``name``; ``KeyError`` listing the known names otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def methods_of_kind(kind: Kind) -> tuple[Method, ...]:
+    """The registered methods of one kind, in registry order."""
+    return tuple(m for m in METHODS.values() if m.kind == kind)
+
+
+def config_values(kind: Kind) -> tuple[str, ...]:
+    """The values its kind's configuration key accepts from the registry (no defaults)."""
+    return tuple(m.value for m in methods_of_kind(kind) if m.value is not None)
+
+
+def by_value(kind: Kind, value: str) -> Method:
+    """The method of ``kind`` whose configuration value is ``value``."""
+    for m in methods_of_kind(kind):
+        if m.value == value:
+            return m
+    raise KeyError(f"no {kind} method with value {value!r}; known: {', '.join(config_values(kind))}")

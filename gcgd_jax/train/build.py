@@ -1,0 +1,112 @@
+"""What a configuration builds: its data sets, its model, its static step options.
+
+These are the pieces :class:`gcgd_jax.train.Trainer` assembles; experiments
+that need the same data or model as a run build them here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from gcgd_jax import methods
+from gcgd_jax.train.config import CIFAR_MODELS, ConfigError, TrainConfig
+from gcgd_jax.train.step import StepOptions
+
+__all__ = ["build_model", "load_data", "step_options"]
+
+# Data sets whose "auto" augmentation is random crop + flip (He et al.'s CIFAR recipe).
+_CROP_FLIP_DATASETS = ("cifar10", "cifar100")
+
+
+
+
+def load_data(cfg: TrainConfig):
+    """``(train, eval)`` data sets of ``cfg`` (subsets and validation split applied)."""
+    from gcgd_jax import data as gdata
+
+    d = cfg.data
+    if d.name == "synthetic":
+        shape = tuple(d.synthetic_image_shape)
+        k = d.synthetic_num_classes
+        train = gdata.synthetic_dataset(
+            d.synthetic_train_size, shape, k, seed=d.seed, split="train"
+        )
+        test = gdata.synthetic_dataset(d.synthetic_test_size, shape, k, seed=d.seed, split="test")
+    else:
+        kwargs = {"data_dir": d.data_dir, "cache_dir": d.cache_dir, "download": d.download}
+        train = gdata.load_dataset(d.name, "train", **kwargs)
+        test = gdata.load_dataset(d.name, "test", **kwargs) if d.eval_split == "test" else None
+    try:
+        if d.val_fraction > 0.0:
+            train, val = gdata.split_validation(train, d.val_fraction, seed=d.seed)
+        eval_ds = val if d.eval_split == "val" else test
+        if d.train_subset is not None:
+            train = gdata.take(train, d.train_subset, seed=d.seed)
+        if d.test_subset is not None:
+            eval_ds = gdata.take(eval_ds, d.test_subset, seed=d.seed)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
+    return train, eval_ds
+
+
+def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptions:
+    """The static step settings of ``cfg`` (normalisation, augmentation, loss, corrections)."""
+    from gcgd_jax.data import normalization
+
+    mean, std = normalization(cfg.data.name)
+    augment = cfg.data.augment
+    if augment == "auto":
+        augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
+
+    def options_of(kind, value: str) -> tuple[tuple[str, Any], ...]:
+        method = methods.by_value(kind, value)
+        return tuple((kw, getattr(cfg.loss, field)) for kw, field in method.options.items())
+
+    loss, penalty = cfg.loss.name, cfg.loss.penalty
+    return StepOptions(
+        mean=tuple(float(v) for v in np.ravel(mean)),
+        std=tuple(float(v) for v in np.ravel(std)),
+        augment=augment == "crop_flip",
+        crop_padding=cfg.data.crop_padding,
+        loss=loss,
+        loss_options=() if loss == "ce" else options_of("loss", loss),
+        penalty=penalty,
+        penalty_options=() if penalty == "none" else options_of("gradient", penalty),
+        gc_ode=cfg.model.gc_ode != "none",
+        gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
+        state_metrics=tuple(
+            name for name in cfg.corrections.chain if methods.get(name).state_metric is not None
+        ),
+        fusion_breaker=fusion_breaker,
+        nan_policy=cfg.train.nan_policy,
+    )
+
+
+def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.Module:
+    """The model of ``cfg.model`` (initialised from ``run.seed``)."""
+    from gcgd_jax import models
+
+    m = cfg.model
+    kwargs: dict[str, Any] = {
+        "in_channels": in_channels,
+        "zero_init_residual": m.zero_init_residual,
+        "rngs": nnx.Rngs(cfg.run.seed),
+    }
+    if m.name not in CIFAR_MODELS:
+        kwargs["small_stem"] = m.small_stem
+    if m.gc_ode != "none":
+        try:
+            kwargs["gc_ode"] = models.GCODEConfig(
+                mode=m.gc_ode,
+                solver=m.gc_ode_solver,
+                steps=m.gc_ode_steps,
+                width=m.gc_ode_width,
+                gate_max=m.gc_ode_gate_max,
+                control_scale=m.gc_ode_control_scale,
+            )
+        except ValueError as err:
+            raise ConfigError(f"model.gc_ode: {err}") from None
+    return getattr(models, m.name)(num_classes, **kwargs)

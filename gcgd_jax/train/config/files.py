@@ -1,0 +1,113 @@
+"""Configuration files: finding them by name, reading TOML (with ``extends``), writing TOML."""
+
+from __future__ import annotations
+
+import importlib.resources
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gcgd_jax.train.config.schema import ConfigError, TrainConfig, config_to_dict
+
+__all__ = ["CONFIG_DIRS", "find_config", "read_toml", "to_toml"]
+
+
+def _package_config_dir() -> Path:
+    """The configurations shipped inside the package (``gcgd_jax/configs``)."""
+    return Path(str(importlib.resources.files("gcgd_jax") / "configs"))
+
+
+# Looked up by name, in order: ``./configs`` (a user's own), then the shipped ones.
+CONFIG_DIRS: tuple[Path, ...] = (Path("configs"), _package_config_dir())
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """Resolves a configuration name (``quickstart``) or a path to a TOML file."""
+    candidate = Path(name_or_path)
+    tried = []
+    if candidate.suffix == ".toml" or candidate.parent != Path("."):
+        tried.append(candidate)
+    for folder in CONFIG_DIRS:
+        tried.append(
+            folder / f"{candidate.name}.toml"
+            if candidate.suffix != ".toml"
+            else folder / candidate.name
+        )
+    for path in tried:
+        if path.is_file():
+            return path
+    available = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    raise ConfigError(
+        f"configuration {str(name_or_path)!r} not found (tried {', '.join(map(str, dict.fromkeys(tried)))}); "
+        f"available: {', '.join(available) or 'none'}"
+    )
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(
+            f"configuration {path} extends itself (cycle: {' -> '.join(map(str, seen))})"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read configuration {path}: {err}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a configuration name or path, got {parent!r}")
+    parent_path = Path(parent)
+    if not parent_path.is_absolute() and (path.parent / f"{parent}.toml").is_file():
+        parent_path = path.parent / f"{parent}.toml"
+    elif not parent_path.is_absolute() and (path.parent / parent).is_file():
+        parent_path = path.parent / parent
+    else:
+        parent_path = find_config(parent)
+    return _merge(read_toml(parent_path, (*seen, path)), data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The configuration as TOML text that :func:`load_config` reads back equal.
+
+    Optional fields that are None are left out (None is their default).
+    """
+    lines: list[str] = []
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        options = values.pop("options", None) if section == "corrections" else None
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+        for name, kwargs in (options or {}).items():
+            lines.append(f"[corrections.{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in kwargs.items())
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Command-line overrides: ``section.key=value`` strings applied to a configuration's dicts."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gcgd_jax.train.config.schema import SECTIONS, ConfigError, _suggest
+
+__all__ = ["apply_overrides"]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` strings to nested dicts (before typing)."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(
+                f"override {item!r}: the key must be section.key (e.g. optim.lr=0.05)"
+            )
+        if parts[0] not in SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: unknown section {parts[0]!r}"
+                + _suggest(parts[0], list(SECTIONS))
+            )
+        if len(parts) > (3 if parts[0] == "corrections" else 2):
+            raise ConfigError(f"override {item!r}: too many dots in the key")
+        node = data.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a table")
+        node[parts[-1]] = _parse_value(text.strip())
+    return data

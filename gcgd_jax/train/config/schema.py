@@ -1,0 +1,323 @@
+"""The configuration schema: sections as frozen dataclasses, typed conversion from dicts.
+
+Each section is a frozen dataclass whose fields are the keys of its TOML
+table; a field's annotation is its type (``Literal`` for fixed choices, checked
+by :func:`gcgd_jax.train.config.validate`), its default the documented
+default. Options whose values come from the method registry
+(``corrections.chain``, ``loss.name``, ``loss.penalty``, ``model.gc_ode``)
+are plain strings checked against :mod:`gcgd_jax.methods`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from gcgd_jax import methods
+
+DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic"]
+ModelName = Literal["resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["step", "cosine", "constant"]
+Switch = Literal["auto", "on", "off"]
+Augment = Literal["auto", "crop_flip", "none"]
+
+DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
+MODELS: tuple[str, ...] = typing.get_args(ModelName)
+CIFAR_MODELS = ("resnet20", "resnet32", "resnet56")
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+# Registry-driven choices (see gcgd_jax.methods).
+CORRECTIONS: tuple[str, ...] = methods.config_values("transform")
+LOSSES: tuple[str, ...] = ("ce", *methods.config_values("loss"))
+PENALTIES: tuple[str, ...] = ("none", *methods.config_values("gradient"))
+GC_ODE_MODES: tuple[str, ...] = ("none", *methods.config_values("model"))
+MASKS: tuple[str, ...] = methods.MASKS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be read or is not valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Run identity and hardware."""
+
+    name: str = "run"  # label written into the metrics
+    seed: int = 0  # model init, data order, augmentation
+    out_dir: str = "runs/default"  # the CLI's --out replaces it
+    # data-parallel devices per process (its local devices); None = all of them
+    num_devices: int | None = None
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    fusion_breaker: Switch = "auto"  # "auto" (on for CPU), "on", "off"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Data set, batching, augmentation and splits."""
+
+    name: DatasetName = "cifar10"  # one of DATASETS
+    data_dir: str | None = None  # passed to gcgd_jax.data.load_dataset
+    cache_dir: str | None = None  # decoded-image cache; None = $GCGD_CACHE_DIR or ~/.cache
+    download: bool = False  # let tensorflow-datasets download (needs a network)
+    batch_size: int = 128  # global batch (all devices together)
+    eval_batch_size: int | None = None  # None = batch_size
+    augment: Augment = "auto"  # "auto": crop_flip for CIFAR, none otherwise
+    crop_padding: int = 4  # crop_flip: zero padding before the random crop
+    train_subset: int | None = None  # use this many training examples (stratified)
+    test_subset: int | None = None  # evaluate on this many test examples (stratified)
+    val_fraction: float = 0.0  # carve this fraction of train off as a validation split
+    eval_split: Literal["test", "val"] = "test"  # the split evaluated each epoch
+    seed: int = 0  # synthetic data, subsets and validation split (fixed across run seeds)
+    synthetic_train_size: int = 512  # data.name = "synthetic": examples in train
+    synthetic_test_size: int = 128  # ... and in test
+    synthetic_image_shape: tuple[int, ...] = (32, 32, 3)  # [height, width, channels]
+    synthetic_num_classes: int = 10  # labels 0 .. n-1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and GC-ODE."""
+
+    name: ModelName = "resnet20"  # one of MODELS
+    num_classes: int | None = None  # None = the data set's
+    in_channels: int | None = None  # None = the data set's
+    small_stem: bool = False  # resnet18/34/50 only: 3x3 stem without max-pool
+    # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
+    # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
+    zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
+    gc_ode: str = "none"  # "none" or a model method of gcgd_jax.methods ("gradient", "branch", ...)
+    gc_ode_solver: Literal["euler", "heun", "tsit5"] = "euler"  # fixed-step diffrax solver
+    gc_ode_steps: int = 1  # fixed solver steps over t in [0, 1]
+    gc_ode_width: int | None = None  # None = the model's default
+    gc_ode_aux_weight: float = 1.0  # weight of the GC-ODE auxiliary loss (gradient mode)
+    gc_ode_gate_max: float = 0.5  # largest share of the branch in the mixed gradient
+    gc_ode_control_scale: float = 1.0  # "scale_only": factor of the stage-input gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Base optimizer, learning-rate schedule and weight decay."""
+
+    name: OptimizerName = "sgd"  # base optimizer
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    b1: float = 0.9  # adam/adamw
+    b2: float = 0.999  # adam/adamw
+    eps: float = 1e-8  # adam/adamw
+    weight_decay: float = 0.0  # coupled L2 for sgd/adam, decoupled for adamw
+    weight_decay_on: Literal["all", "kernels"] = "all"  # "kernels": ndim >= 2 only
+    schedule: Schedule = "step"  # learning-rate schedule after warm-up
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of the training steps
+    decay_factor: float = 0.1  # step: lr multiplier at each milestone
+    final_lr_fraction: float = 0.0  # cosine: final lr / peak lr
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Training loss and the gradient-norm penalty."""
+
+    name: str = "ce"  # "ce" or a loss method of gcgd_jax.methods ("powergrad")
+    powergrad_alpha: float = 0.25  # powergrad: exponent in [0, 1]
+    penalty: str = "none"  # "none" or a gradient method of gcgd_jax.methods ("gradient_norm")
+    penalty_radius: float = 0.1  # gradient_norm: finite-difference radius
+    penalty_alpha: float = 0.8  # gradient_norm: weight of the penalty gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionsConfig:
+    """Gradient corrections placed before the base optimizer, in order."""
+
+    chain: tuple[str, ...] = ()  # transform methods of gcgd_jax.methods, in this order
+    after_weight_decay: bool = False  # True: corrections also see the weight-decay term
+    # [corrections.<name>] keyword arguments; ignored (with a note) for names not in chain
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    """Length of training and failure policy."""
+
+    epochs: int = 1  # passes over the training set
+    total_steps: int | None = None  # when set, replaces epochs (the last epoch may be partial)
+    budget: float = 1.0  # scales the number of steps, and with it the lr schedule
+    nan_policy: Literal["stop", "skip"] = "stop"  # stop: checkpoint last good state, exit
+    eval_every_epochs: int = 1  # evaluate every n epochs (and always after the last)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under <out>/checkpoints."""
+
+    enabled: bool = True  # false: no checkpoints, so no --resume
+    every_epochs: int = 1  # 0 = not at epoch ends
+    every_steps: int = 0  # 0 = off
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Progress display and metric sinks (metrics.jsonl is always written)."""
+
+    progress: bool = True  # progress bars (train and evaluation) on stderr
+    # TensorBoard event files in <out>/tensorboard: pip install "gcgd-jax[tensorboard]"
+    tensorboard: bool = False
+    tensorboard_every_steps: int = 10  # per-step scalars every this many steps (0 = epochs only)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The whole training configuration."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    corrections: CorrectionsConfig = dataclasses.field(default_factory=CorrectionsConfig)
+    train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        """``dataclasses.replace`` on sections: ``cfg.replace(optim={"lr": 0.05})``."""
+        updates = {}
+        for name, values in sections.items():
+            current = getattr(self, name)
+            updates[name] = (
+                dataclasses.replace(current, **values) if isinstance(values, dict) else values
+            )
+        return dataclasses.replace(self, **updates)
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known: {', '.join(known)}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks/converts ``value`` to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is typing.Literal:
+        # Membership is checked by validate() with the other choices, so that one
+        # error lists every problem; here the value only has to be a string.
+        return _coerce(value, str, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return value
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # switches such as fusion_breaker = true
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):  # e.g. run.name=123 on the command line
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    hints = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if cls is CorrectionsConfig and key not in hints:
+            # [corrections.<name>] sub-tables are keyword arguments of that correction.
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"corrections.{key}: expected a table of keyword arguments for correction "
+                    f"{key!r}, got {value!r}"
+                )
+            kwargs.setdefault("options", {})[key] = dict(value)
+            continue
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}" + _suggest(key, list(hints)))
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Builds (and type-checks, but does not :func:`validate`) a config from nested dicts."""
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]" + _suggest(name, list(SECTIONS)))
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{name}] must be a table, got {values!r}")
+        sections[name] = _build_section(SECTIONS[name], values, name)
+    return TrainConfig(**sections)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Nested plain dicts (tuples as lists), the inverse of :func:`config_from_dict`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = {k: dict(v) for k, v in value.items()}
+            values[f.name] = value
+        out[name] = values
+    return out
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``{"section.key": value}`` of every setting."""
+    return {f"{s}.{k}": v for s, values in config_to_dict(cfg).items() for k, v in values.items()}
+
+
+def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+    fa, fb = flat_config(a), flat_config(b)
+    return [key for key in fa if fa[key] != fb[key]]

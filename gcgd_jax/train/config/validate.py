@@ -1,0 +1,175 @@
+"""Whole-configuration checks: every invalid setting is reported at once, by key."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+
+from gcgd_jax.train.config.schema import (
+    CIFAR_MODELS,
+    CORRECTIONS,
+    GC_ODE_MODES,
+    LOSSES,
+    MASKS,
+    PENALTIES,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    _suggest,
+)
+
+__all__ = ["ignored_options_note", "validate"]
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _choice(problems: list[str], key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        problems.append(f"{key}: unknown value {value!r}" + _suggest(value, allowed))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raises :class:`ConfigError` listing every invalid setting of ``cfg``."""
+    p: list[str] = []
+    # Every Literal-typed field: its value must be one of the Literal's strings.
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for name, tp in typing.get_type_hints(type(values)).items():
+            if typing.get_origin(tp) is typing.Literal:
+                _choice(p, f"{section}.{name}", getattr(values, name), typing.get_args(tp))
+    run, data, model, optim = cfg.run, cfg.data, cfg.model, cfg.optim
+    loss, corr, train, ckpt = cfg.loss, cfg.corrections, cfg.train, cfg.checkpoint
+
+    _check(
+        p,
+        run.num_devices is None or run.num_devices >= 1,
+        "run.num_devices: must be >= 1 (or none for all)",
+    )
+    _check(p, bool(run.out_dir), "run.out_dir: must not be empty")
+
+    _check(p, data.batch_size >= 1, f"data.batch_size: must be >= 1, got {data.batch_size}")
+    _check(
+        p,
+        data.eval_batch_size is None or data.eval_batch_size >= 1,
+        f"data.eval_batch_size: must be >= 1, got {data.eval_batch_size}",
+    )
+    _check(p, data.crop_padding >= 0, f"data.crop_padding: must be >= 0, got {data.crop_padding}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(data, key)
+        _check(p, value is None or value >= 1, f"data.{key}: must be >= 1 (or none), got {value}")
+    _check(
+        p,
+        0.0 <= data.val_fraction < 1.0,
+        f"data.val_fraction: must be in [0, 1), got {data.val_fraction}",
+    )
+    _check(
+        p,
+        data.eval_split != "val" or data.val_fraction > 0.0,
+        "data.eval_split = 'val' needs data.val_fraction > 0",
+    )
+    if data.name == "synthetic":
+        _check(p, data.synthetic_train_size >= 1, "data.synthetic_train_size: must be >= 1")
+        _check(p, data.synthetic_test_size >= 1, "data.synthetic_test_size: must be >= 1")
+        _check(p, data.synthetic_num_classes >= 2, "data.synthetic_num_classes: must be >= 2")
+        _check(
+            p,
+            len(data.synthetic_image_shape) == 3
+            and all(d >= 1 for d in data.synthetic_image_shape),
+            f"data.synthetic_image_shape: expected [height, width, channels], got {list(data.synthetic_image_shape)}",
+        )
+
+    _check(
+        p, model.num_classes is None or model.num_classes >= 2, "model.num_classes: must be >= 2"
+    )
+    _check(
+        p, model.in_channels is None or model.in_channels >= 1, "model.in_channels: must be >= 1"
+    )
+    _check(
+        p,
+        not model.small_stem or model.name not in CIFAR_MODELS,
+        f"model.small_stem: only for resnet18/34/50, not {model.name}",
+    )
+    _choice(p, "model.gc_ode", model.gc_ode, GC_ODE_MODES)
+    _check(
+        p, model.gc_ode_steps >= 1, f"model.gc_ode_steps: must be >= 1, got {model.gc_ode_steps}"
+    )
+    _check(
+        p, model.gc_ode_width is None or model.gc_ode_width >= 1, "model.gc_ode_width: must be >= 1"
+    )
+    _check(p, model.gc_ode_aux_weight >= 0.0, "model.gc_ode_aux_weight: must be >= 0")
+
+    _check(p, optim.lr > 0.0, f"optim.lr: must be > 0, got {optim.lr}")
+    _check(
+        p, 0.0 <= optim.momentum < 1.0, f"optim.momentum: must be in [0, 1), got {optim.momentum}"
+    )
+    _check(
+        p, 0.0 <= optim.b1 < 1.0 and 0.0 <= optim.b2 < 1.0, "optim.b1, optim.b2: must be in [0, 1)"
+    )
+    _check(p, optim.eps > 0.0, "optim.eps: must be > 0")
+    _check(
+        p, optim.weight_decay >= 0.0, f"optim.weight_decay: must be >= 0, got {optim.weight_decay}"
+    )
+    ms = optim.milestones
+    _check(
+        p,
+        all(0.0 < m < 1.0 for m in ms) and list(ms) == sorted(set(ms)),
+        f"optim.milestones: fractions of training in (0, 1), increasing; got {list(ms)}",
+    )
+    _check(p, 0.0 < optim.decay_factor <= 1.0, "optim.decay_factor: must be in (0, 1]")
+    _check(p, 0.0 <= optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction: must be in [0, 1]")
+    _check(p, optim.warmup_epochs >= 0.0, "optim.warmup_epochs: must be >= 0")
+
+    _choice(p, "loss.name", loss.name, LOSSES)
+    _check(p, 0.0 <= loss.powergrad_alpha <= 1.0, "loss.powergrad_alpha: must be in [0, 1]")
+    _choice(p, "loss.penalty", loss.penalty, PENALTIES)
+    _check(p, loss.penalty_radius > 0.0, "loss.penalty_radius: must be > 0")
+    _check(p, 0.0 <= loss.penalty_alpha <= 1.0, "loss.penalty_alpha: must be in [0, 1]")
+
+    for name in corr.chain:
+        _choice(p, "corrections.chain", name, CORRECTIONS)
+    dupes = sorted({n for n in corr.chain if corr.chain.count(n) > 1})
+    _check(p, not dupes, f"corrections.chain: {', '.join(dupes)} listed more than once")
+    for name, options in corr.options.items():
+        # Options of a known correction that is not in the chain are ignored (see
+        # ignored_options_note), so a chain can be emptied from the command line.
+        if name not in CORRECTIONS:
+            p.append(
+                f"corrections.{name}: options given for an unknown correction {name!r}"
+                + _suggest(name, CORRECTIONS)
+            )
+        mask = options.get("mask")
+        if mask is not None:
+            _choice(p, f"corrections.{name}.mask", mask, MASKS)
+
+    _check(p, train.epochs >= 1, f"train.epochs: must be >= 1, got {train.epochs}")
+    _check(
+        p,
+        train.total_steps is None or train.total_steps >= 1,
+        "train.total_steps: must be >= 1 (or none)",
+    )
+    _check(p, train.budget > 0.0, f"train.budget: must be > 0, got {train.budget}")
+    _check(p, train.eval_every_epochs >= 1, "train.eval_every_epochs: must be >= 1")
+
+    _check(p, ckpt.every_epochs >= 0, "checkpoint.every_epochs: must be >= 0")
+    _check(p, ckpt.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
+    _check(p, ckpt.keep >= 1, "checkpoint.keep: must be >= 1")
+    _check(
+        p, cfg.log.tensorboard_every_steps >= 0, "log.tensorboard_every_steps: must be >= 0"
+    )
+
+    if p:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))
+
+
+def ignored_options_note(cfg: TrainConfig) -> str | None:
+    """A one-line note naming correction options that are ignored (their correction is not
+    in ``corrections.chain``), or None when every option is used."""
+    chain = cfg.corrections.chain
+    unused = [name for name in cfg.corrections.options if name not in chain]
+    if not unused:
+        return None
+    names = ", ".join(f"[corrections.{name}]" for name in unused)
+    return f"note: ignoring the options {names}: not in corrections.chain {list(chain)}"

@@ -1,0 +1,115 @@
+"""The package's rooms hold what their names say, experiments use only public names, and
+``import gcgd_jax`` (and the CLI's ``--help``) stay light."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optax
+
+from gcgd_jax import methods
+
+ROOT = Path(__file__).resolve().parents[1]
+# The public API of namedtuples starts with an underscore.
+_NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name not in _NAMEDTUPLE_API
+
+
+def _private_uses(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gcgd_jax"):
+            if any(_private(part) for part in node.module.split(".")):
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+            found += [
+                f"line {node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if _private(a.name)
+            ]
+        elif isinstance(node, ast.Import):
+            found += [
+                f"line {node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.startswith("gcgd_jax") and any(_private(p) for p in a.name.split("."))
+            ]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_scanner_finds_private_uses():
+    assert _private_uses("from gcgd_jax.train.trainer import _Sums") != []
+    assert _private_uses("from gcgd_jax.transforms import _common") != []
+    assert _private_uses("import gcgd_jax.transforms._common") != []
+    assert _private_uses("trainer._train_step(1)") != []
+    assert _private_uses("self._x = state._replace(a=1)") == []
+
+
+def test_no_experiment_touches_a_private_name():
+    offenders = {
+        str(path.relative_to(ROOT)): uses
+        for path in sorted((ROOT / "experiments").rglob("*.py"))
+        if (uses := _private_uses(path.read_text()))
+    }
+    assert not offenders, f"experiments use private names: {offenders}"
+
+
+def test_transforms_holds_only_optax_transforms():
+    """Every public module of gcgd_jax.transforms defines a registered transform factory."""
+    import gcgd_jax.transforms as pkg
+
+    registered = {m.factory.split(":")[0] for m in methods.methods_of_kind("transform")}
+    modules = {
+        f"gcgd_jax.transforms.{info.name}"
+        for info in pkgutil.iter_modules(pkg.__path__)
+        if not info.name.startswith("_")
+    }
+    assert modules == registered
+    for m in methods.methods_of_kind("transform"):
+        tx = m.load()(**m.fixed)
+        assert isinstance(tx, optax.GradientTransformation), m.name
+
+
+def test_each_kind_lives_in_its_room():
+    rooms = {
+        "transform": "gcgd_jax.transforms.",
+        "loss": "gcgd_jax.losses.",
+        "gradient": "gcgd_jax.gradients.",
+    }
+    for m in methods.METHODS.values():
+        if m.kind in rooms:
+            assert m.factory.startswith(rooms[m.kind]), m
+    layer = importlib.import_module("gcgd_jax.layers")
+    assert hasattr(layer, "BackwardGradNorm")
+
+
+def _run(code: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+
+
+def test_importing_the_package_and_the_cli_is_light():
+    heavy = ("jax", "flax", "optax", "diffrax")
+    loaded = _run(
+        "import sys, gcgd_jax, gcgd_jax.methods, gcgd_jax.train.cli, gcgd_jax.train.config; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    assert loaded == "", f"import gcgd_jax / its CLI / its config loaded {loaded}"
+
+
+def test_public_names_resolve_lazily():
+    import gcgd_jax
+
+    for name in gcgd_jax.__all__:
+        assert getattr(gcgd_jax, name) is not None, name
+    assert gcgd_jax.gc_w is importlib.import_module("gcgd_jax.transforms.gc_w").gc_w

@@ -1,0 +1,202 @@
+"""The method registry (:mod:`gcgd_jax.methods`): every entry is consistent, exercised by
+its kind's conformance tests, runnable from the command line and documented."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from gcgd_jax import methods
+from gcgd_jax.train.cli import main
+from gcgd_jax.train.config import (
+    CORRECTIONS,
+    GC_ODE_MODES,
+    LOSSES,
+    PENALTIES,
+    ConfigError,
+    load_config,
+)
+from gcgd_jax.train.report import read_metrics
+from tests.train.test_cli import TINY
+from tests.transforms.test_conformance import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = list(methods.METHODS.values())
+
+
+def _ids(entries):
+    return [m.name for m in entries]
+
+
+def test_names_are_unique_and_kinds_known():
+    assert len({m.name for m in ALL}) == len(ALL)
+    for m in ALL:
+        assert m.kind in ("transform", "loss", "gradient", "model", "combination"), m
+        assert m.summary and m.reference, f"{m.name}: summary and reference are required"
+        if m.kind == "combination":
+            assert m.parts and all(p in methods.METHODS for p in m.parts), m
+        elif m.kind != "model":
+            assert m.factory is not None and m.value is not None, m
+
+
+def test_config_choices_come_from_the_registry():
+    assert CORRECTIONS == tuple(m.value for m in methods.methods_of_kind("transform"))
+    assert LOSSES == ("ce", *(m.value for m in methods.methods_of_kind("loss")))
+    assert PENALTIES == ("none", *(m.value for m in methods.methods_of_kind("gradient")))
+    assert GC_ODE_MODES == (
+        "none",
+        *(m.value for m in methods.methods_of_kind("model") if m.value is not None),
+    )
+
+
+def test_lookups_name_the_known_methods():
+    assert methods.get("gc_w").kind == "transform"
+    with pytest.raises(KeyError, match="unknown method 'gcw'; known: gc_w"):
+        methods.get("gcw")
+    assert methods.by_value("gradient", "gradient_norm").name == "gradient_norm_penalty"
+    with pytest.raises(KeyError, match="no loss method with value 'focal'"):
+        methods.by_value("loss", "focal")
+
+
+@pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
+def test_every_entry_selects_a_valid_configuration(method):
+    cfg = load_config("quickstart", list(method.select))
+    if method.kind == "transform":
+        assert cfg.corrections.chain == (method.value,)
+    if method.kind == "combination":
+        for part in method.parts:
+            for override in methods.get(part).select:
+                key, value = override.split("=", 1)
+                if key == "corrections.chain":
+                    assert value in cfg.corrections.chain
+                else:
+                    section, field = key.split(".")
+                    assert str(getattr(getattr(cfg, section), field)) == value
+
+
+def test_gcgd_is_gc_w_plus_gc_ode_gradient_mode():
+    assert methods.get("gcgd").select == ("corrections.chain=gc_w", "model.gc_ode=gradient")
+
+
+@pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
+def test_factories_and_options_resolve(method):
+    if method.factory is not None:
+        factory = method.load()
+        accepted = inspect.signature(factory).parameters
+        for kw in (*method.fixed, *method.options):
+            assert kw in accepted, f"{method.name}: {kw!r} is not a parameter of its factory"
+        for field in method.options.values():
+            assert hasattr(load_config(None).loss, field), f"{method.name}: no loss.{field}"
+        if method.seeded:
+            assert "key" in accepted
+    if method.state_metric is not None:
+        assert method.kind == "transform"
+    else:
+        with pytest.raises(ValueError, match="has no state metric"):
+            method.read_state_metric(())
+
+
+# --------------------------------------------------------------------- conformance by kind
+
+TRANSFORMS = methods.methods_of_kind("transform")
+
+
+@pytest.mark.parametrize("method", TRANSFORMS, ids=_ids(TRANSFORMS))
+def test_every_transform_is_in_the_conformance_suite(method):
+    """``tests/transforms/test_conformance.py`` has a case with this factory and fixed options."""
+    factory = method.load()
+    covered = [
+        c
+        for c in CASES
+        if c.inject_factory is factory
+        and all(c.inject_kwargs.get(k) == v for k, v in method.fixed.items())
+    ]
+    assert covered, f"add a ConformanceCase for {method.name} to tests/transforms/test_conformance.py"
+
+
+LOSS_KINDS = methods.methods_of_kind("loss")
+
+
+@pytest.mark.parametrize("method", LOSS_KINDS, ids=_ids(LOSS_KINDS))
+def test_losses_conform(method):
+    """Per-example, jit-safe, dtype-preserving and finite, with a finite gradient."""
+    loss = method.load()
+    defaults = load_config(None).loss
+    kwargs = {kw: getattr(defaults, field) for kw, field in method.options.items()}
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+    labels = jnp.arange(6) % 5
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out = jax.jit(lambda lg: loss(lg, labels, **kwargs))(logits.astype(dtype))
+        assert out.shape == (6,) and out.dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    g = jax.grad(lambda lg: jnp.mean(loss(lg, labels, **kwargs)))(logits)
+    assert g.shape == logits.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+GRADIENT_KINDS = methods.methods_of_kind("gradient")
+
+
+@pytest.mark.parametrize("method", GRADIENT_KINDS, ids=_ids(GRADIENT_KINDS))
+def test_gradient_functions_conform(method):
+    """A ``value_and_grad`` replacement: same call and return structure, jit-safe, finite."""
+    make = method.load()
+    defaults = load_config(None).loss
+    kwargs = {kw: getattr(defaults, field) for kw, field in method.options.items()}
+
+    def loss_fn(params, x):
+        y = jnp.tanh(x @ params["w"]) + params["b"]
+        return jnp.mean(y**2), {"y": y}
+
+    params = {"w": jnp.ones((3, 2)) * 0.3, "b": jnp.zeros(2)}
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    ours = jax.jit(make(loss_fn, **kwargs, argnums=0, has_aux=True))
+    (value, aux), grads = ours(params, x)
+    (ref_value, ref_aux), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    assert jnp.allclose(value, ref_value) and jnp.allclose(aux["y"], ref_aux["y"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert not jnp.allclose(optax.tree.norm(grads), 0.0)
+
+
+# --------------------------------------------------------------------- from the command line
+
+
+@pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
+def test_every_entry_runs_from_the_command_line(method, tmp_path, capsys):
+    """``gcgd-train --set <its overrides>`` trains a tiny model; its state metric is logged."""
+    out = tmp_path / method.name
+    args = [*TINY, "--set", "checkpoint.enabled=false", "--no-progress", "--out", str(out)]
+    for override in method.select:
+        args += ["--set", override]
+    code = main(args)
+    assert code == 0, capsys.readouterr().err
+    epoch, summary = read_metrics(out / "metrics.jsonl")
+    assert summary["status"] == "completed" and summary["nonfinite_steps"] == 0
+    assert epoch["train_loss"] > 0.0
+    parts = [methods.get(p) for p in method.parts] if method.parts else [method]
+    for part in parts:
+        if part.state_metric is not None:
+            assert epoch[part.state_metric[0]] is not None
+        if part.kind == "model":
+            assert epoch["gc_ode_loss"] is not None
+
+
+# --------------------------------------------------------------------- documentation
+
+
+def test_every_method_is_in_the_readme_methods_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Methods") :]
+    table = table[: table.index("\n## ", 4)]
+    missing = [m.name for m in ALL if f"`{m.name}`" not in table]
+    assert not missing, f"README's Methods table does not name {missing}"
+
+
+def test_an_unknown_value_names_the_registry_choices():
+    with pytest.raises(ConfigError, match="loss.name: unknown value 'focal'.*known: ce, powergrad"):
+        load_config(None, ["loss.name=focal"])
