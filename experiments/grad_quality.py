@@ -26,8 +26,9 @@ Protocol (one seed):
      with its own optimizer; its gradient is the run's gradient function of
      that configuration. GCGD = GC-W fed with GC-ODE's backbone gradients;
    * ``"loss"`` and ``"gradient"`` methods (PowerGrad, the gradient-norm
-     penalty) change the gradient function only, so their minibatch gradient
-     is the gradient function of their configuration at the same weights.
+     penalty) and backward gradient normalization change the gradient
+     function only, so their minibatch gradient is the gradient function of
+     their configuration at the same weights.
 
    GC-ODE's branch mode and its controls change the forward pass, so there is
    no "same weights" gradient to compare; they are not probed.
@@ -96,8 +97,12 @@ from gcgd_jax.train.optim import build_correction, kernel_mask
 
 ROOT = Path(__file__).resolve().parent
 TRANSFORMS = tuple(m.name for m in registry.methods_of_kind("transform"))
-GRADIENT_FUNCTIONS = tuple(
-    m.name for m in (*registry.methods_of_kind("loss"), *registry.methods_of_kind("gradient"))
+# Methods that change only how the gradient is computed (same forward pass, same
+# parameters): their gradient at the baseline's weights is their own gradient function's.
+GRADIENT_FUNCTIONS = (
+    *(m.name for m in registry.methods_of_kind("loss")),
+    *(m.name for m in registry.methods_of_kind("gradient")),
+    "backward_grad_norm",
 )
 METHODS = ("baseline", *TRANSFORMS, "gc_ode_gradient", "gcgd", *GRADIENT_FUNCTIONS)
 
@@ -189,13 +194,16 @@ class Diagnostics:
 
         probe_grad = make_grad_fn(t.graphdef, no_aug(t.step_options))
         ode_probe_grad = make_grad_fn(self.ode_graphdef, no_aug(self.ode_opts))
-        method_grads = {
-            name: make_grad_fn(
-                t.graphdef,
-                no_aug(step_options(self._method_cfg(name), fusion_breaker=t.use_fusion_breaker)),
+        method_grads = {}
+        for name in GRADIENT_FUNCTIONS:
+            cfg = self._method_cfg(name)
+            model = build_model(
+                cfg, num_classes=t.train_ds.num_classes, in_channels=t.image_shape[-1]
             )
-            for name in GRADIENT_FUNCTIONS
-        }
+            model.train()
+            graphdef = nnx.split(model, nnx.Param, ...)[0]  # e.g. backward_grad_norm's layers
+            opts = no_aug(step_options(cfg, fusion_breaker=t.use_fusion_breaker))
+            method_grads[name] = make_grad_fn(graphdef, opts)
         shadows, ode_rest, ode_tx = self.shadows, self.ode_rest, self.ode_tx
         kernel_idx, selected_idx = self.kernel_idx, self.selected_idx
 

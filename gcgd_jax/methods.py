@@ -30,7 +30,8 @@ Kinds:
     ``(loss_fn, **options, argnums, has_aux) -> value_and_grad_fn``
     (``loss.penalty = "<name>"``).
 ``"model"``
-    a model option (``model.gc_ode = "<mode>"``); its controls too.
+    a model option: a GC-ODE mode (``model.gc_ode = "<mode>"``) and its
+    controls, or a graph layer the model places (``model.backward_grad_norm``).
 ``"combination"``
     several methods at once (GCGD = GC-W + GC-ODE).
 
@@ -308,6 +309,17 @@ _ENTRIES: tuple[Method, ...] = (
         "ours",
         value="frozen_branch",
         control=True,
+    ),
+    # ------------------------------------------------------------ graph layers (model options)
+    Method(
+        "backward_grad_norm",
+        "model",
+        "identity forward; the gradient into every residual block's output is normalised "
+        "per sample (RMS 1)",
+        "Cabana & Lago-Fernández, Backward Gradient Normalization in Deep Neural Networks, "
+        "arXiv 2106.09475",
+        factory="gcgd_jax.layers.backward_grad_norm:backward_grad_norm",
+        extra=("model.backward_grad_norm=true",),
     ),
     # ------------------------------------------------------------ combinations
     Method(

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gcgd_jax.cpu_speed import fusion_break
+from gcgd_jax.layers.backward_grad_norm import backward_grad_norm as normalize_backward
 from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, resolve_gc_ode
 
 __all__ = [
@@ -227,8 +228,10 @@ class Stage(nnx.Module):
         *,
         shortcut: Shortcut,
         zero_init_residual: bool = False,
+        backward_grad_norm: bool = False,
         rngs: nnx.Rngs,
     ):
+        self.backward_grad_norm = backward_grad_norm
         blocks = []
         for j in range(num_blocks):
             blocks.append(
@@ -248,6 +251,8 @@ class Stage(nnx.Module):
     def __call__(self, x: jax.Array, fusion_breaker: jax.Array | None = None) -> jax.Array:
         for block in self.blocks:
             x = block(x, fusion_breaker)
+            if self.backward_grad_norm:
+                x = normalize_backward(x)
         return x
 
 
@@ -266,6 +271,9 @@ class ResNet(nnx.Module):
       shortcut: ``"A"`` or ``"B"`` (basic blocks; bottlenecks need ``"B"``).
       zero_init_residual: start the last BatchNorm scale of every residual
         block at zero (Goyal et al. 2017); default ``False`` (He et al. 2016).
+      backward_grad_norm: normalise, per sample, the gradient flowing back into
+        every residual block's output (:func:`gcgd_jax.layers.backward_grad_norm`;
+        Cabana & Lago-Fernández 2021); the forward pass is unchanged. Default ``False``.
       gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
         ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs``.
@@ -293,6 +301,7 @@ class ResNet(nnx.Module):
         in_channels: int = 3,
         shortcut: Shortcut = "B",
         zero_init_residual: bool = False,
+        backward_grad_norm: bool = False,
         gc_ode: GCODEMode | GCODEConfig | None = None,
         rngs: nnx.Rngs,
     ):
@@ -305,6 +314,8 @@ class ResNet(nnx.Module):
         _check_positive_int("in_channels", in_channels)
         if not isinstance(zero_init_residual, bool):
             raise ValueError(f"zero_init_residual must be a bool, got {zero_init_residual!r}.")  # noqa: TRY004
+        if not isinstance(backward_grad_norm, bool):
+            raise ValueError(f"backward_grad_norm must be a bool, got {backward_grad_norm!r}.")  # noqa: TRY004
         config = resolve_gc_ode(gc_ode)
         block_cls = BasicBlock if block == "basic" else Bottleneck
 
@@ -323,6 +334,7 @@ class ResNet(nnx.Module):
                 stride,
                 shortcut=shortcut,
                 zero_init_residual=zero_init_residual,
+                backward_grad_norm=backward_grad_norm,
                 rngs=rngs,
             )
             stages.append(stage)
@@ -392,19 +404,35 @@ def _reject_unknown(factory: str, unknown: dict, allowed: Sequence[str]) -> None
         )
 
 
-_CIFAR_ARGS = ("num_classes", "in_channels", "zero_init_residual", "gc_ode", "rngs")
+_CIFAR_ARGS = (
+    "num_classes",
+    "in_channels",
+    "zero_init_residual",
+    "backward_grad_norm",
+    "gc_ode",
+    "rngs",
+)
 _IMAGENET_ARGS = (
     "num_classes",
     "in_channels",
     "small_stem",
     "zero_init_residual",
+    "backward_grad_norm",
     "gc_ode",
     "rngs",
 )
 
 
 def _cifar(
-    name: str, depth: int, num_classes, in_channels, zero_init_residual, gc_ode, rngs, unknown
+    name: str,
+    depth: int,
+    num_classes,
+    in_channels,
+    zero_init_residual,
+    backward_grad_norm,
+    gc_ode,
+    rngs,
+    unknown,
 ) -> ResNet:
     _reject_unknown(name, unknown, _CIFAR_ARGS)
     if rngs is None:
@@ -420,6 +448,7 @@ def _cifar(
         in_channels=in_channels,
         shortcut="A",
         zero_init_residual=zero_init_residual,
+        backward_grad_norm=backward_grad_norm,
         gc_ode=gc_ode,
         rngs=rngs,
     )
@@ -433,6 +462,7 @@ def _imagenet(
     in_channels,
     small_stem,
     zero_init_residual,
+    backward_grad_norm,
     gc_ode,
     rngs,
     unknown,
@@ -452,6 +482,7 @@ def _imagenet(
         in_channels=in_channels,
         shortcut="B",
         zero_init_residual=zero_init_residual,
+        backward_grad_norm=backward_grad_norm,
         gc_ode=gc_ode,
         rngs=rngs,
     )
@@ -462,6 +493,7 @@ def resnet20(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
@@ -473,6 +505,8 @@ def resnet20(
       in_channels: input channels (3; 1 for MNIST-family images).
       zero_init_residual: start every block's last BatchNorm scale at zero
         (Goyal et al. 2017). Default ``False``, as in He et al.'s ResNet-20.
+      backward_grad_norm: normalise each block's backward gradient per sample
+        (see :class:`ResNet`).
       gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
         ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs`` (required).
@@ -489,7 +523,7 @@ def resnet20(
       ((2, 10), ['gc_ode_gate', 'gc_ode_loss'])
     """
     return _cifar(
-        "resnet20", 20, num_classes, in_channels, zero_init_residual, gc_ode, rngs, unknown
+        "resnet20", 20, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
     )
 
 
@@ -498,13 +532,14 @@ def resnet32(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
 ) -> ResNet:
     """CIFAR ResNet-32 (3 x 5 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
-        "resnet32", 32, num_classes, in_channels, zero_init_residual, gc_ode, rngs, unknown
+        "resnet32", 32, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
     )
 
 
@@ -513,13 +548,14 @@ def resnet56(
     *,
     in_channels: int = 3,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
 ) -> ResNet:
     """CIFAR ResNet-56 (3 x 9 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
-        "resnet56", 56, num_classes, in_channels, zero_init_residual, gc_ode, rngs, unknown
+        "resnet56", 56, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
     )
 
 
@@ -529,6 +565,7 @@ def resnet18(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
@@ -542,6 +579,8 @@ def resnet18(
       zero_init_residual: start every block's last BatchNorm scale at zero, as
         in Goyal et al. 2017 and Flax's ImageNet example. Default ``False``, as
         in He et al. 2016 and torchvision.
+      backward_grad_norm: normalise each block's backward gradient per sample
+        (see :class:`ResNet`).
       gc_ode: ``None``, a mode (``"gradient"``, ``"branch"``, ``"scale_only"``,
         ``"frozen_branch"``) or a ``GCODEConfig``.
       rngs: ``nnx.Rngs`` (required).
@@ -556,6 +595,7 @@ def resnet18(
         in_channels,
         small_stem,
         zero_init_residual,
+        backward_grad_norm,
         gc_ode,
         rngs,
         unknown,
@@ -568,6 +608,7 @@ def resnet34(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
@@ -581,6 +622,7 @@ def resnet34(
         in_channels,
         small_stem,
         zero_init_residual,
+        backward_grad_norm,
         gc_ode,
         rngs,
         unknown,
@@ -593,6 +635,7 @@ def resnet50(
     in_channels: int = 3,
     small_stem: bool = False,
     zero_init_residual: bool = False,
+    backward_grad_norm: bool = False,
     gc_ode: GCODEMode | GCODEConfig | None = None,
     rngs: nnx.Rngs | None = None,
     **unknown: Any,
@@ -608,6 +651,7 @@ def resnet50(
         in_channels,
         small_stem,
         zero_init_residual,
+        backward_grad_norm,
         gc_ode,
         rngs,
         unknown,

@@ -93,6 +93,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
     kwargs: dict[str, Any] = {
         "in_channels": in_channels,
         "zero_init_residual": m.zero_init_residual,
+        "backward_grad_norm": m.backward_grad_norm,
         "rngs": nnx.Rngs(cfg.run.seed),
     }
     if m.name not in CIFAR_MODELS:

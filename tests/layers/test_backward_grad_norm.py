@@ -131,3 +131,27 @@ def test_bad_input_raises(shape, kwargs, name):
 def test_module_bad_eps_raises():
     with pytest.raises(ValueError, match="eps"):
         BackwardGradNorm(eps=0.0)
+
+
+def test_resnet_option_keeps_the_forward_and_normalises_block_gradients():
+    """``resnet20(backward_grad_norm=True)``: same outputs; the gradient reaching each block
+    output has RMS 1 per sample, so the parameter gradients change."""
+    import optax
+    from flax import nnx
+
+    from gcgd_jax.models import resnet20
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))
+    plain = resnet20(10, rngs=nnx.Rngs(0))
+    normed = resnet20(10, backward_grad_norm=True, rngs=nnx.Rngs(0))
+    assert jnp.array_equal(plain(x), normed(x))
+
+    def loss(m):
+        return jnp.sum(m(x) ** 2)
+
+    g_plain, g_normed = nnx.grad(loss)(plain), nnx.grad(loss)(normed)
+    assert not jnp.allclose(optax.tree.norm(g_plain), optax.tree.norm(g_normed))
+    # The head's gradient comes before any normalisation point: unchanged.
+    assert jnp.allclose(g_plain["head"]["kernel"].value, g_normed["head"]["kernel"].value)
+    with pytest.raises(ValueError, match="backward_grad_norm must be a bool"):
+        resnet20(10, backward_grad_norm="yes", rngs=nnx.Rngs(0))

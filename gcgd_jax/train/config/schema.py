@@ -91,6 +91,8 @@ class ModelConfig:
     # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
     # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
     zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
+    # per-sample normalised backward gradient at every residual block output (Cabana et al.)
+    backward_grad_norm: bool = False
     gc_ode: str = "none"  # "none" or a model method of gcgd_jax.methods ("gradient", "branch", ...)
     gc_ode_solver: Literal["euler", "heun", "tsit5"] = "euler"  # fixed-step diffrax solver
     gc_ode_steps: int = 1  # fixed solver steps over t in [0, 1]
