@@ -33,6 +33,14 @@ damaged step and nothing in the output folder is changed (the CLI exits 2).
 
 Steps are dispatched one ahead: the host prepares and dispatches step ``i+1``
 before it reads step ``i``'s metrics, so the device never waits for Python.
+
+Public seams, for benchmarks and diagnostics that must compute exactly what a run
+computes: :meth:`Trainer.batches` (the run's data order), :meth:`Trainer.put_batch`,
+:meth:`Trainer.dispatch` / :meth:`Trainer.train_step` (the jitted step),
+:attr:`Trainer.grad_fn` and :attr:`Trainer.update_fn` (the step's two halves) and
+:meth:`Trainer.train_epoch` (the loop, with an ``on_step`` hook). What a
+configuration builds (data, model, step options) is in :mod:`gcgd_jax.train.build`,
+the device mesh in :mod:`gcgd_jax.train.devices`.
 """
 
 from __future__ import annotations
