@@ -25,6 +25,7 @@ from gcgd_jax.transforms.gc_w_v2 import (
     gc_w_v2_features,
     gc_w_v2_memory_floats,
     gc_w_v2_objective,
+    gc_w_v2_offset,
     gc_w_v2_states,
 )
 from gcgd_jax.transforms.grokfast_ema import grokfast_ema
@@ -284,6 +285,43 @@ def test_effective_filter_recovers_a_linear_predictor():
     c, r2 = gc_w_v2_effective_filter(p, x)
     np.testing.assert_allclose(c, [-0.5, 0, 1.5, 0, 0], atol=1e-4)
     assert float(r2) > 0.999
+
+
+def _reference_offset(p, x):
+    """The unbounded offset as the docstring writes it: queries ``(h, d, n)``, keys
+    ``x_ij u + e_j``, ``jax.nn.softmax`` over the token axis (what gc_w_v2 computed
+    before its per-row rewrite with the query folded into the keys)."""
+    d = p["w_q"].shape[1]
+    q = jnp.einsum("hdt,tn->hdn", p["w_q"], x) + p["b_q"][:, :, None]
+    qu = jnp.einsum("hdn,hd->hn", q, p["u_k"])
+    qe = jnp.einsum("hdn,htd->htn", q, p["e_k"])
+    attn = jax.nn.softmax((x[None] * qu[:, None, :] + qe) / math.sqrt(d), axis=1)
+    return jnp.sum(attn * p["w_v"][:, :, None] * x[None], axis=(0, 1)) + p["a"] @ x
+
+
+@pytest.mark.parametrize("heads, size", [(2, 8), (3, 4)])
+def test_offset_and_its_gradient_match_the_direct_formula(heads, size):
+    """The offset and its reverse-mode gradient (hand-written) equal the direct
+    formula's (``jax.grad`` of ``_reference_offset``) to float32 rounding."""
+    state = gc_w_v2(decays=DECAYS, num_heads=heads, head_size=size).init(PARAMS)
+    keys = jax.random.split(jax.random.key(3), 6)
+    p = {f: getattr(state.predictor, f)["conv"] for f in GCWv2Predictor._fields}
+    p["b_q"] = jax.random.normal(keys[0], p["b_q"].shape)
+    p["w_v"] = jax.random.normal(keys[1], p["w_v"].shape)
+    p["a"] = jax.random.normal(keys[2], p["a"].shape)
+    x = 2.0 * jax.random.normal(keys[3], (len(DECAYS) + 2, 300))
+    t = jax.random.normal(keys[4], (300,))
+    got = gc_w_v2_offset(p, x, 1e6)  # far above ||ΔX|| / ||x_0||: unbounded
+    want = _reference_offset(p, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+    loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) * t), argnums=(0, 1)))
+    (gp, gx) = loss(lambda p, x: gc_w_v2_offset(p, x, 1e6))(p, x)
+    (rp, rx) = loss(_reference_offset)(p, x)
+    for f in GCWv2Predictor._fields:
+        scale = float(jnp.max(jnp.abs(rp[f])))
+        assert scale > 0, f
+        np.testing.assert_allclose(gp[f], rp[f], rtol=0, atol=1e-5 * scale, err_msg=f)
+    np.testing.assert_allclose(gx, rx, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(rx))))
 
 
 # --------------------------------------------------------------------------- non-finite
