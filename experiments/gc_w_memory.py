@@ -40,12 +40,12 @@ def formula(shapes, h, d):
 
 
 def v2_formula(shapes, decays=3, horizon=1, h=2, d=8):
-    """Words of gc_w_v2's state: (K + 1 + k T) n + k per kernel, 3 predictor-sized
+    """Words of gc_w_v2's state: (K + 2 + (k - 1) T) n + k per kernel, 3 predictor-sized
     parts (weights, Adam mu, nu) of h (2 T d + 2 d + T) + T per kernel, Adam's count,
     and 3 scalars."""
     t = decays + 2
     per_kernel_pred = h * (2 * t * d + 2 * d + t) + t
-    bufs = sum((decays + 1 + horizon * t) * math.prod(s) + horizon for s in shapes)
+    bufs = sum((decays + 2 + (horizon - 1) * t) * math.prod(s) + horizon for s in shapes)
     return bufs + 3 * per_kernel_pred * len(shapes) + 1 + 3
 
 
@@ -59,9 +59,10 @@ def v2_lines():
         "## GC-W v2 (`gc_w_v2`, defaults: 3 decays, horizon 1, 2 heads × 8)",
         "",
         (
-            "Per selected kernel of n entries: `(K + 1 + k·T)·n + k` buffer words (K = 3 EMAs, "
-            "the previous gradient, k = 1 stored feature set of T = 5 tokens, its scale) = "
-            "**9 n + 1**, plus a predictor of `h(2Td + 2d + T) + T` = 207 weights, ×3 with its "
+            "Per selected kernel of n entries: `(K + 2 + (k - 1)·T)·n + k` buffer words (K = 3 "
+            "EMAs, the previous gradient, the previous difference token, k - 1 = 0 stored feature "
+            "sets of T = 5 tokens: the last step's features are rebuilt from the others, bit for "
+            "bit; k = 1 scale) = **5 n + 1**, plus a predictor of `h(2Td + 2d + T) + T` = 207 weights, ×3 with its "
             "Adam state (621 words; 622 with Adam's step count), whatever n. Checked against `gc_w_v2_memory_floats` "
             "(the state's arrays) below."
         ),

@@ -58,22 +58,104 @@ class GCWv2Predictor(NamedTuple):
 
 class GCWv2State(NamedTuple):
     """State of :func:`gc_w_v2`. Per-kernel buffers are float32; non-kernel leaves hold
-    ``optax.MaskedNode()``. ``K`` decays, ``T = K + 2`` tokens, horizon ``k``, ``n`` = size."""
+    ``optax.MaskedNode()``. ``K`` decays, ``T = K + 2`` tokens, horizon ``k``, ``n`` = size.
+
+    The features of the last step are not stored: they are rebuilt from
+    ``prev_grad``, ``emas``, ``prev_diff`` and ``prev_scale`` (the same float32
+    values, so the same features bit for bit). Only a horizon ``k > 1`` keeps
+    older ones, in ``ring``. :attr:`stored` and :attr:`stored_scale` give all
+    ``k`` as one ring, slot ``t mod k`` for step ``t``.
+    """
 
     count: jax.Array  # () int32: steps taken with finite gradients.
     emas: Any  # (K, *shape): m_β = β m_β + (1-β) G per decay, started at the first gradient.
     prev_grad: Any  # (*shape): G_{t-1} (G_0 before the second step).
-    stored: Any  # (k, T, n): normalised features of the last k steps (ring, slot t mod k).
-    stored_scale: Any  # (k,): their normalisation s (0 where a slot is still empty).
+    prev_diff: Any  # (*shape): G_{t-1} - G_{t-2}, the last difference token (raw).
+    prev_scale: Any  # (): s_{t-1}, the last features' normalisation (0 before the first step).
+    ring: Any  # (k-1, T, n): normalised features of steps t-k .. t-2 (slot j mod (k-1)
+    #   for step j); optax.MaskedNode() everywhere when k = 1.
+    ring_scale: Any  # (k-1,): their normalisation s (0 where a slot is still empty).
     predictor: GCWv2Predictor  # the predictor's parameters.
     predictor_opt_state: Any  # optax.adam state of the predictor.
     objective: jax.Array  # () float32: mean over kernels of the last training objective J.
     predictor_steps: jax.Array  # () int32: predictor optimiser steps taken.
 
+    @property
+    def stored(self) -> Any:
+        """``(k, T, n)`` per kernel: normalised features of the last ``k`` steps, slot
+        ``j mod k`` for step ``j`` (zeros for steps before the first)."""
+        return self._stored()[0]
+
+    @property
+    def stored_scale(self) -> Any:
+        """``(k,)`` per kernel: the normalisation ``s`` of :attr:`stored`'s slots."""
+        return self._stored()[1]
+
+    def _stored(self) -> tuple[Any, Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(self.emas)
+        flat = treedef.flatten_up_to
+        xs, ss = [], []
+        for emas, prev, diff, scale, ring, ring_scale in zip(
+            leaves,
+            flat(self.prev_grad),
+            flat(self.prev_diff),
+            flat(self.prev_scale),
+            flat(self.ring),
+            flat(self.ring_scale),
+        ):
+            x_last = _rebuilt(prev, emas, diff, scale)
+            if isinstance(ring, optax.MaskedNode):
+                xs.append(x_last[None])
+                ss.append(scale[None])
+            else:
+                xs.append(_by_step(ring, x_last, self.count))
+                ss.append(_by_step(ring_scale, scale, self.count))
+        return jax.tree_util.tree_unflatten(treedef, xs), jax.tree_util.tree_unflatten(treedef, ss)
+
 
 def _is_kernel(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(jnp.shape(x)) >= 2
+
+
+def _raw(g: jax.Array, emas: jax.Array, diff: jax.Array) -> jax.Array:
+    """``(T, n)`` raw tokens ``[G, m_{β_1}, …, m_{β_K}, G - G_{t-1}]``."""
+    return jnp.concatenate(
+        [g.reshape(1, -1), emas.reshape(emas.shape[0], -1), diff.reshape(1, -1)], axis=0
+    )
+
+
+def _inverse(s: jax.Array) -> jax.Array:
+    return 1.0 / jnp.where(s > 0, s, 1.0)
+
+
+def _normalised(raw: jax.Array, s: jax.Array) -> jax.Array:
+    """``raw / s`` as ``raw · (1/s)`` (what XLA's CPU backend computes for a division
+    by a scalar anyway), written out so :func:`_rebuilt` gets the same bits."""
+    return raw * _inverse(s)
+
+
+def _rebuilt(prev: jax.Array, emas: jax.Array, diff: jax.Array, s: jax.Array) -> jax.Array:
+    """The last step's normalised features from its raw tokens and ``s``: the same
+    products as :func:`_normalised` (so the same bits), taken before the
+    concatenation (one pass over the state instead of two)."""
+    r = _inverse(s)
+    return _raw(prev * r, emas * r, diff * r)
+
+
+def _rms(raw: jax.Array) -> jax.Array:
+    a = jnp.max(jnp.abs(raw))
+    a_safe = jnp.where(a > 0, a, 1.0)
+    return a * jnp.sqrt(jnp.mean(jnp.square(raw / a_safe)))  # rms without overflow
+
+
+def _by_step(ring: jax.Array, last: jax.Array, count: jax.Array) -> jax.Array:
+    """Steps ``t-k .. t-1`` as a ``k``-slot ring (slot ``j mod k``) from ``ring``
+    (steps ``t-k .. t-2``, slot ``j mod (k-1)``) and ``last`` (step ``t-1``)."""
+    k = ring.shape[0] + 1
+    lag = jnp.mod(count - 1 - jnp.arange(k), k)  # slot r holds step t-1-lag_r
+    older = jnp.take(ring, jnp.mod(count - 1 - lag, k - 1), axis=0)
+    return jnp.where((lag == 0).reshape((k,) + (1,) * last.ndim), last[None], older)
 
 
 def gc_w_v2_features(g: jax.Array, emas: jax.Array, prev: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,14 +164,9 @@ def gc_w_v2_features(g: jax.Array, emas: jax.Array, prev: jax.Array) -> tuple[ja
     ``x`` is ``(T, n)``: rows ``[G, m_{β_1}, …, m_{β_K}, G - G_{t-1}] / s`` with
     ``s`` the RMS of all ``T·n`` raw entries (``x = 0`` where ``s = 0``).
     """
-    raw = jnp.concatenate(
-        [g.reshape(1, -1), emas.reshape(emas.shape[0], -1), (g - prev).reshape(1, -1)], axis=0
-    )
-    a = jnp.max(jnp.abs(raw))
-    a_safe = jnp.where(a > 0, a, 1.0)
-    s = a * jnp.sqrt(jnp.mean(jnp.square(raw / a_safe)))  # rms without overflow
-    s_safe = jnp.where(s > 0, s, 1.0)
-    return raw / s_safe, s
+    raw = _raw(g, emas, g - prev)
+    s = _rms(raw)
+    return _normalised(raw, s), s
 
 
 def _bounded(dx: jax.Array, x0: jax.Array, rho) -> jax.Array:
@@ -308,8 +385,10 @@ def gc_w_v2(
       \bar G = \frac1k \sum_{j=1}^{k} G_{t+j}
 
     (``k = horizon``; no shrinkage term; summed over kernels). The features
-    of the last ``k`` steps are stored; at step ``t`` (``t >= k``) one Adam
-    step (``predictor_learning_rate``) on ``-ΣJ`` uses the stored input of
+    of the last ``k`` steps are kept (the latest rebuilt from the EMAs, the
+    previous gradient and its difference token, bit for bit; older ones
+    stored); at step ``t`` (``t >= k``) one Adam
+    step (``predictor_learning_rate``) on ``-ΣJ`` uses the input of
     step ``t-k`` and the target :math:`\bar G` made of the gradients
     ``t-k+1 .. t`` (strictly after the input: no target leak); then this
     step's offset is computed with the updated predictor. No extra
@@ -335,10 +414,16 @@ def gc_w_v2(
     skips the step) and the state is returned unchanged.
 
     **Memory** (float32 words, ``N`` selected kernel entries):
-    ``(K + 1 + k T) N + k`` per kernel set of buffers plus
-    ``3 (h(2Td + 2d + T) + T)`` per kernel for the predictor and its Adam
-    state (:func:`gc_w_v2_memory_floats`). Defaults (``K = 3, k = 1``):
-    9 words per selected parameter.
+    ``(K + 2 + (k - 1) T) N + k`` per kernel set of buffers (EMAs, previous
+    gradient, previous difference token, ``k - 1`` stored feature sets and
+    ``k`` scales) plus ``3 (h(2Td + 2d + T) + T)`` per kernel for the
+    predictor and its Adam state (:func:`gc_w_v2_memory_floats`). Defaults
+    (``K = 3, k = 1``): 5 words per selected parameter.
+
+    **Cost.** The offset is computed per token row (``(n,)`` arrays) with the
+    query folded into the keys (``q·u = (u W_q) x + u·b_q``, likewise
+    ``q·e_j``: no ``(h, d, n)`` queries) and a hand-written reverse pass;
+    the same formula as above to float32 rounding (sums in another order).
 
     **Dtypes.** Computed in float32; updates keep the gradient's dtype; state
     dtypes never change. No ``jax.jit`` inside: jit the train step.
@@ -409,7 +494,9 @@ def gc_w_v2(
         root = make_key()
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         fields = {name: [] for name in GCWv2Predictor._fields}
-        bufs = {name: [] for name in ("emas", "prev_grad", "stored", "stored_scale")}
+        bufs = {
+            name: [] for name in ("emas", "prev_grad", "prev_diff", "prev_scale", "ring", "ring_scale")
+        }
         for path, leaf in leaves_with_path:
             if not _is_kernel(leaf):
                 for v in (*fields.values(), *bufs.values()):
@@ -427,8 +514,15 @@ def gc_w_v2(
             fields["a"].append(jnp.zeros((n_tok,), jnp.float32))
             bufs["emas"].append(jnp.zeros((len(decays), *shape), jnp.float32))
             bufs["prev_grad"].append(jnp.zeros(shape, jnp.float32))
-            bufs["stored"].append(jnp.zeros((k, n_tok, n), jnp.float32))
-            bufs["stored_scale"].append(jnp.zeros((k,), jnp.float32))
+            bufs["prev_diff"].append(jnp.zeros(shape, jnp.float32))
+            bufs["prev_scale"].append(jnp.zeros([], jnp.float32))
+            # No zero-size arrays at k = 1 (orbax refuses to save them).
+            bufs["ring"].append(
+                jnp.zeros((k - 1, n_tok, n), jnp.float32) if k > 1 else optax.MaskedNode()
+            )
+            bufs["ring_scale"].append(
+                jnp.zeros((k - 1,), jnp.float32) if k > 1 else optax.MaskedNode()
+            )
         unflat = lambda v: jax.tree_util.tree_unflatten(treedef, v)
         predictor = GCWv2Predictor(**{f: unflat(v) for f, v in fields.items()})
         return GCWv2State(
@@ -452,19 +546,34 @@ def gc_w_v2(
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g32[i])) for i in sel]))
         first = count == 0
         emas_old, prev_old = flat(state.emas), flat(state.prev_grad)
-        stored_old, scale_old = flat(state.stored), flat(state.stored_scale)
-        emas, prev, feats = {}, {}, {}
+        diff_old, pscale_old = flat(state.prev_diff), flat(state.prev_scale)
+        ring_old, rscale_old = flat(state.ring), flat(state.ring_scale)
+        ready = count >= k
+        emas, diff, feats, inputs, targets = {}, {}, {}, {}, {}
         for i in sel:
             g = g32[i]
             b = decay_arr.reshape((-1,) + (1,) * g.ndim)  # one EMA per decay
             # Not optax.tree.update_moment ((1-β)G + βm): under jit the other operand
             # order of this sum changes its last bit (FMA contraction; measured).
             emas[i] = jnp.where(first, g[None], b * emas_old[i] + (1.0 - b) * g[None])
-            prev[i] = jnp.where(first, g, prev_old[i])
-            feats[i] = gc_w_v2_features(g, emas[i], prev[i])
-
-        slot = jnp.mod(count, k)  # written k steps ago: the training input
-        ready = count >= k
+            diff[i] = g - jnp.where(first, g, prev_old[i])
+            raw = _raw(g, emas[i], diff[i])
+            s = _rms(raw)
+            feats[i] = (_normalised(raw, s), s)
+            # The features of step t-1, rebuilt (bit for bit what that step computed).
+            x_last = _rebuilt(prev_old[i], emas_old[i], diff_old[i], pscale_old[i])
+            # Materialised: fused into its consumers (a YNNPACK dot on CPU), the
+            # products could be reordered, and the bits differ from step t-1's.
+            x_last = jax.lax.optimization_barrier(x_last)
+            if k == 1:  # the input is step t-1's; the target G_t alone
+                inputs[i], targets[i] = x_last, g.reshape(-1)
+            else:  # the input is step t-k's; the target G_{t-k+1} + ... + G_t
+                inputs[i] = ring_old[i][jnp.mod(count - 1, k - 1)]
+                x0 = _by_step(ring_old[i][:, 0], x_last[0], count)
+                scales = _by_step(rscale_old[i], pscale_old[i], count)
+                w = jnp.where(jnp.arange(k) != jnp.mod(count, k), scales, 0.0)
+                targets[i] = jnp.einsum("k,kn->n", w, x0) + g.reshape(-1)
+                inputs[i] = (inputs[i], x_last)
 
         def per_leaf(predictor):
             fs = [flat(getattr(predictor, f)) for f in GCWv2Predictor._fields]
@@ -474,11 +583,8 @@ def gc_w_v2(
             ps = per_leaf(predictor)
             js, valids = [], []
             for i in sel:
-                x_in = stored_old[i][slot]
-                others = jnp.arange(k) != slot  # the k-1 inputs after it
-                w = jnp.where(others, scale_old[i], 0.0)
-                target = jnp.einsum("k,kn->n", w, stored_old[i][:, 0]) + g32[i].reshape(-1)
-                j, valid = gc_w_v2_objective(ps[i], x_in, target, rho)
+                x_in = inputs[i] if k == 1 else inputs[i][0]
+                j, valid = gc_w_v2_objective(ps[i], x_in, targets[i], rho)
                 js.append(j)
                 valids.append(valid)
             js, valids = jnp.stack(js), jnp.stack(valids)
@@ -503,24 +609,27 @@ def gc_w_v2(
         applied = (count >= warmup) & finite
         ps = per_leaf(predictor)
         out = list(leaves)
-        new_stored, new_scale = list(stored_old), list(scale_old)
+        emas_l, prev_l, diff_l = list(emas_old), list(prev_old), list(diff_old)
+        pscale_l, ring_l, rscale_l = list(pscale_old), list(ring_old), list(rscale_old)
         for i in sel:
             x, s = feats[i]
             delta = (s * gc_w_v2_offset(ps[i], x, rho)).reshape(leaves[i].shape)
             corrected = (g32[i] + delta).astype(leaves[i].dtype)
             out[i] = jnp.where(applied, corrected, leaves[i])
-            new_stored[i] = stored_old[i].at[slot].set(x)
-            new_scale[i] = scale_old[i].at[slot].set(s)
+            emas_l[i], prev_l[i], diff_l[i], pscale_l[i] = emas[i], g32[i], diff[i], s
+            if k > 1:  # step t-1's features replace step t-k's
+                slot = jnp.mod(count - 1, k - 1)
+                ring_l[i] = ring_old[i].at[slot].set(inputs[i][1])
+                rscale_l[i] = rscale_old[i].at[slot].set(pscale_old[i])
         unflat = lambda v: jax.tree_util.tree_unflatten(treedef, v)
-        emas_l, prev_l = list(emas_old), list(prev_old)
-        for i in sel:
-            emas_l[i], prev_l[i] = emas[i], g32[i]
         new_state = GCWv2State(
             count=optax.safe_increment(count),
             emas=unflat(emas_l),
             prev_grad=unflat(prev_l),
-            stored=unflat(new_stored),
-            stored_scale=unflat(new_scale),
+            prev_diff=unflat(diff_l),
+            prev_scale=unflat(pscale_l),
+            ring=unflat(ring_l),
+            ring_scale=unflat(rscale_l),
             predictor=predictor,
             predictor_opt_state=opt_state,
             objective=jnp.where(ok, mean_j, state.objective).astype(jnp.float32),
@@ -561,7 +670,7 @@ def gc_w_v2_effective_filter(
 def gc_w_v2_memory_floats(params: Any, **kwargs: Any) -> dict[str, int]:
     """Extra state of ``gc_w_v2(**kwargs)`` for ``params``, counted from its arrays.
 
-    Parts: ``"buffers"`` (emas, prev_grad, stored, stored_scale),
+    Parts: ``"buffers"`` (emas, prev_grad, prev_diff, prev_scale, ring, ring_scale),
     ``"predictor"``, ``"predictor_adam"``, ``"scalars"``, ``"total"`` (element
     counts) and ``"bytes"``; nothing is allocated (``jax.eval_shape``).
     """
@@ -569,7 +678,14 @@ def gc_w_v2_memory_floats(params: Any, **kwargs: Any) -> dict[str, int]:
     return memory_parts(
         shapes,
         {
-            "buffers": (shapes.emas, shapes.prev_grad, shapes.stored, shapes.stored_scale),
+            "buffers": (
+                shapes.emas,
+                shapes.prev_grad,
+                shapes.prev_diff,
+                shapes.prev_scale,
+                shapes.ring,
+                shapes.ring_scale,
+            ),
             "predictor": shapes.predictor,
             "predictor_adam": shapes.predictor_opt_state,
             "scalars": (shapes.count, shapes.objective, shapes.predictor_steps),

@@ -154,7 +154,7 @@ def test_offset_is_bounded_per_tensor(rho):
 # --------------------------------------------------------------------------- target leak
 
 
-@pytest.mark.parametrize("horizon", [1, 2])
+@pytest.mark.parametrize("horizon", [1, 2, 3])
 def test_training_input_precedes_its_target(horizon):
     """At step t the predictor takes one Adam step on -J with the input of step
     t-k (from gradients 0..t-k only) and the target mean(G_{t-k+1..t}): recomputed
@@ -190,10 +190,12 @@ def test_training_input_precedes_its_target(horizon):
             np.testing.assert_allclose(
                 getattr(after.predictor, f)[n], getattr(expected, f)[n], rtol=1e-4, atol=1e-6
             )
-    # ... and the stored ring holds the last k inputs, this step's among them.
-    x_t, s_t = np_features(grads, "dense", t, decays)
-    np.testing.assert_allclose(after.stored["dense"][t % horizon], x_t, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(after.stored_scale["dense"][t % horizon], s_t, rtol=1e-5)
+    # ... and the ring holds the last k inputs, this step's among them (the latest
+    # rebuilt from the EMAs and previous gradient, the older ones stored).
+    for j in range(t - horizon + 1, t + 1):
+        x_j, s_j = np_features(grads, "dense", j, decays)
+        np.testing.assert_allclose(after.stored["dense"][j % horizon], x_j, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(after.stored_scale["dense"][j % horizon], s_j, rtol=1e-5)
     # A future gradient cannot change this step's update (causality of the stream).
     np.testing.assert_allclose(
         float(after.objective), -float(neg_j(before.predictor)) / 2, rtol=1e-4
@@ -424,17 +426,24 @@ def test_key_sets_the_random_weights_only():
 # --------------------------------------------------------------------------- memory
 
 
-def test_memory_formula_matches_the_state():
-    h, d, k, decays = 3, 4, 2, (0.5, 0.9)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_memory_formula_matches_the_state(k):
+    h, d, decays = 3, 4, (0.5, 0.9)
     t = len(decays) + 2
     c = gc_w_v2_memory_floats(PARAMS, num_heads=h, head_size=d, horizon=k, decays=decays)
     kernels = [x for x in jax.tree.leaves(PARAMS) if x.ndim >= 2]
     n = sum(x.size for x in kernels)
     pred = h * (2 * t * d + 2 * d + t) + t
-    assert c["buffers"] == (len(decays) + 1 + k * t) * n + k * len(kernels)
+    # EMAs, previous gradient and difference token; k-1 stored feature sets; k scales.
+    assert c["buffers"] == (len(decays) + 2 + (k - 1) * t) * n + k * len(kernels)
     assert c["predictor"] == pred * len(kernels)
     assert c["predictor_adam"] == 2 * pred * len(kernels) + 1
     assert c["bytes"] == 4 * c["total"]
+    state = gc_w_v2(num_heads=h, head_size=d, horizon=k, decays=decays).init(PARAMS)
+    assert all(x.size > 0 for x in jax.tree.leaves(state))  # orbax saves no zero-size array
+    # The compatibility view keeps the k-slot ring's shapes.
+    assert state.stored["conv"].shape == (k, t, 3 * 3 * 2 * 4)
+    assert state.stored_scale["dense"].shape == (k,)
 
 
 # --------------------------------------------------------------------------- data parallel
