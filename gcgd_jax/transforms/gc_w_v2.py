@@ -549,7 +549,7 @@ def gc_w_v2(
         diff_old, pscale_old = flat(state.prev_diff), flat(state.prev_scale)
         ring_old, rscale_old = flat(state.ring), flat(state.ring_scale)
         ready = count >= k
-        emas, diff, feats, inputs, targets = {}, {}, {}, {}, {}
+        emas, diff, feats, lasts, inputs, targets = {}, {}, {}, {}, {}, {}
         for i in sel:
             g = g32[i]
             b = decay_arr.reshape((-1,) + (1,) * g.ndim)  # one EMA per decay
@@ -564,7 +564,7 @@ def gc_w_v2(
             x_last = _rebuilt(prev_old[i], emas_old[i], diff_old[i], pscale_old[i])
             # Materialised: fused into its consumers (a YNNPACK dot on CPU), the
             # products could be reordered, and the bits differ from step t-1's.
-            x_last = jax.lax.optimization_barrier(x_last)
+            lasts[i] = x_last = jax.lax.optimization_barrier(x_last)
             if k == 1:  # the input is step t-1's; the target G_t alone
                 inputs[i], targets[i] = x_last, g.reshape(-1)
             else:  # the input is step t-k's; the target G_{t-k+1} + ... + G_t
@@ -573,7 +573,6 @@ def gc_w_v2(
                 scales = _by_step(rscale_old[i], pscale_old[i], count)
                 w = jnp.where(jnp.arange(k) != jnp.mod(count, k), scales, 0.0)
                 targets[i] = jnp.einsum("k,kn->n", w, x0) + g.reshape(-1)
-                inputs[i] = (inputs[i], x_last)
 
         def per_leaf(predictor):
             fs = [flat(getattr(predictor, f)) for f in GCWv2Predictor._fields]
@@ -583,8 +582,7 @@ def gc_w_v2(
             ps = per_leaf(predictor)
             js, valids = [], []
             for i in sel:
-                x_in = inputs[i] if k == 1 else inputs[i][0]
-                j, valid = gc_w_v2_objective(ps[i], x_in, targets[i], rho)
+                j, valid = gc_w_v2_objective(ps[i], inputs[i], targets[i], rho)
                 js.append(j)
                 valids.append(valid)
             js, valids = jnp.stack(js), jnp.stack(valids)
@@ -619,7 +617,7 @@ def gc_w_v2(
             emas_l[i], prev_l[i], diff_l[i], pscale_l[i] = emas[i], g32[i], diff[i], s
             if k > 1:  # step t-1's features replace step t-k's
                 slot = jnp.mod(count - 1, k - 1)
-                ring_l[i] = ring_old[i].at[slot].set(inputs[i][1])
+                ring_l[i] = ring_old[i].at[slot].set(lasts[i])
                 rscale_l[i] = rscale_old[i].at[slot].set(pscale_old[i])
         unflat = lambda v: jax.tree_util.tree_unflatten(treedef, v)
         new_state = GCWv2State(
