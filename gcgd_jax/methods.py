@@ -57,7 +57,9 @@ __all__ = [
     "Kind",
     "MaskName",
     "Method",
+    "by_value",
     "config_values",
+    "gc_w_v2_mean_objective",
     "get",
     "methods_of_kind",
 ]
@@ -137,6 +139,10 @@ class Method:
             return (*_merge_chains(out), *self.extra)
         own = () if self.value is None else (f"{self.config_key}={self.value}",)
         return (*own, *self.extra)
+
+    def options_from(self, loss_config: Any) -> dict[str, Any]:
+        """Its factory's keyword arguments read from a ``[loss]`` section (``options``)."""
+        return {kw: getattr(loss_config, field) for kw, field in self.options.items()}
 
     def load(self) -> Callable[..., Any]:
         """The factory (imported now)."""

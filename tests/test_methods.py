@@ -126,8 +126,7 @@ LOSS_KINDS = methods.methods_of_kind("loss")
 def test_losses_conform(method):
     """Per-example, jit-safe, dtype-preserving and finite, with a finite gradient."""
     loss = method.load()
-    defaults = load_config(None).loss
-    kwargs = {kw: getattr(defaults, field) for kw, field in method.options.items()}
+    kwargs = method.options_from(load_config(None).loss)
     logits = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
     labels = jnp.arange(6) % 5
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -145,8 +144,7 @@ GRADIENT_KINDS = methods.methods_of_kind("gradient")
 def test_gradient_functions_conform(method):
     """A ``value_and_grad`` replacement: same call and return structure, jit-safe, finite."""
     make = method.load()
-    defaults = load_config(None).loss
-    kwargs = {kw: getattr(defaults, field) for kw, field in method.options.items()}
+    kwargs = method.options_from(load_config(None).loss)
 
     def loss_fn(params, x):
         y = jnp.tanh(x @ params["w"]) + params["b"]

@@ -62,8 +62,7 @@ def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptio
         augment = "crop_flip" if cfg.data.name in _CROP_FLIP_DATASETS else "none"
 
     def options_of(kind, value: str) -> tuple[tuple[str, Any], ...]:
-        method = methods.by_value(kind, value)
-        return tuple((kw, getattr(cfg.loss, field)) for kw, field in method.options.items())
+        return tuple(methods.by_value(kind, value).options_from(cfg.loss).items())
 
     loss, penalty = cfg.loss.name, cfg.loss.penalty
     return StepOptions(

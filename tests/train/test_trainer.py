@@ -396,3 +396,13 @@ def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
     assert (
         json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "summary"
     )
+
+
+def test_train_epoch_rejects_steps_outside_the_epoch(tmp_path):
+    """The public loop seam names a step range that does not lie in the epoch."""
+    trainer = Trainer(load_config(None, TINY), out_dir=tmp_path, stream=io.StringIO())
+    spe = trainer.steps_per_epoch
+    with pytest.raises(ValueError, match=rf"steps 0\.\.{spe + 1} are not inside epoch 0"):
+        trainer.train_epoch(0, 0, spe + 1)
+    with pytest.raises(ValueError, match="are not inside epoch 1"):
+        trainer.train_epoch(1, 0)
