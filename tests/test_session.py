@@ -44,5 +44,5 @@ def test_ci_script_builds_a_clean_venv_and_runs_the_readme_test_command():
     commands = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     commands = [c for c in commands if c and not c.startswith("#")]
     assert "python3 -m venv --clear .venv" in commands
-    assert commands[-1] == block.strip() == ".venv/bin/python -m pytest -q"
+    assert commands[-1] == block.strip() == ".venv/bin/python -m pytest -q -n 2"
     assert 'export CI="${CI:-true}"' in commands
