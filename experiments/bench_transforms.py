@@ -342,7 +342,26 @@ def environment() -> dict:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "num_devices": jax.device_count(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "commit": _git_commit(),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted tracked changes), if in git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "diff", "--quiet", "HEAD", "--"], check=False
+        ).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _dist_version(name: str) -> str | None:
@@ -368,6 +387,7 @@ def markdown(result: dict) -> str:
     lines += [
         f"- command: `{env['command']}`",
         f"- date (UTC): {env['date_utc']}",
+        f"- code: commit {env.get('commit') or 'unknown'}",
         (
             f"- machine: {env['platform']}, {env['cpu_count']} CPUs (`os.cpu_count()`), "
             f"device {env['device']} x{env['num_devices']}"

@@ -61,8 +61,27 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    model (GC-ODE then builds ``nnx.GroupNorm`` with the same parameters,
    ``scale`` and ``bias``, so checkpoints fit either).
 
-The two GC-ODE switches are read when a model is built (a built model keeps
-what it was built with); both default to ``True``.
+5. **Weight gradients in batch chunks** (:func:`chunked_wgrad_conv`). Every
+   ResNet convolution computes its weight gradient as the sum of
+   :data:`WGRAD_CHUNKS` (8) partial weight gradients over batch chunks.
+
+   *Buys*: XLA's CPU backend runs a weight-gradient convolution on one core
+   (measured: the same 15.6 ms on two cores as on one for the 32x32x16 shape,
+   while forward and input-gradient convolutions halve); independent chunks
+   run on both. The whole ResNet-20 train step: 1.07x
+   (``experiments/results/vs_torch/profile.md``, 392 -> 366 ms median).
+   *Costs*: another summation order of the weight gradient (equal to XLA's
+   within float rounding, tested to 1e-5); the first step compiles about 1.5 s
+   longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through
+   the model is not available (``jax.custom_vjp``).
+   *Off*: ``gcgd_jax.cpu_speed.CHUNKED_WGRAD = False`` before building the
+   model. Only active on the CPU backend with a single device (checked when
+   the step is traced: with two fake CPU devices and a batch-sharded GC-ODE
+   step, XLA aborted in 3 of 5 runs; with one device, never) and when the
+   batch has a divisor > 1 among ``1..WGRAD_CHUNKS``.
+
+The three model switches (items 3 to 5) are read when a model is built (a
+built model keeps what it was built with); all default to ``True``.
 
 This module imports JAX only when a function that needs it runs, so
 ``apply_cpu_flags`` can be imported (and called) before anything starts JAX.
@@ -83,11 +102,14 @@ if TYPE_CHECKING:
     from flax import nnx
 
 __all__ = [
+    "CHUNKED_WGRAD",
     "CPU_CONV_FLAG",
     "CUSTOM_CONV_VJP",
     "FAST_GROUP_NORM",
+    "WGRAD_CHUNKS",
     "GroupNorm",
     "apply_cpu_flags",
+    "chunked_wgrad_conv",
     "conv3x3",
     "conv3x3_xla",
     "fusion_break",
@@ -349,6 +371,76 @@ def group_norm(
         scale_init=init,
         rngs=nnx.Rngs(0),  # not `rngs`: nnx.GroupNorm would draw (and not use) a key from it
     )
+
+
+# ----------------------------------------------------------------------------- 5. chunked wgrad
+
+#: ResNet convolutions use :func:`chunked_wgrad_conv` (read when a ResNet is
+#: built). ``False``: ``jax.lax.conv_general_dilated`` and XLA's own VJP.
+CHUNKED_WGRAD: bool = True
+#: How many batch chunks the weight gradient is split into (at most).
+WGRAD_CHUNKS: int = 8
+
+
+def _chunks(batch: int) -> int:
+    """The largest divisor of ``batch`` that is at most :data:`WGRAD_CHUNKS`."""
+    return max(k for k in range(1, max(WGRAD_CHUNKS, 1) + 1) if batch % k == 0)
+
+
+def _chunking_applies() -> bool:
+    """One CPU device only: with two (fake) CPU devices and a batch-sharded step,
+    XLA aborted intermittently (3 of 5 GC-ODE runs, jaxlib 0.10.2); one device never did."""
+    import jax
+
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def chunked_wgrad_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` whose weight gradient is summed over batch chunks.
+
+    A drop-in for the ``conv_general_dilated`` argument of ``nnx.Conv``: the
+    same arguments, the same values. Its VJP gives the input gradient as XLA
+    does and the kernel gradient as the sum, over ``k`` equal chunks of the
+    batch (``k`` the largest divisor of the batch size up to
+    :data:`WGRAD_CHUNKS`), of each chunk's kernel gradient -- mathematically
+    the same sum, in another order. Why: XLA's CPU backend runs one
+    weight-gradient convolution on a single core, ``k`` independent ones on
+    all of them (see the module doc, item 5). On other backends, with more
+    than one device (a data-parallel step on several CPU devices made XLA abort
+    intermittently), or when ``k == 1``, it is ``jax.lax.conv_general_dilated``
+    itself. The batch is the
+    leading dimension of ``lhs`` (NHWC, as ``nnx.Conv`` calls it).
+    """
+    import jax
+
+    def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(x, w, *args, **kwargs)
+
+    k = _chunks(lhs.shape[0]) if _chunking_applies() else 1
+    if k == 1:
+        return conv(lhs, rhs)
+
+    @jax.custom_vjp
+    def chunked(x: jax.Array, w: jax.Array) -> jax.Array:
+        return conv(x, w)
+
+    def fwd(x: jax.Array, w: jax.Array):
+        return conv(x, w), (x, w)
+
+    def bwd(res, dy):
+        import jax.numpy as jnp
+
+        x, w = res
+        dx = jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
+        dw = None
+        for xc, dyc in zip(jnp.split(x, k), jnp.split(dy, k), strict=True):
+            part = jax.vjp(lambda w, xc=xc: conv(xc, w), w)[1](dyc)[0]
+            dw = part if dw is None else dw + part
+        return dx, dw
+
+    chunked.defvjp(fwd, bwd)
+    return chunked(lhs, rhs)
+
 
 
 def __getattr__(name: str) -> Any:

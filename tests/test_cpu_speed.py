@@ -190,3 +190,66 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
     np.testing.assert_allclose(l_fast, l_plain, rtol=1e-5)
     for u, v in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- chunked wgrad
+
+
+def _conv_args(stride):
+    return dict(window_strides=(stride, stride), padding=((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+
+@pytest.mark.parametrize(("batch", "stride", "chunks"), [(16, 1, 8), (12, 2, 6), (7, 1, 7), (11, 1, 1)])
+def test_chunked_wgrad_conv_matches_lax_values_and_gradients(batch, stride, chunks, monkeypatch):
+    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
+    assert cpu_speed._chunks(batch) == chunks  # the largest divisor <= WGRAD_CHUNKS (8)
+    x, k = _x((batch, 6, 6, 3)), _x((3, 3, 3, 4), 1)
+    ours = lambda x, k: cpu_speed.chunked_wgrad_conv(x, k, **_conv_args(stride))
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, **_conv_args(stride))
+    ct = _x(ref(x, k).shape, 2)
+    np.testing.assert_array_equal(ours(x, k), ref(x, k))  # the forward is XLA's own
+    g = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * ct), argnums=(0, 1)))(x, k)
+    g_ref = jax.jit(jax.grad(lambda x, k: jnp.sum(ref(x, k) * ct), argnums=(0, 1)))(x, k)
+    np.testing.assert_array_equal(g[0], g_ref[0])  # input gradient: XLA's own
+    np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-5)  # another summation order
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(ours(x, k) * ct))).lower(k).as_text()
+    # One kernel-gradient convolution per chunk, or XLA's single one (the rest is dead code).
+    assert hlo.count("stablehlo.convolution") == chunks
+
+
+def test_chunking_needs_a_single_cpu_device():
+    assert jax.device_count() == 2  # conftest's two fake CPU devices
+    assert cpu_speed._chunking_applies() is False
+    x, k = _x((16, 6, 6, 3)), _x((3, 3, 3, 4), 1)
+    args = _conv_args(1)
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(cpu_speed.chunked_wgrad_conv(x, k, **args))))
+    assert hlo.lower(k).as_text().count("stablehlo.convolution") == 1
+
+
+def test_resnet_convs_chunk_their_weight_gradient_unless_switched_off(monkeypatch):
+    from gcgd_jax.models import resnet20
+
+    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
+
+    x, y = _x((16, 8, 8, 3)), jnp.arange(16) % 10
+
+    def grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest, copy=True)(x)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), y])
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    chunked = resnet20(10, in_channels=3, rngs=nnx.Rngs(0))
+    assert chunked.stem.conv.conv_general_dilated is cpu_speed.chunked_wgrad_conv
+    monkeypatch.setattr(cpu_speed, "CHUNKED_WGRAD", False)
+    plain = resnet20(10, in_channels=3, rngs=nnx.Rngs(0))
+    assert plain.stem.conv.conv_general_dilated is jax.lax.conv_general_dilated
+    (la, ga), (lb, gb) = grads(chunked), grads(plain)
+    np.testing.assert_array_equal(la, lb)  # the same forward
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))

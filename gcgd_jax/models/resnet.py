@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gcgd_jax import cpu_speed
 from gcgd_jax.cpu_speed import fusion_break
 from gcgd_jax.layers.backward_grad_norm import backward_grad_norm as normalize_backward
 from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, resolve_gc_ode
@@ -82,6 +83,7 @@ def _conv(
     in_features: int, out_features: int, kernel: int, stride: int, *, rngs: nnx.Rngs
 ) -> nnx.Conv:
     pad = (kernel - 1) // 2
+    conv_fn = cpu_speed.chunked_wgrad_conv if cpu_speed.CHUNKED_WGRAD else jax.lax.conv_general_dilated
     return nnx.Conv(
         in_features,
         out_features,
@@ -90,6 +92,7 @@ def _conv(
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
         kernel_init=nnx.initializers.he_normal(),
+        conv_general_dilated=conv_fn,
         rngs=rngs,
     )
 
