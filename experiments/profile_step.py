@@ -11,7 +11,8 @@ flags once per process):
   formulations (im2col + one matmul, nine shifted matmuls, the transposed
   convolution XLA itself emits, and the batch split into 8 chunks whose partial
   weight gradients are summed, as shipped); on both cores and pinned to one core (which
-  shows which kernels use the second core); BatchNorm + ReLU forward + backward;
+  shows which kernels use the second core); forward + both gradients in one
+  function, NHWC/HWIO and NCHW/OIHW (the layout question); BatchNorm + ReLU forward + backward;
   the same convolutions and BatchNorm in PyTorch (channels_last) when its
   virtual environment is given. Totals are weighted by how often ResNet-20 has
   each shape (7, 6 and 6 convolutions; one BatchNorm per convolution).
@@ -99,6 +100,21 @@ def _conv(x, w):
     return lax.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+def _conv_nchw(x, w):
+    from jax import lax
+
+    return lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+
+
+def _fwd_dgrad_wgrad(x, w, dy):
+    import jax
+
+    y, vjp = jax.vjp(_conv, x, w)
+    return y, vjp(dy)
 
 
 def _wgrad_xla(x, w, dy):
@@ -246,6 +262,15 @@ def _ops_worker(reps: int) -> dict:
         row["fwd"] = _median_ms(jax.jit(_conv), x, w, reps=reps)
         row["dgrad"] = _median_ms(jax.jit(_dgrad_xla), x, w, dy, reps=reps)
         row["wgrad"] = _median_ms(jax.jit(_wgrad_xla), x, w, dy, reps=reps)
+        row["fwd_dgrad_wgrad"] = _median_ms(jax.jit(_fwd_dgrad_wgrad), x, w, dy, reps=reps)
+        # NCHW: the layout change of the inputs is done once, outside the timed function.
+        xc, wc, dc = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), dy.transpose(0, 3, 1, 2)
+
+        def nchw(xc, wc, dc):
+            y, vjp = jax.vjp(_conv_nchw, xc, wc)
+            return y, vjp(dc)
+
+        row["fwd_dgrad_wgrad_nchw"] = _median_ms(jax.jit(nchw), xc, wc, dc, reps=reps)
         for name, fn in wgrads.items():
             row[name] = _median_ms(jax.jit(fn), x, w, dy, reps=reps)
 
@@ -452,6 +477,7 @@ def _markdown(rec: dict) -> str:
         out += ["## Convolutions and BatchNorm, per op (3x3, stride 1)", ""]
         cols = ["fwd", "dgrad", "wgrad", "wgrad_im2col", "wgrad_shifted_matmuls",
                 "wgrad_transposed_conv", f"wgrad_split{SPLIT_CHUNKS}", "bn_relu_fwd_bwd"]  # fmt: skip
+        cols += [c for c in ("fwd_dgrad_wgrad", "fwd_dgrad_wgrad_nchw") if c in two[0]]
         out += ["| shape (x count) | cores | " + " | ".join(cols) + " |",
                 "|---|---|" + "---:|" * len(cols)]  # fmt: skip
         for r2, r1 in zip(two, one, strict=True):

@@ -2,7 +2,7 @@
 
 On CPUs, XLA's default handling of a convolutional network's train step is far
 from what the hardware allows (``docs/cpu_performance.md``). The package ships
-four workarounds, all here, each measured on the project's 2-core CPU machine
+five workarounds, all here, each measured on the project's 2-core CPU machine
 (AMD EPYC, jax/jaxlib 0.10.2), each switchable. The models import them from
 here; nothing else in the package depends on XLA's CPU heuristics.
 
@@ -66,10 +66,10 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    :data:`WGRAD_CHUNKS` (8) partial weight gradients over batch chunks.
 
    *Buys*: XLA's CPU backend runs a weight-gradient convolution on one core
-   (measured: the same 15.6 ms on two cores as on one for the 32x32x16 shape,
+   (measured for the 32x32x16 shape: 14.0 ms on two cores, 13.4 ms on one,
    while forward and input-gradient convolutions halve); independent chunks
-   run on both. The whole ResNet-20 train step: 1.07x
-   (``experiments/results/vs_torch/profile.md``, 392 -> 366 ms median).
+   run on both (7.1 ms). The whole ResNet-20 train step: 1.09x
+   (``experiments/results/vs_torch/profile.md``, 399 -> 367 ms median).
    *Costs*: another summation order of the weight gradient (equal to XLA's
    within float rounding, tested to 1e-5); the first step compiles about 1.5 s
    longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through
