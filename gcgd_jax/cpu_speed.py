@@ -408,8 +408,8 @@ def chunked_wgrad_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any
     all of them (see the module doc, item 5). On other backends, with more
     than one device (a data-parallel step on several CPU devices made XLA abort
     intermittently), or when ``k == 1``, it is ``jax.lax.conv_general_dilated``
-    itself. The batch is the
-    leading dimension of ``lhs`` (NHWC, as ``nnx.Conv`` calls it).
+    itself. The batch is the leading dimension of ``lhs`` (NHWC, as
+    ``nnx.Conv`` calls it).
     """
     import jax
 
@@ -440,7 +440,6 @@ def chunked_wgrad_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any
 
     chunked.defvjp(fwd, bwd)
     return chunked(lhs, rhs)
-
 
 
 def __getattr__(name: str) -> Any:
