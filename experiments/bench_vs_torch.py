@@ -79,9 +79,9 @@ def _jax_worker() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import nnx
 
+    from experiments.bare_step import make_bare_step
     from gcgd_jax.data import normalization
     from gcgd_jax.models import resnet20
     from gcgd_jax.train import Trainer, load_config
@@ -107,33 +107,10 @@ def _jax_worker() -> None:
         if "best" not in built:
             model = resnet20(10, in_channels=3, rngs=nnx.Rngs(0))
             model.train()
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            tx = optax.chain(
-                optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM)
-            )
             x = jnp.asarray((images / 255.0 - mean) / std, jnp.float32)
-            y = jnp.asarray(labels)
-
-            def step(params, rest, opt_state, breaker):
-                def loss_fn(params):
-                    m = nnx.merge(graphdef, params, rest, copy=True)
-                    logits = m(x, fusion_breaker=breaker)
-                    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                    return loss, nnx.state(m, nnx.Not(nnx.Param))
-
-                (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), rest, opt_state, loss
-
-            fn = jax.jit(step, donate_argnums=(0, 1, 2))
-            state = [params, rest, tx.init(params)]
-            breaker = jnp.float32(1.0)
-
-            def run():
-                *new, loss = fn(*state, breaker)
-                state[:] = new
-                jax.block_until_ready(loss)
-
+            run, params = make_bare_step(
+                model, x, jnp.asarray(labels), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+            )
             built["best"] = run
             built["params"] = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         return built["best"]

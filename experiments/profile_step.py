@@ -285,9 +285,9 @@ def _ops_worker(reps: int) -> dict:
 def _build_step(variant: str):
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
+    from experiments.bare_step import make_bare_step
     from gcgd_jax import cpu_speed
     from gcgd_jax.models import resnet20
 
@@ -303,37 +303,11 @@ def _build_step(variant: str):
         for _, module in nnx.iter_graph(model):
             if isinstance(module, nnx.Conv):
                 module.conv_general_dilated = _chunked_conv_general_dilated
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (BATCH, 32, 32, 3))
     y = jnp.arange(BATCH) % 10
     compute = jnp.bfloat16 if variant == "bf16" else jnp.float32
-
-    def step(params, rest, opt_state, breaker):
-        def loss_fn(params):
-            cast = jax.tree.map(lambda p: p.astype(compute), params)
-            m = nnx.merge(graphdef, cast, rest, copy=True)
-            logits = m(x.astype(compute), fusion_breaker=breaker.astype(compute))
-            loss = optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), y
-            ).mean()
-            return loss, nnx.state(m, nnx.Not(nnx.Param))
-
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_rest, opt_state, loss
-
-    fn = jax.jit(step, donate_argnums=(0, 1, 2))
-    state = [params, rest, tx.init(params)]
-    breaker = jnp.float32(1.0)
-
-    def run():
-        *new, loss = fn(*state, breaker)
-        state[:] = new
-        jax.block_until_ready(loss)
-
+    run, _ = make_bare_step(model, x, y, compute=compute)
     return run
 
 
