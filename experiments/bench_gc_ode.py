@@ -8,8 +8,10 @@ argument (``jnp.float32(1.0)``), and on the CPU the convolution flag from
 
 Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 ("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step
-with ``adjoint="direct"`` per mode, for comparison), and the controls ``scale_only``
-and ``frozen_branch`` (one Euler step). They run
+with ``adjoint="direct"`` per mode, for comparison, and one with the vector
+field's kernel gradient left unchunked, ``TimeConv.chunk_wgrad = False``, to
+measure :func:`gcgd_jax.cpu_speed.conv3x3`'s batch chunks), and the controls
+``scale_only`` and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
 mode, batch 128, plain vs gradient mode (branch skipped).
@@ -18,9 +20,10 @@ Usage::
 
     python experiments/bench_gc_ode.py            # full grid, 4 rounds x 8 steps
     python experiments/bench_gc_ode.py --quick    # plain + 3 GC-ODE configs, 2 rounds x 3 steps
+    python experiments/bench_gc_ode.py --only plain,gradient/euler/1,gradient/euler/1/unchunked --name chunks
 
 Writes ``experiments/results/gc_ode_overhead/<name>.json`` and ``.md``
-(``name`` = ``gc_ode_overhead`` or ``gc_ode_overhead_quick``).
+(``name`` = ``gc_ode_overhead``, ``gc_ode_overhead_quick`` or ``--name``).
 """
 
 from __future__ import annotations
@@ -47,12 +50,16 @@ import optax
 from flax import nnx
 
 from gcgd_jax.models import GCODEConfig, resnet20
+from gcgd_jax.models.gc_ode import TimeConv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gc_ode_overhead"
 
 
+UNCHUNKED = "/unchunked"  # name suffix: the vector field's kernel gradient in one piece
+
+
 def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
-    """Name ``mode/solver/steps[/direct]`` -> config (``None``: the plain ResNet-20)."""
+    """Name ``mode/solver/steps[/direct|/unchunked]`` -> config (``None``: the plain ResNet-20)."""
     configs: dict[str, GCODEConfig | None] = {"plain": None}
     if quick:
         grid = [("gradient", "euler", 1), ("gradient", "heun", 1), ("branch", "euler", 1)]
@@ -65,6 +72,7 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
     if not quick:  # the diffrax adjoint without recomputation, for comparison
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
+        configs[f"gradient/euler/1{UNCHUNKED}"] = GCODEConfig(mode="gradient")
     # The controls of the default: no branch (gradient rescaled only), a frozen branch.
     configs["scale_only"] = GCODEConfig(mode="scale_only", control_scale=1.0)
     configs["frozen_branch/euler/1"] = GCODEConfig(mode="frozen_branch")
@@ -92,9 +100,13 @@ def _train_step_fn(model, tx, use_breaker: bool):
 
 
 class _Train:
-    def __init__(self, config, batch, use_breaker):
+    def __init__(self, config, batch, use_breaker, chunk_wgrad=True):
         model = resnet20(gc_ode=config, rngs=nnx.Rngs(0))
         model.train()
+        if not chunk_wgrad:
+            for _, module in nnx.iter_modules(model):
+                if isinstance(module, TimeConv):
+                    module.chunk_wgrad = False
         self.tx = optax.sgd(0.1, momentum=0.9)
         self.step, self.params, self.rest = _train_step_fn(model, self.tx, use_breaker)
         self.opt_state = self.tx.init(self.params)
@@ -186,6 +198,21 @@ def _machine() -> dict:
     }
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=pathlib.Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     machine = (
@@ -201,7 +228,7 @@ def _markdown(result: dict) -> str:
         f"# GC-ODE overhead on ResNet-20 ({'quick' if result['quick'] else 'full'} run)",
         "",
         f"- command: `{result['command']}`",
-        f"- date: {result['date']}",
+        f"- date: {result['date']}; commit {result.get('commit')}",
         f"- machine: {machine}",
         f"- {versions}",
         f"- XLA_FLAGS: `{result['xla_flags']}`; fusion breaker: {result['fusion_breaker']}",
@@ -249,14 +276,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-fusion-breaker", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--only", help="comma-separated configuration names (of the full grid)")
+    parser.add_argument("--name", help="results file name (default: by --quick)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 4)
     steps = args.steps or (3 if args.quick else 8)
     use_breaker = not args.no_fusion_breaker
 
     configs = _configs(args.quick)
+    if args.only:
+        wanted = args.only.split(",")
+        full = _configs(False)
+        unknown = [n for n in wanted if n not in full]
+        if unknown or "plain" not in wanted:
+            parser.error(f"--only needs 'plain' and names from {sorted(full)}; unknown: {unknown}")
+        configs = {n: full[n] for n in wanted}
     print(f"train step, {len(configs)} configurations", flush=True)
-    train = {n: _Train(c, args.batch, use_breaker) for n, c in configs.items()}
+    train = {
+        n: _Train(c, args.batch, use_breaker, chunk_wgrad=not n.endswith(UNCHUNKED))
+        for n, c in configs.items()
+    }
     train_times = _timed_rounds(train, rounds, steps, args.warmup)
     del train
     print("inference", flush=True)
@@ -282,6 +321,7 @@ def main(argv=None) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "fusion_breaker": use_breaker,
         "quick": args.quick,
+        "commit": _commit(),
         "batch": args.batch,
         "rounds": rounds,
         "steps_per_round": steps,
@@ -290,7 +330,7 @@ def main(argv=None) -> dict:
         "raw_times_s": {"train": train_times, "inference": infer_times},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "gc_ode_overhead_quick" if args.quick else "gc_ode_overhead"
+    name = args.name or ("gc_ode_overhead_quick" if args.quick else "gc_ode_overhead")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(_markdown(result))
     print(_markdown(result))

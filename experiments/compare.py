@@ -41,6 +41,7 @@ from pathlib import Path
 from experiments.report import build_report, read_metrics
 from gcgd_jax import methods as registry
 from gcgd_jax.train.config import ConfigError, load_config
+from gcgd_jax.train.report import read_metrics as read_run_records
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -62,6 +63,12 @@ OTHERS = tuple(m for m in METHODS if m not in CORE)
 # predictor trains every 4 steps and is applied from step 24 (a quarter of the
 # 100% budget). Chosen from the run length alone, not tuned on any split.
 SHORT_RUN_GC_W = ("corrections.gc_w.warmup=24", "corrections.gc_w.window=4")
+
+# Controls matched to a measured run: the scale-only control rescales the gradient
+# reaching every stage input by the mean gradient ratio (``gc_ode_grad_ratio``)
+# that GC-ODE's gradient mode logged at the same budget and seed, so that it is
+# the rescaling gradient mode applies, without the ODE branch.
+MATCHED_SCALE = {"gc_ode_scale_only": "gc_ode_gradient"}
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,31 @@ def is_complete(directory: Path) -> bool:
     return summary is not None
 
 
+def matched_control_scale(out: Path, method: str, budget: float, seed: int) -> float:
+    """The step-weighted mean ``gc_ode_grad_ratio`` of the finished run of ``method``.
+
+    Raises ``RuntimeError`` naming the run when it is not complete or logged no ratio.
+    """
+    directory = run_dir(out, method, budget, seed)
+    if not is_complete(directory):
+        raise RuntimeError(
+            f"the scale-only control replays the gradient ratio of {directory}, "
+            "which has not finished: run it first (it comes earlier in the suite's grid)."
+        )
+    records = read_run_records(directory / "metrics.jsonl")
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    total = weight = 0.0
+    previous = 0
+    for record in epochs:
+        steps, previous = record["step"] - previous, record["step"]
+        if record.get("gc_ode_grad_ratio") is not None and steps > 0:
+            total += record["gc_ode_grad_ratio"] * steps
+            weight += steps
+    if not weight:
+        raise RuntimeError(f"{directory} logged no gc_ode_grad_ratio (run before it was measured).")
+    return total / weight
+
+
 def with_overrides(suite: Suite, extra: tuple[str, ...]) -> Suite:
     """``suite`` with ``extra`` configuration overrides applied to every run."""
     return dataclasses.replace(suite, overrides=(*suite.overrides, *extra)) if extra else suite
@@ -162,8 +194,13 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
     """Run (or resume) one cell in its own process; returns its ``run.json`` record."""
     directory = run_dir(out, method, budget, seed)
     directory.mkdir(parents=True, exist_ok=True)
+    matched = ()
+    if method in MATCHED_SCALE and not is_complete(directory):
+        scale = matched_control_scale(out, MATCHED_SCALE[method], budget, seed)
+        matched = (f"model.gc_ode_control_scale={scale!r}",)
     overrides = (
         *suite.overrides_for(method),
+        *matched,
         f"run.seed={seed}",
         f"run.name={suite.name}/{method}/b{budget:g}/s{seed}",
         f"train.budget={budget}",
@@ -288,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{b:g}' for b in suite.budgets)} of the base schedule.\n\n"
         "| method | overrides |\n|---|---|\n"
         f"{settings}\n\n"
-        f"Produced by `python -m experiments.compare --suite {args.suite}"
+        + "".join(
+            f"`{m}` also sets `model.gc_ode_control_scale` to the mean `gc_ode_grad_ratio` of "
+            f"`{src}` at the same budget and seed (runs made before this was measured used "
+            "1.0; each run's `config.toml` says which).\n\n"
+            for m, src in MATCHED_SCALE.items()
+            if any(c[0] == m for c in grid)
+        )
+        + f"Produced by `python -m experiments.compare --suite {args.suite}"
         f"{' --quick' if args.quick else ''}"
         f"{'' if args.core_seeds is None else f' --core-seeds {args.core_seeds}'}"
         f"{'' if args.other_seeds is None else f' --other-seeds {args.other_seeds}'}"

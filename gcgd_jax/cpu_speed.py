@@ -238,31 +238,42 @@ def _conv3x3_fwd(x, kernel):
     return conv3x3_xla(x, kernel), (x, kernel)
 
 
-def _conv3x3_bwd(res, dy):
+def _conv3x3_kernel_grad(x, dy):
     import jax
+
+    # dk[a, b, i, o] = sum_{n,h,w} xpad[n, h + a, w + b, i] dy[n, h, w, o]: a convolution
+    # with C_in as "batch", N as "features" and dy as an (H, W, N, C_out) kernel.
+    return jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), _PAD, dimension_numbers=_DN
+    ).transpose(1, 2, 0, 3)
+
+
+def _conv3x3_bwd(chunks, res, dy):
     import jax.numpy as jnp
 
     x, kernel = res
     # dx: correlate dy with the spatially flipped kernel, in/out swapped.
     dx = conv3x3_xla(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    # dk[a, b, i, o] = sum_{n,h,w} xpad[n, h + a, w + b, i] dy[n, h, w, o]: a convolution
-    # with C_in as "batch", N as "features" and dy as an (H, W, N, C_out) kernel.
-    dk = jax.lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), _PAD, dimension_numbers=_DN
-    ).transpose(1, 2, 0, 3)
+    # dk: one convolution, or the sum of one per batch chunk (item 5's reason).
+    dk = None
+    for xc, dyc in zip(jnp.split(x, chunks), jnp.split(dy, chunks), strict=True):
+        part = _conv3x3_kernel_grad(xc, dyc)
+        dk = part if dk is None else dk + part
     return dx, dk.astype(kernel.dtype)
 
 
 @functools.cache
-def _conv3x3_custom_vjp():
+def _conv3x3_custom_vjp(chunks: int):
     import jax
 
     conv = jax.custom_vjp(conv3x3_xla)
-    conv.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+    conv.defvjp(_conv3x3_fwd, functools.partial(_conv3x3_bwd, chunks))
     return conv
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, *, custom_vjp: bool = True) -> jax.Array:
+def conv3x3(
+    x: jax.Array, kernel: jax.Array, *, custom_vjp: bool = True, chunk_wgrad: bool = False
+) -> jax.Array:
     """3x3 convolution, stride 1, zero padding 1, NHWC / HWIO, with a hand-written VJP.
 
     Values and gradients are those of ``jax.lax.conv_general_dilated`` (tested).
@@ -272,11 +283,15 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, custom_vjp: bool = True) -> jax.
     run -- XLA's CPU backend leaves the weight-gradient convolution in a
     non-canonical layout and runs it through a slow generic kernel (measured
     ~40x slower per conv here, jax 0.10.2; cf. jax-ml/jax#12868).
-    ``custom_vjp=False`` is :func:`conv3x3_xla` (XLA's own VJP).
+    ``chunk_wgrad``: the kernel gradient is summed over batch chunks, as
+    :func:`chunked_wgrad_conv` does (same rule for the number of chunks and the
+    same single-CPU-device condition). ``custom_vjp=False`` is
+    :func:`conv3x3_xla` (XLA's own VJP; ``chunk_wgrad`` is then ignored).
     """
     if not custom_vjp:
         return conv3x3_xla(x, kernel)
-    return _conv3x3_custom_vjp()(x, kernel)
+    chunks = _chunks(x.shape[0]) if chunk_wgrad and _chunking_applies() else 1
+    return _conv3x3_custom_vjp(chunks)(x, kernel)
 
 
 # ----------------------------------------------------------------------------- 4. GroupNorm

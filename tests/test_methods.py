@@ -116,7 +116,9 @@ def test_every_transform_is_in_the_conformance_suite(method):
         if c.inject_factory is factory
         and all(c.inject_kwargs.get(k) == v for k, v in method.fixed.items())
     ]
-    assert covered, f"add a ConformanceCase for {method.name} to tests/transforms/test_conformance.py"
+    assert covered, (
+        f"add a ConformanceCase for {method.name} to tests/transforms/test_conformance.py"
+    )
 
 
 LOSS_KINDS = methods.methods_of_kind("loss")
@@ -182,6 +184,13 @@ def test_every_entry_runs_from_the_command_line(method, tmp_path, capsys):
             assert epoch[part.state_metric[0]] is not None
         if any(o.startswith("model.gc_ode=") for o in part.select):
             assert epoch["gc_ode_loss"] is not None
+            gated = any(
+                o in part.select for o in ("model.gc_ode=gradient", "model.gc_ode=frozen_branch")
+            )
+            if gated:  # the measured gradient ratio (gcgd_jax.models.gc_ode.gradient_ratios)
+                assert 0.0 < epoch["gc_ode_grad_ratio"] < 10.0
+            else:
+                assert "gc_ode_grad_ratio" not in epoch
 
 
 # --------------------------------------------------------------------- documentation

@@ -63,11 +63,21 @@ Controls, for experiments that must tell the ODE's part from a rescaling:
 ``"scale_only"``
     No branch at all: the gradient passed on to ``h_{i-1}`` is only multiplied
     by ``control_scale`` (forward unchanged). Run it with the factor that
-    gradient mode's mixed gradient has relative to the plain one.
+    gradient mode's mixed gradient has relative to the plain one: the train
+    step logs it as ``gc_ode_grad_ratio`` (below), so a gradient-mode run's
+    mean ratio is the control's ``control_scale`` (matched on average).
 ``"frozen_branch"``
     Gradient mode with a random branch that is never trained (its auxiliary
     loss has no gradient); the same gate, so it opens only as far as the
     random branch happens to fit.
+
+The gradient ratio, measured in the backward pass (gated modes): with a
+``probe`` (:meth:`GCODE.new_probe`, zeros) passed to :meth:`GCODE.run_stages`,
+the gradient of the probe holds, per pair, the squared norms of the plain
+stage-input gradient ``J_stage^T g`` and of the mixed gradient that reaches
+``h_{i-1}``; :func:`gradient_ratios` turns them into
+``||dL/dh_{i-1}|| / ||J_stage^T g||`` (1 while the gate is closed). The train
+step does this and logs the mean over pairs (``gc_ode_grad_ratio``).
 
 The time input of the vector field is fed as the constant channel ``1 + t``,
 so that it contributes (and is trained) at every evaluation, ``t = 0``
@@ -118,6 +128,8 @@ __all__ = [
     "ODEBranch",
     "ODEVectorField",
     "Solver",
+    "TimeConv",
+    "gradient_ratios",
     "odeint",
     "resolve_gc_ode",
     "scale_gradient",
@@ -191,9 +203,7 @@ class GCODEConfig:
         if self.mode not in _MODES:
             raise ValueError(f"GCODEConfig.mode must be one of {_MODES}, got {self.mode!r}.")
         if self.solver not in _SOLVERS:
-            raise ValueError(
-                f"GCODEConfig.solver must be one of {_SOLVERS}, got {self.solver!r}."
-            )
+            raise ValueError(f"GCODEConfig.solver must be one of {_SOLVERS}, got {self.solver!r}.")
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"GCODEConfig.steps must be an int >= 1, got {self.steps!r}.")
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
@@ -215,11 +225,16 @@ class GCODEConfig:
             raise ValueError(
                 f"GCODEConfig.adjoint must be one of {_ADJOINTS}, got {self.adjoint!r}."
             )
-        for name, lo, hi, closed in (("gate_max", 0.0, 1.0, True), ("gate_momentum", 0.0, 1.0, False)):
+        for name, lo, hi, closed in (
+            ("gate_max", 0.0, 1.0, True),
+            ("gate_momentum", 0.0, 1.0, False),
+        ):
             v = getattr(self, name)
             if not _is_real(v) or not (lo <= v <= hi) or (not closed and v == hi):
                 bound = "]" if closed else ")"
-                raise ValueError(f"GCODEConfig.{name} must be in [{lo:g}, {hi:g}{bound}, got {v!r}.")
+                raise ValueError(
+                    f"GCODEConfig.{name} must be in [{lo:g}, {hi:g}{bound}, got {v!r}."
+                )
         c = self.control_scale
         if not _is_real(c) or not math.isfinite(c) or c == 0:
             raise ValueError(
@@ -269,19 +284,26 @@ class TimeConv(nnx.Module):
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
     Both use :func:`gcgd_jax.cpu_speed.conv3x3` (its hand-written VJP unless
-    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built).
+    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built; the big
+    one's kernel gradient in batch chunks unless ``cpu_speed.CHUNKED_WGRAD`` was).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         self.in_features = in_features
         self.out_features = out_features
         self.custom_vjp = cpu_speed.CUSTOM_CONV_VJP
+        self.chunk_wgrad = cpu_speed.CHUNKED_WGRAD
         init = nnx.initializers.he_normal()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_features + 1, out_features)))
 
     def __call__(self, a: jax.Array, t: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(a.dtype)
-        y = conv3x3(a, kernel[:, :, : self.in_features, :], custom_vjp=self.custom_vjp)
+        y = conv3x3(
+            a,
+            kernel[:, :, : self.in_features, :],
+            custom_vjp=self.custom_vjp,
+            chunk_wgrad=self.chunk_wgrad,
+        )
         ones = jnp.ones((1, *a.shape[1:3], 1), a.dtype)
         y_t = conv3x3(ones, kernel[:, :, self.in_features :, :], custom_vjp=self.custom_vjp)
         return y + (1 + jnp.asarray(t, a.dtype)) * y_t
@@ -372,6 +394,41 @@ def _scale_gradient_bwd(factor, g):
 
 
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+@jax.custom_vjp
+def _measured_scale(x: jax.Array, factor: jax.Array, probe: jax.Array) -> jax.Array:
+    """Identity forward; the cotangent of ``x`` is multiplied by ``factor``; the cotangent
+    of the scalar ``probe`` is the squared norm of ``x``'s incoming cotangent (a
+    measurement passed out through the gradient, not a derivative)."""
+    del factor, probe
+    return x
+
+
+def _measured_scale_fwd(x, factor, probe):
+    return x, (factor, probe)
+
+
+def _measured_scale_bwd(res, g):
+    factor, probe = res
+    norm2 = jnp.sum(jnp.square(g.astype(jnp.float32))).astype(probe.dtype)
+    return g * factor.astype(g.dtype), jnp.zeros_like(factor), norm2
+
+
+_measured_scale.defvjp(_measured_scale_fwd, _measured_scale_bwd)
+
+
+def gradient_ratios(probe_grad: jax.Array) -> jax.Array:
+    """Per pair ``||dL/dh_{i-1}|| / ||J_stage^T g||`` from the gradient of a probe.
+
+    ``probe_grad`` is the gradient of :meth:`GCODE.new_probe`'s zeros, shape
+    ``(num_pairs, 2)``: column 0 the squared norm of the stage-input gradient
+    before the mix, column 1 that of the gradient reaching ``h_{i-1}`` (the
+    mix). A pair whose stage-input gradient is zero reports 1.
+    """
+    plain, mixed = probe_grad[:, 0], probe_grad[:, 1]
+    safe = jnp.where(plain > 0, plain, 1.0)
+    return jnp.where(plain > 0, jnp.sqrt(mixed / safe), 1.0)
 
 
 class GateFit(nnx.BatchStat):
@@ -570,12 +627,36 @@ class GCODE(nnx.Module):
         """``s_t`` of every pair, shape ``(num_pairs,)``."""
         return jnp.stack([self.gate(i) for i in range(self.num_pairs)])
 
-    def stage_input(self, index: int, h_prev: jax.Array) -> jax.Array:
+    def new_probe(self) -> jax.Array | None:
+        """Zeros of shape ``(num_pairs, 2)`` to pass as ``probe`` and differentiate
+        (gated modes; ``None`` otherwise): see :func:`gradient_ratios`."""
+        if self.config.mode not in _GATED:
+            return None
+        return jnp.zeros((self.num_pairs, 2), jnp.float32)
+
+    def _measuring(self, probe: jax.Array | None) -> bool:
+        return probe is not None and self.config.mode in _GATED and not self.deterministic
+
+    def fork(self, index: int, h_prev: jax.Array, probe: jax.Array | None = None) -> jax.Array:
+        """``h_prev`` as both stage ``index`` and its branch read it (the same value).
+
+        With a ``probe``, the squared norm of the gradient reaching ``h_prev`` (the
+        mix) goes to ``probe[index, 1]``'s gradient; otherwise ``h_prev`` itself.
+        """
+        if not self._measuring(probe):
+            return h_prev
+        return _measured_scale(h_prev, jnp.ones((), jnp.float32), probe[index, 1])
+
+    def stage_input(
+        self, index: int, h_prev: jax.Array, probe: jax.Array | None = None
+    ) -> jax.Array:
         """What stage ``index`` should read instead of ``h_prev`` (the same value).
 
         Gated modes: the stage's input gradient is scaled by ``1 - s_t`` (the
         branch adds the other ``s_t``); ``"scale_only"``: by ``control_scale``;
-        branch mode and eval mode: ``h_prev`` itself.
+        branch mode and eval mode: ``h_prev`` itself. With a ``probe`` (gated
+        modes), the squared norm of the stage's input gradient before the
+        scaling goes to ``probe[index, 0]``'s gradient.
         """
         mode = self.config.mode
         if self.deterministic or mode == "branch":
@@ -584,6 +665,8 @@ class GCODE(nnx.Module):
             factor = jnp.asarray(self.config.control_scale, jnp.float32)
         else:
             factor = 1.0 - self.gate(index)
+        if self._measuring(probe):
+            return _measured_scale(h_prev, factor, probe[index, 0])
         return scale_gradient(h_prev, factor)
 
     def __call__(
@@ -625,19 +708,27 @@ class GCODE(nnx.Module):
         *,
         compute_loss: bool = True,
         stage_kwargs: dict[str, Any] | None = None,
+        probe: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Runs ``h_{i+1} = stages[i](h_i)`` with this GC-ODE between every pair.
 
         ``stages``: ``num_pairs`` callables (NNX modules or functions), each
         mapping the previous stage output to the next; ``h0`` the first stage
         output (e.g. the stem's). Returns ``(h_S, total_pair_loss)``.
+        ``probe``: :meth:`new_probe`'s zeros, to measure the gradient ratio
+        (:func:`gradient_ratios` of the probe's gradient).
         """
         if len(stages) != self.num_pairs:
             raise ValueError(f"GCODE has {self.num_pairs} pairs but got {len(stages)} stages.")
+        if probe is not None and probe.shape != (self.num_pairs, 2):
+            raise ValueError(
+                f"probe must have shape ({self.num_pairs}, 2) (GCODE.new_probe), got {probe.shape}."
+            )
         kwargs = stage_kwargs or {}
         h, total = h0, jnp.zeros((), jnp.float32)
         for i, stage in enumerate(stages):
-            h_next = stage(self.stage_input(i, h), **kwargs)
+            h = self.fork(i, h, probe)
+            h_next = stage(self.stage_input(i, h, probe), **kwargs)
             h, pair_loss = self(i, h, h_next, compute_loss=compute_loss)
             total = total + pair_loss
         return h, total

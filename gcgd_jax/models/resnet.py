@@ -289,7 +289,9 @@ class ResNet(nnx.Module):
     ``loss = task_loss + aux["gc_ode_loss"]``: the auxiliary loss trains only
     the GC-ODE branches, the task loss only the backbone. ``fusion_breaker``: a
     runtime scalar 1.0 for the CPU (:func:`gcgd_jax.cpu_speed.fusion_break`), or
-    ``None``.
+    ``None``. ``gc_ode_probe``: ``model.gc_ode.new_probe()`` to differentiate,
+    for the gradient ratio of GC-ODE's gated modes
+    (:func:`gcgd_jax.models.gc_ode.gradient_ratios`; the train step does this).
     """
 
     def __init__(
@@ -350,13 +352,20 @@ class ResNet(nnx.Module):
         self.gc_ode = None if config is None else GCODE(channels, strides, config, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, return_aux: bool = False, fusion_breaker: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        return_aux: bool = False,
+        fusion_breaker: jax.Array | None = None,
+        gc_ode_probe: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"expected NHWC input with {self.in_channels} channels, got shape {x.shape}."
             )
         h = self.stem(x)  # h_0
+        if gc_ode_probe is not None and self.gc_ode is None:
+            raise ValueError("gc_ode_probe was given, but this model has no GC-ODE.")
         if self.gc_ode is None:
             for stage in self.stages:
                 h = stage(h, fusion_breaker)
@@ -368,6 +377,7 @@ class ResNet(nnx.Module):
                 h,
                 compute_loss=return_aux,
                 stage_kwargs={"fusion_breaker": fusion_breaker},
+                probe=gc_ode_probe,
             )
         logits = self.head(jnp.mean(h, axis=(1, 2)))
         if return_aux:

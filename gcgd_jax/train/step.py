@@ -96,6 +96,9 @@ class GradAux(NamedTuple):
     rest: Any  # the model's non-parameter state after the forward pass (BatchNorm statistics)
     gc_ode_loss: jax.Array  # () GC-ODE auxiliary loss (0 without GC-ODE)
     gc_ode_gate: jax.Array  # () mean GC-ODE gate (0 without GC-ODE)
+    # () mean over pairs of ||dL/dh_{i-1}|| / ||J_stage^T g|| (GC-ODE's gated modes
+    # without a gradient penalty; None otherwise): see gcgd_jax.models.gc_ode.gradient_ratios
+    gc_ode_grad_ratio: jax.Array | None = None
 
 
 def preprocess(images: jax.Array, opts: StepOptions, key: jax.Array | None) -> jax.Array:
@@ -120,9 +123,7 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_grad_fn(
-    graphdef: nnx.GraphDef, opts: StepOptions
-) -> Callable[..., tuple[Any, GradAux]]:
+def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tuple[Any, GradAux]]:
     """The (unjitted) gradient of a train step: ``(state, images, labels, fusion_breaker)
     -> (grads, GradAux)``.
 
@@ -133,14 +134,19 @@ def make_grad_fn(
     to ``state.params`` (through ``jax.value_and_grad`` or the registered
     gradient function of ``opts.penalty``). Diagnostics call it to see the
     gradient a run's optimizer receives at a given state and batch.
+
+    In GC-ODE's gated modes (without a penalty) the model's gradient probe
+    (:meth:`gcgd_jax.models.GCODE.new_probe`) is differentiated too, and
+    ``GradAux.gc_ode_grad_ratio`` is the mean over pairs of its gradient ratio.
     """
     per_example_loss = _per_example_loss_fn(opts)
 
-    def loss_fn(params, rest, images, labels, fusion_breaker):
+    def loss_fn(params, rest, images, labels, fusion_breaker, probe=None):
         model = nnx.merge(graphdef, params, rest, copy=True)
         fb = fusion_breaker if opts.fusion_breaker else None
         if opts.gc_ode:
-            logits, aux = model(images, return_aux=True, fusion_breaker=fb)
+            kwargs = {} if probe is None else {"gc_ode_probe": probe}
+            logits, aux = model(images, return_aux=True, fusion_breaker=fb, **kwargs)
             aux_loss, gate = aux["gc_ode_loss"], aux.get("gc_ode_gate", jnp.float32(0.0))
         else:
             logits = model(images, fusion_breaker=fb)
@@ -154,17 +160,36 @@ def make_grad_fn(
         value_and_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
     else:
         gradient_fn = methods.by_value("gradient", opts.penalty).load()
-        value_and_grad = gradient_fn(
-            loss_fn, **dict(opts.penalty_options), argnums=0, has_aux=True
-        )
+        value_and_grad = gradient_fn(loss_fn, **dict(opts.penalty_options), argnums=0, has_aux=True)
+    with_probe = jax.value_and_grad(
+        lambda diff, *args: loss_fn(diff[0], *args, probe=diff[1]), argnums=0, has_aux=True
+    )
+
+    def new_probe(state: TrainState) -> jax.Array | None:
+        if not opts.gc_ode or opts.penalty != "none":
+            return None
+        # Python only (at trace time): which GC-ODE the graph has.
+        gc_ode = getattr(nnx.merge(graphdef, state.params, state.rest, copy=True), "gc_ode", None)
+        return None if gc_ode is None else gc_ode.new_probe()
 
     def grad_fn(state: TrainState, images, labels, fusion_breaker):
+        from gcgd_jax.models.gc_ode import gradient_ratios
+
         key = jax.random.fold_in(state.rng, state.step)
         x = preprocess(images, opts, key)
-        (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = value_and_grad(
-            state.params, state.rest, x, labels, fusion_breaker
-        )
-        return grads, GradAux(total, data_loss, logits, new_rest, aux_loss, gate)
+        probe = new_probe(state)
+        args = (state.rest, x, labels, fusion_breaker)
+        if probe is None:
+            (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = value_and_grad(
+                state.params, *args
+            )
+            ratio = None
+        else:
+            (total, (data_loss, logits, new_rest, (aux_loss, gate))), (grads, probe_grad) = (
+                with_probe((state.params, probe), *args)
+            )
+            ratio = jnp.mean(gradient_ratios(probe_grad))
+        return grads, GradAux(total, data_loss, logits, new_rest, aux_loss, gate, ratio)
 
     return grad_fn
 
@@ -212,6 +237,8 @@ def make_update_fn(
         if opts.gc_ode:
             metrics["gc_ode_loss"] = jnp.asarray(aux.gc_ode_loss, jnp.float32)
             metrics["gc_ode_gate"] = jnp.asarray(aux.gc_ode_gate, jnp.float32)
+            if aux.gc_ode_grad_ratio is not None:
+                metrics["gc_ode_grad_ratio"] = jnp.asarray(aux.gc_ode_grad_ratio, jnp.float32)
         for method in metric_methods:
             value = method.read_state_metric(new_state.opt_state)
             metrics[method.state_metric[0]] = jnp.asarray(value, jnp.float32)
@@ -230,7 +257,8 @@ def make_train_step(
     run time (ignored unless ``opts.fusion_breaker``). Metrics (float32/int32
     scalars): ``loss`` (the data loss, mean over the batch), ``correct``
     (count), ``finite``, ``lr``; with GC-ODE ``gc_ode_loss`` and
-    ``gc_ode_gate`` (the mean gate ``s_t`` of its pairs at this step); and the
+    ``gc_ode_gate`` (the mean gate ``s_t`` of its pairs at this step), in the
+    gated modes ``gc_ode_grad_ratio`` (:class:`GradAux`); and the
     state metric of every method in ``opts.state_metrics`` under its record
     key (GC-W: ``gc_w_predictor_loss``, GC-W v2: ``gc_w_v2_objective``).
     """

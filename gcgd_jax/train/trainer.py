@@ -125,6 +125,8 @@ class EpochSums:
     skipped: int = 0
     gc_ode_loss: float = 0.0
     gc_ode_gate: float | None = None
+    # sum over the epoch's steps of gc_ode_grad_ratio (gated GC-ODE modes; None: not measured)
+    gc_ode_grad_ratio: float | None = None
     lr: float | None = None
     # last value of each optimizer-state metric (record key -> value), e.g. gc_w_predictor_loss
     state_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -616,7 +618,10 @@ class Trainer:
                     epoch, step, epoch_end, sums, ckpt, stop_at_step, writer=metrics
                 )
                 step, sums, times, failed = (
-                    result.step, result.sums, result.step_times, result.failed
+                    result.step,
+                    result.sums,
+                    result.step_times,
+                    result.failed,
                 )
                 if failed is not None:
                     self._stop_nonfinite(failed, sums, ckpt, metrics)
@@ -709,6 +714,9 @@ class Trainer:
             if "gc_ode_loss" in m:
                 sums.gc_ode_loss += float(m["gc_ode_loss"])
                 sums.gc_ode_gate = float(m["gc_ode_gate"])
+            if "gc_ode_grad_ratio" in m:
+                ratio = float(m["gc_ode_grad_ratio"])
+                sums.gc_ode_grad_ratio = (sums.gc_ode_grad_ratio or 0.0) + ratio
             for key in self._state_metric_keys:
                 sums.state_metrics[key] = float(m[key])
             done = done_step - epoch * spe
@@ -718,7 +726,8 @@ class Trainer:
                 on_step(done_step, {k: v.item() for k, v in m.items()})
             if writer is not None and tb_every and done_step % tb_every == 0:
                 writer.scalars(
-                    done_step, {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed}
+                    done_step,
+                    {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed},
                 )
 
         pending = None  # (metrics, step) of the step dispatched last, not yet read
@@ -729,7 +738,10 @@ class Trainer:
                 self._note("compiling the train step (XLA; this takes a while the first time) ...")
                 t_compile = time.perf_counter()
             self.state, step_metrics = self._train_step(
-                self.state, self.parallel.put_local(images), self.parallel.put_local(labels), self.fusion_breaker
+                self.state,
+                self.parallel.put_local(images),
+                self.parallel.put_local(labels),
+                self.fusion_breaker,
             )
             if first:
                 jax.block_until_ready(step_metrics)
@@ -806,6 +818,8 @@ class Trainer:
         if self.step_options.gc_ode:
             record["gc_ode_loss"] = sums.gc_ode_loss / sums.steps if sums.steps else None
             record["gc_ode_gate"] = sums.gc_ode_gate  # the mean gate s_t at the epoch's last step
+            if sums.gc_ode_grad_ratio is not None and sums.steps:  # mean over the epoch's steps
+                record["gc_ode_grad_ratio"] = sums.gc_ode_grad_ratio / sums.steps
         for key in self._state_metric_keys:  # last step's value (e.g. gc_w_predictor_loss)
             record[key] = sums.state_metrics.get(key)
         return record

@@ -41,3 +41,36 @@ def test_bad_runner_arguments_are_clear_errors(argv, message, capsys, tmp_path):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_scale_only_control_replays_the_gradient_modes_measured_ratio(tmp_path):
+    import json
+
+    from experiments.compare import MATCHED_SCALE, matched_control_scale, run_dir
+
+    assert MATCHED_SCALE == {"gc_ode_scale_only": "gc_ode_gradient"}
+    grid = SUITES["cpu-fmnist"].grid()
+    first = {c: i for i, c in reversed(list(enumerate(grid)))}
+    for control, source in MATCHED_SCALE.items():  # the source runs come first in the grid
+        for m, b, s in grid:
+            if m == control:
+                assert first[(source, b, s)] < first[(m, b, s)]
+    directory = run_dir(tmp_path, "gc_ode_gradient", 1.0, 0)
+    directory.mkdir(parents=True)
+    metrics = directory / "metrics.jsonl"
+    with pytest.raises(RuntimeError, match="has not finished"):
+        matched_control_scale(tmp_path, "gc_ode_gradient", 1.0, 0)
+    records = [
+        {"kind": "epoch", "epoch": 1, "step": 30, "gc_ode_grad_ratio": 1.0},
+        {"kind": "epoch", "epoch": 2, "step": 40, "gc_ode_grad_ratio": 1.5},  # 10 steps
+        {"kind": "summary", "status": "completed"},
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert matched_control_scale(tmp_path, "gc_ode_gradient", 1.0, 0) == pytest.approx(
+        (30 * 1.0 + 10 * 1.5) / 40
+    )
+    metrics.write_text(
+        json.dumps(records[0] | {"gc_ode_grad_ratio": None}) + "\n" + json.dumps(records[2]) + "\n"
+    )
+    with pytest.raises(RuntimeError, match="logged no gc_ode_grad_ratio"):
+        matched_control_scale(tmp_path, "gc_ode_gradient", 1.0, 0)

@@ -238,7 +238,9 @@ def test_gradient_mode_mixes_stage_and_branch_jacobians_convexly():
     kernel = _x((1, 1, 2, 4), 5)
 
     def stage(h):  # a stride-2 1x1 conv: not the branch
-        return jax.lax.conv_general_dilated(h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     stage_vjp = jax.vjp(stage, h0)[1](w)[0]
     branch_vjp = jax.vjp(gc.branches[0].solve, h0)[1](w)[0]
@@ -255,6 +257,48 @@ def test_gradient_mode_mixes_stage_and_branch_jacobians_convexly():
     assert float(jnp.max(jnp.abs(branch_vjp - stage_vjp))) > 1e-2  # the two maps differ
     np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6)
     assert loss.dtype == jnp.float32
+
+
+def test_probe_measures_the_mixed_and_the_plain_input_gradient():
+    gc = GCODE((2, 4), (2,), GCODEConfig(mode="gradient", gate_max=0.8), rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    h0, w = _x((2, 4, 4, 2)), _x((2, 2, 2, 4), 2)
+    kernel = _x((1, 1, 2, 4), 5)
+
+    def stage(h):
+        return jax.lax.conv_general_dilated(
+            h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    stage_vjp = jax.vjp(stage, h0)[1](w)[0]
+    graphdef, state = nnx.split(gc)
+
+    def grads(state):
+        def f(h0, probe):
+            out, _ = nnx.merge(graphdef, state, copy=True).run_stages([stage], h0, probe=probe)
+            return jnp.sum(out * w)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(h0, gc.new_probe())
+
+    g_h, g_probe = grads(state)  # closed gate: the plain gradient, ratio 1
+    np.testing.assert_allclose(g_h, stage_vjp, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g_probe[0], [jnp.sum(stage_vjp**2)] * 2, rtol=1e-5)
+    assert float(gc_ode_module.gradient_ratios(g_probe)[0]) == pytest.approx(1.0)
+    _open(gc, 0.5)  # s = 0.4
+    graphdef, state = nnx.split(gc)
+    g_h, g_probe = grads(state)
+    g_plain, _ = _pair_gradient(gc, stage, h0, w)
+    np.testing.assert_allclose(g_h, g_plain, rtol=1e-6, atol=1e-7)  # measuring changes no gradient
+    mixed = float(jnp.linalg.norm(g_plain)) / float(jnp.linalg.norm(stage_vjp))
+    assert abs(mixed - 1.0) > 1e-2  # the mix is not scale-free here: a ratio to measure
+    np.testing.assert_allclose(g_probe[0, 0], jnp.sum(stage_vjp**2), rtol=1e-5)
+    np.testing.assert_allclose(g_probe[0, 1], jnp.sum(g_plain**2), rtol=1e-5)
+    assert float(gc_ode_module.gradient_ratios(g_probe)[0]) == pytest.approx(mixed, rel=1e-5)
+    assert gc_ode_module.gradient_ratios(jnp.zeros((1, 2))).tolist() == [1.0]  # no signal
+    with pytest.raises(ValueError, match="probe must have shape"):
+        gc.run_stages([stage], h0, probe=jnp.zeros((2, 2)))
+    for mode in ("branch", "scale_only"):
+        assert GCODE((2, 4), (2,), mode, rngs=nnx.Rngs(0)).new_probe() is None
 
 
 def test_a_branch_that_fits_the_stage_exactly_preserves_the_gradient():
@@ -303,7 +347,9 @@ def test_scale_only_control_rescales_the_input_gradient_and_has_no_branch():
     kernel = _x((1, 1, 2, 4), 5)
 
     def stage(h):
-        return jax.lax.conv_general_dilated(h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     g, (out, loss) = _pair_gradient(gc, stage, h0, w)
     np.testing.assert_array_equal(out, stage(h0))
