@@ -109,6 +109,25 @@ def test_conv3x3_matches_lax_conv_values_and_gradients(custom_vjp):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_conv3x3_chunks_its_kernel_gradient_on_request(monkeypatch):
+    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
+    x, k = _x((6, 5, 6, 3)), _x((3, 3, 3, 4), 1)
+    ct = _x((6, 5, 6, 4), 2)
+
+    def grads(chunk_wgrad):
+        loss = lambda x, k: jnp.sum(conv3x3(x, k, chunk_wgrad=chunk_wgrad) * ct)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+
+    (dx, dk), (dx_ref, dk_ref) = grads(True), grads(False)
+    np.testing.assert_array_equal(dx, dx_ref)  # the input gradient is not chunked
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)  # another summation order
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv3x3(x, k, chunk_wgrad=True) * ct))).lower(k)
+    assert hlo.as_text().count("stablehlo.convolution") == 6  # one per chunk (no forward: dead)
+    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: False)  # e.g. two devices
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv3x3(x, k, chunk_wgrad=True) * ct))).lower(k)
+    assert hlo.as_text().count("stablehlo.convolution") == 1
+
+
 # ----------------------------------------------------------------------------- GroupNorm
 
 
@@ -144,8 +163,9 @@ def test_group_norm_factory_builds_either_with_the_same_parameters(zero_scale):
 
 
 def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
-    """Both GC-ODE switches off: the same parameters (paths, values), and the same loss
-    and gradients up to float rounding; the switches are read when the model is built."""
+    """The GC-ODE switches off (custom VJP, fast GroupNorm, chunked kernel gradient): the
+    same parameters (paths, values), and the same loss and gradients up to float
+    rounding; the switches are read when the model is built."""
     from gcgd_jax.models import GCODE, GCODEConfig
 
     class TwoStages(nnx.Module):
@@ -165,13 +185,17 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
             branch.gamma[...] = jnp.full(branch.gamma.shape, 0.5)
         return model
 
+    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)  # conftest: 2 devices
     fast = build()
     monkeypatch.setattr(cpu_speed, "CUSTOM_CONV_VJP", False)
     monkeypatch.setattr(cpu_speed, "FAST_GROUP_NORM", False)
+    monkeypatch.setattr(cpu_speed, "CHUNKED_WGRAD", False)
     plain = build()
     field = plain.gc_ode.branches[0].field
     assert type(field.norm_in) is nnx.GroupNorm and field.conv1.custom_vjp is False
-    assert type(fast.gc_ode.branches[0].field.norm_in) is GroupNorm
+    assert field.conv1.chunk_wgrad is False
+    fast_field = fast.gc_ode.branches[0].field
+    assert type(fast_field.norm_in) is GroupNorm and fast_field.conv1.chunk_wgrad is True
 
     x = _x((2, 8, 8, 4))
     results = []
