@@ -9,8 +9,8 @@ argument (``jnp.float32(1.0)``), and on the CPU the convolution flag from
 Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 ("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step
 with ``adjoint="direct"`` per mode, for comparison, and one with the vector
-field's kernel gradient left unchunked, ``TimeConv.chunk_wgrad = False``, to
-measure :func:`gcgd_jax.cpu_speed.conv3x3`'s batch chunks), and the controls
+field's kernel gradient in batch chunks, ``TimeConv.chunk_wgrad = True``, a
+candidate of :func:`gcgd_jax.cpu_speed.conv3x3`), and the controls
 ``scale_only`` and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
@@ -20,7 +20,7 @@ Usage::
 
     python experiments/bench_gc_ode.py            # full grid, 4 rounds x 8 steps
     python experiments/bench_gc_ode.py --quick    # plain + 3 GC-ODE configs, 2 rounds x 3 steps
-    python experiments/bench_gc_ode.py --only plain,gradient/euler/1,gradient/euler/1/unchunked --name chunks
+    python experiments/bench_gc_ode.py --only plain,gradient/euler/1,gradient/euler/1/chunked --name chunks
 
 Writes ``experiments/results/gc_ode_overhead/<name>.json`` and ``.md``
 (``name`` = ``gc_ode_overhead``, ``gc_ode_overhead_quick`` or ``--name``).
@@ -55,11 +55,11 @@ from gcgd_jax.models.gc_ode import TimeConv
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gc_ode_overhead"
 
 
-UNCHUNKED = "/unchunked"  # name suffix: the vector field's kernel gradient in one piece
+CHUNKED = "/chunked"  # name suffix: the vector field's kernel gradient in batch chunks
 
 
 def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
-    """Name ``mode/solver/steps[/direct|/unchunked]`` -> config (``None``: the plain ResNet-20)."""
+    """Name ``mode/solver/steps[/direct|/chunked]`` -> config (``None``: the plain ResNet-20)."""
     configs: dict[str, GCODEConfig | None] = {"plain": None}
     if quick:
         grid = [("gradient", "euler", 1), ("gradient", "heun", 1), ("branch", "euler", 1)]
@@ -72,7 +72,7 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
     if not quick:  # the diffrax adjoint without recomputation, for comparison
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
-        configs[f"gradient/euler/1{UNCHUNKED}"] = GCODEConfig(mode="gradient")
+        configs[f"gradient/euler/1{CHUNKED}"] = GCODEConfig(mode="gradient")
     # The controls of the default: no branch (gradient rescaled only), a frozen branch.
     configs["scale_only"] = GCODEConfig(mode="scale_only", control_scale=1.0)
     configs["frozen_branch/euler/1"] = GCODEConfig(mode="frozen_branch")
@@ -100,13 +100,13 @@ def _train_step_fn(model, tx, use_breaker: bool):
 
 
 class _Train:
-    def __init__(self, config, batch, use_breaker, chunk_wgrad=True):
+    def __init__(self, config, batch, use_breaker, chunk_wgrad=False):
         model = resnet20(gc_ode=config, rngs=nnx.Rngs(0))
         model.train()
-        if not chunk_wgrad:
+        if chunk_wgrad:
             for _, module in nnx.iter_modules(model):
                 if isinstance(module, TimeConv):
-                    module.chunk_wgrad = False
+                    module.chunk_wgrad = True
         self.tx = optax.sgd(0.1, momentum=0.9)
         self.step, self.params, self.rest = _train_step_fn(model, self.tx, use_breaker)
         self.opt_state = self.tx.init(self.params)
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
         configs = {n: full[n] for n in wanted}
     print(f"train step, {len(configs)} configurations", flush=True)
     train = {
-        n: _Train(c, args.batch, use_breaker, chunk_wgrad=not n.endswith(UNCHUNKED))
+        n: _Train(c, args.batch, use_breaker, chunk_wgrad=n.endswith(CHUNKED))
         for n, c in configs.items()
     }
     train_times = _timed_rounds(train, rounds, steps, args.warmup)

@@ -74,6 +74,10 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    within float rounding, tested to 1e-5); the first step compiles about 1.5 s
    longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through
    the model is not available (``jax.custom_vjp``).
+   GC-ODE's vector-field convolution can do the same (:func:`conv3x3` with
+   ``chunk_wgrad=True``), but inside the solve's loop it bought nothing on the
+   whole step (0.531 s vs 0.529 s,
+   ``experiments/results/gc_ode_overhead/chunks.md``), so GC-ODE does not.
    *Off*: ``gcgd_jax.cpu_speed.CHUNKED_WGRAD = False`` before building the
    model. Only active on the CPU backend with a single device (checked when
    the step is traced: with two fake CPU devices and a batch-sharded GC-ODE

@@ -163,9 +163,9 @@ def test_group_norm_factory_builds_either_with_the_same_parameters(zero_scale):
 
 
 def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
-    """The GC-ODE switches off (custom VJP, fast GroupNorm, chunked kernel gradient): the
-    same parameters (paths, values), and the same loss and gradients up to float
-    rounding; the switches are read when the model is built."""
+    """The GC-ODE switches off (custom VJP, fast GroupNorm; and the chunked kernel
+    gradient on): the same parameters (paths, values), and the same loss and gradients
+    up to float rounding; the switches are read when the model is built."""
     from gcgd_jax.models import GCODE, GCODEConfig
 
     class TwoStages(nnx.Module):
@@ -187,15 +187,15 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
 
     monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)  # conftest: 2 devices
     fast = build()
+    for branch in fast.gc_ode.branches:  # the measured candidate too (off by default)
+        assert branch.field.conv1.chunk_wgrad is False
+        branch.field.conv1.chunk_wgrad = True
     monkeypatch.setattr(cpu_speed, "CUSTOM_CONV_VJP", False)
     monkeypatch.setattr(cpu_speed, "FAST_GROUP_NORM", False)
-    monkeypatch.setattr(cpu_speed, "CHUNKED_WGRAD", False)
     plain = build()
     field = plain.gc_ode.branches[0].field
     assert type(field.norm_in) is nnx.GroupNorm and field.conv1.custom_vjp is False
-    assert field.conv1.chunk_wgrad is False
-    fast_field = fast.gc_ode.branches[0].field
-    assert type(fast_field.norm_in) is GroupNorm and fast_field.conv1.chunk_wgrad is True
+    assert type(fast.gc_ode.branches[0].field.norm_in) is GroupNorm
 
     x = _x((2, 8, 8, 4))
     results = []

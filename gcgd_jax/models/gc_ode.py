@@ -284,15 +284,19 @@ class TimeConv(nnx.Module):
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
     Both use :func:`gcgd_jax.cpu_speed.conv3x3` (its hand-written VJP unless
-    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built; the big
-    one's kernel gradient in batch chunks unless ``cpu_speed.CHUNKED_WGRAD`` was).
+    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built). The
+    attribute ``chunk_wgrad`` (default ``False``) sums the big one's kernel
+    gradient over batch chunks; measured on the ResNet-20 train step it bought
+    nothing (``experiments/results/gc_ode_overhead/chunks.md``).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         self.in_features = in_features
         self.out_features = out_features
         self.custom_vjp = cpu_speed.CUSTOM_CONV_VJP
-        self.chunk_wgrad = cpu_speed.CHUNKED_WGRAD
+        # Kernel gradient in batch chunks: measured without gain inside the solve's loop
+        # (experiments/results/gc_ode_overhead/chunks.md), so off; a candidate to re-measure.
+        self.chunk_wgrad = False
         init = nnx.initializers.he_normal()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_features + 1, out_features)))
 
@@ -507,7 +511,10 @@ def _routed_branch(graphdef, h_prev, params):
     ``stop_gradient``); the cotangent of ``z`` flows to ``params`` only (as if
     ``h_prev`` were under ``stop_gradient``). Equivalent to two solves
     ``F(h_prev, sg(params))`` and ``F(sg(h_prev), params)`` (tested), at the cost
-    of one forward solve.
+    of one forward solve and one reverse pass: the solve's VJP runs once,
+    batched (``jax.vmap``) over the two stacked cotangents, and each path keeps
+    its half (the other halves are discarded). Two separate VJP calls would
+    each recompute the checkpointed solve; the batched one recomputes it once.
     """
     fn = functools.partial(_solve_pure, graphdef)
 
@@ -521,10 +528,8 @@ def _routed_branch(graphdef, h_prev, params):
         return (y, y), vjp
 
     def routed_bwd(vjp, cotangents):
-        ct_input_path, ct_param_path = cotangents
-        dx, _ = vjp(ct_input_path)
-        _, dp = vjp(ct_param_path)
-        return dx, dp
+        dxs, dps = jax.vmap(vjp)(jnp.stack(cotangents))  # [input path, parameter path]
+        return dxs[0], jax.tree.map(lambda d: d[1], dps)
 
     routed.defvjp(routed_fwd, routed_bwd)
     return routed(h_prev, params)
