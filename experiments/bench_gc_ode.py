@@ -10,7 +10,8 @@ Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 ("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step
 with ``adjoint="direct"`` per mode, for comparison, and one with the vector
 field's kernel gradient in batch chunks, ``TimeConv.chunk_wgrad = True``, a
-candidate of :func:`gcgd_jax.cpu_speed.conv3x3`), and the controls
+candidate of :func:`gcgd_jax.cpu_speed.conv3x3`, and one with the branch's
+backward-matching term, ``sobolev_weight=1``), and the controls
 ``scale_only`` and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
@@ -73,6 +74,7 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
         configs[f"gradient/euler/1{CHUNKED}"] = GCODEConfig(mode="gradient")
+        configs["gradient/euler/1/sobolev"] = GCODEConfig(mode="gradient", sobolev_weight=1.0)
     # The controls of the default: no branch (gradient rescaled only), a frozen branch.
     configs["scale_only"] = GCODEConfig(mode="scale_only", control_scale=1.0)
     configs["frozen_branch/euler/1"] = GCODEConfig(mode="frozen_branch")

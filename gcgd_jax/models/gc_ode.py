@@ -55,6 +55,21 @@ and joins it to ``h_i`` in one of two modes:
     pass (a ``jax.custom_vjp`` routes the two cotangents; see
     :func:`_routed_branch`).
 
+    Optionally (``sobolev_weight = lam > 0``, with :meth:`GCODE.run_stages`)
+    the branch is also trained to match the stage's *backward* map, on the
+    cotangent the backward pass already carries::
+
+        sobolev_i = lam * ||J_branch^T g - J_stage^T g||^2 / ||J_stage^T g||^2
+
+    Its gradient with respect to the branch parameters is taken in the
+    backward pass at the fork where both ``J_stage^T g`` and ``g`` (routed to
+    the fork by a zero added to ``h_i``) arrive, with one input VJP of the
+    branch (``J_branch^T g``) and a central finite difference of
+    ``<g, J_branch r>`` along ``r = J_branch^T g - J_stage^T g`` (step
+    ``1e-3 ||h_{i-1}|| / ||r||``), so no second derivative of the solve is
+    needed. Like the output loss it trains only the branch; it is not part of
+    the returned loss value (it acts through the gradient only).
+
     At inference (``model.eval()``, i.e. ``deterministic=True``) the branch is
     skipped entirely (the forward value does not depend on it).
 
@@ -172,6 +187,9 @@ class GCODEConfig:
       gate_momentum: ``m`` of the fit's moving average, in ``[0, 1)``.
       control_scale: the factor of ``"scale_only"`` (the stage's input
         gradient is multiplied by it); must be finite and non-zero.
+      sobolev_weight: weight of the backward-matching term of the branch's
+        training (``"gradient"`` mode, through :meth:`GCODE.run_stages`; see
+        the module doc); 0 (default) trains on the output loss alone.
       adjoint: ``"recursive_checkpoint"`` (default:
         ``diffrax.RecursiveCheckpointAdjoint(checkpoints=steps)`` for fixed steps,
         ``RecursiveCheckpointAdjoint()`` when adaptive; the backward recomputes
@@ -198,6 +216,7 @@ class GCODEConfig:
     gate_momentum: float = 0.9
     control_scale: float = 1.0
     adjoint: Adjoint = "recursive_checkpoint"
+    sobolev_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -239,6 +258,14 @@ class GCODEConfig:
         if not _is_real(c) or not math.isfinite(c) or c == 0:
             raise ValueError(
                 f"GCODEConfig.control_scale must be a finite non-zero number, got {c!r}."
+            )
+        w = self.sobolev_weight
+        if not _is_real(w) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"GCODEConfig.sobolev_weight must be a finite number >= 0, got {w!r}.")
+        if w > 0 and self.mode != "gradient":
+            raise ValueError(
+                "GCODEConfig.sobolev_weight trains the branch of 'gradient' mode; "
+                f"mode {self.mode!r} has no trained gated branch."
             )
 
 
@@ -535,6 +562,60 @@ def _routed_branch(graphdef, h_prev, params):
     return routed(h_prev, params)
 
 
+_FD_STEP = 1e-3  # finite-difference step of the backward matching, relative to ||h_{i-1}||
+
+
+def _backward_matching_grad(fn, x, params, g, target):
+    """Gradient w.r.t. ``params`` of ``||J^T g - target||^2 / ||target||^2``, ``J = dF/dx``.
+
+    ``d/dp ||J^T g - t||^2 = 2 d/dp <g, J r>`` with ``r = J^T g - t`` held fixed, and
+    ``<g, J r> ~ <g, F(x + e r) - F(x - e r)> / (2 e)`` (central difference).
+    """
+    b = jax.vjp(lambda x: fn(x, params), x)[1](g)[0]
+    r = jax.lax.stop_gradient(b - target)
+    f32 = lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32))
+    r_norm = jnp.sqrt(jnp.sum(jnp.square(f32(r))))
+    eps = _FD_STEP * jnp.sqrt(jnp.sum(jnp.square(f32(x)))) / jnp.maximum(r_norm, 1e-30)
+    step = (eps * f32(r)).astype(x.dtype)
+    diff = lambda p: fn(x + step, p) - fn(x - step, p)
+    dp = jax.vjp(diff, params)[1](g)[0]
+    scale = 1.0 / (eps * jnp.maximum(jnp.sum(jnp.square(f32(target))), 1e-30))
+    return jax.tree.map(lambda d: (scale * f32(d)).astype(d.dtype), dp)
+
+
+def _matching_fork(graphdef, weight, h_prev, params, factor):
+    """``h_prev`` for the stage, ``h_prev`` for the branch, and zeros of ``h_i``'s shape.
+
+    Identity forward. Backward: the stage path's cotangent ``a = J_stage^T g`` is
+    multiplied by ``factor`` (``1 - s``) and added to the branch path's (the
+    convex mix, as :meth:`GCODE.stage_input` does); the zeros, added to ``h_i``
+    by the caller, bring ``g = dL/dh_i`` here, so the branch parameters get
+    ``weight`` times the gradient of the backward mismatch
+    (:func:`_backward_matching_grad`).
+    """
+    fn = functools.partial(_solve_pure, graphdef)
+    out = jax.eval_shape(fn, h_prev, params)
+
+    @jax.custom_vjp
+    def fork(x, p, factor):
+        del p, factor
+        return x, x, jnp.zeros(out.shape, out.dtype)
+
+    def fork_fwd(x, p, factor):
+        return fork(x, p, factor), (x, p, factor)
+
+    def fork_bwd(res, cotangents):
+        x, p, factor = res
+        ct_stage, ct_branch, g = cotangents
+        dx = factor.astype(ct_stage.dtype) * ct_stage + ct_branch
+        dp = _backward_matching_grad(fn, x, p, g, ct_stage)
+        dp = jax.tree.map(lambda d: (weight * d).astype(d.dtype), dp)
+        return dx, dp, jnp.zeros_like(factor)
+
+    fork.defvjp(fork_fwd, fork_bwd)
+    return fork(h_prev, params, factor)
+
+
 class GCODE(nnx.Module):
     """GC-ODE branches between adjacent stage outputs ``h_0 ... h_S``.
 
@@ -731,8 +812,25 @@ class GCODE(nnx.Module):
             )
         kwargs = stage_kwargs or {}
         h, total = h0, jnp.zeros((), jnp.float32)
+        matching = (
+            self.config.sobolev_weight > 0
+            and self.config.mode == "gradient"
+            and compute_loss
+            and not self.deterministic
+        )
         for i, stage in enumerate(stages):
             h = self.fork(i, h, probe)
+            if matching:  # the stage's and the branch's inputs from one fork (module doc)
+                graphdef, params = nnx.split(self.branches[i])
+                x_stage, h, zero = _matching_fork(
+                    graphdef, self.config.sobolev_weight, h, params, 1.0 - self.gate(i)
+                )
+                if probe is not None:
+                    x_stage = _measured_scale(x_stage, jnp.ones((), jnp.float32), probe[i, 0])
+                h_next = stage(x_stage, **kwargs) + zero
+                h, pair_loss = self(i, h, h_next, compute_loss=compute_loss)
+                total = total + pair_loss
+                continue
             h_next = stage(self.stage_input(i, h, probe), **kwargs)
             h, pair_loss = self(i, h, h_next, compute_loss=compute_loss)
             total = total + pair_loss

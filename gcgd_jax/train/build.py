@@ -106,6 +106,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
                 width=m.gc_ode_width,
                 gate_max=m.gc_ode_gate_max,
                 control_scale=m.gc_ode_control_scale,
+                sobolev_weight=m.gc_ode_sobolev_weight,
             )
         except ValueError as err:
             raise ConfigError(f"model.gc_ode: {err}") from None

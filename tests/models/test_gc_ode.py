@@ -301,6 +301,81 @@ def test_probe_measures_the_mixed_and_the_plain_input_gradient():
         assert GCODE((2, 4), (2,), mode, rngs=nnx.Rngs(0)).new_probe() is None
 
 
+def _matching_problem(sobolev_weight, dtype=jnp.float32):
+    cfg = GCODEConfig(mode="gradient", gate_max=0.8, sobolev_weight=sobolev_weight)
+    gc = GCODE((2, 4), (2,), cfg, rngs=nnx.Rngs(0))
+    _randomise_field(gc.branches[0])
+    _open(gc, 0.5)
+    graphdef, params, rest = nnx.split(gc, nnx.Param, ...)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), nnx.as_pure(params))
+    h0, w = _x((2, 4, 4, 2), dtype=dtype), _x((2, 2, 2, 4), 2, dtype=dtype)
+    kernel = _x((1, 1, 2, 4), 5, dtype=dtype)
+
+    def stage(h, kernel):
+        return jax.lax.conv_general_dilated(
+            h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def f(h0, kernel, params):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        out, loss = m.run_stages([lambda h: stage(h, kernel)], h0)
+        return jnp.sum(out * w) + loss
+
+    return f, (h0, kernel, params), stage, w, gc
+
+
+def test_backward_matching_changes_only_the_branch_gradient_by_the_mismatch_gradient():
+    with jax.enable_x64(True):
+        f0, args, stage, w, gc = _matching_problem(0.0, jnp.float64)
+        f1, _, _, _, _ = _matching_problem(2.0, jnp.float64)
+        g0 = jax.jit(jax.grad(f0, argnums=(0, 1, 2)))(*args)
+        g1 = jax.jit(jax.grad(f1, argnums=(0, 1, 2)))(*args)
+        np.testing.assert_allclose(g1[0], g0[0], rtol=1e-12, atol=1e-14)  # backbone input
+        np.testing.assert_allclose(g1[1], g0[1], rtol=1e-12, atol=1e-14)  # stage weights
+        h0, kernel, params = args
+        a = jax.vjp(lambda h: stage(h, kernel), h0)[1](w)[0]  # J_stage^T g, g = w here
+        reference = nnx.clone(gc.branches[0])  # DirectAdjoint: second derivatives work
+        reference.config = dataclasses.replace(reference.config, adjoint="direct")
+        bgd, _, brest = nnx.split(reference, nnx.Param, ...)
+        branch_params = params["branches"][0]
+
+        def mismatch(p):  # ||J_branch^T g - J_stage^T g||^2 / ||J_stage^T g||^2, exactly
+            b = jax.vjp(lambda x: nnx.merge(bgd, p, brest).solve(x), h0)[1](w)[0]
+            return jnp.sum((b - a) ** 2) / jnp.sum(a**2)
+
+        assert float(mismatch(branch_params)) > 0.1  # a real mismatch to learn
+        expected = jax.grad(mismatch)(branch_params)  # second derivatives through the solve
+        got = jax.tree.map(lambda u, v: (u - v) / 2.0, g1[2]["branches"][0], g0[2]["branches"][0])
+        got, expected = (
+            jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(t)]) for t in (got, expected)
+        )
+        # A central difference (step 1e-3 of ||h||) across ReLU kinks: first-order accurate.
+        error = float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected))
+        assert float(jnp.linalg.norm(expected)) > 1.0 and error < 5e-3, error
+
+
+def test_backward_matching_reduces_the_mismatch_and_is_checked():
+    f, (h0, kernel, params), stage, w, gc = _matching_problem(1.0)
+    a = jax.vjp(lambda h: stage(h, kernel), h0)[1](w)[0]
+    bgd, _, brest = nnx.split(gc.branches[0], nnx.Param, ...)
+
+    def mismatch(p):
+        b = jax.vjp(lambda x: nnx.merge(bgd, p, brest).solve(x), h0)[1](w)[0]
+        return float(jnp.sum((b - a) ** 2) / jnp.sum(a**2))
+
+    f_plain, *_ = _matching_problem(0.0)
+    grad = jax.jit(lambda p: jax.tree.map(jnp.subtract, jax.grad(f, 2)(h0, kernel, p),
+                                          jax.grad(f_plain, 2)(h0, kernel, p)))  # fmt: skip
+    before = mismatch(params["branches"][0])
+    for _ in range(30):  # gradient descent on the matching term alone
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad(params))
+    assert mismatch(params["branches"][0]) < 0.5 * before
+    with pytest.raises(ValueError, match="sobolev_weight"):
+        GCODEConfig(mode="branch", sobolev_weight=1.0)
+    with pytest.raises(ValueError, match="sobolev_weight"):
+        GCODEConfig(sobolev_weight=-1.0)
+
+
 def test_a_branch_that_fits_the_stage_exactly_preserves_the_gradient():
     gc = GCODE((2, 4), (2,), GCODEConfig(mode="gradient", gate_max=1.0), rngs=nnx.Rngs(0))
     _randomise_field(gc.branches[0])

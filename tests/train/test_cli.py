@@ -66,6 +66,10 @@ def test_trains_a_tiny_model(tmp_path, capsys):
             ["--set", "corrections.chain=znorm", "--set", "corrections.znorm.epsilon=1"],
             "corrections.znorm: unknown option 'epsilon'",
         ),
+        (
+            ["--set", "model.gc_ode=branch", "--set", "model.gc_ode_sobolev_weight=1"],
+            "model.gc_ode: GCODEConfig.sobolev_weight trains the branch of 'gradient' mode",
+        ),
     ],
 )
 def test_bad_input_gives_a_short_message_and_exit_2(tmp_path, capsys, args, message):

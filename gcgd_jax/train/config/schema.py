@@ -100,6 +100,8 @@ class ModelConfig:
     gc_ode_aux_weight: float = 1.0  # weight of the GC-ODE auxiliary loss (gradient mode)
     gc_ode_gate_max: float = 0.5  # largest share of the branch in the mixed gradient
     gc_ode_control_scale: float = 1.0  # "scale_only": factor of the stage-input gradient
+    # "gradient": weight of the branch's backward-matching (Sobolev) term; 0 = output loss only
+    gc_ode_sobolev_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
