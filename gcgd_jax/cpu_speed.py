@@ -14,8 +14,11 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    was YNN weight-gradient convolutions; with the flag the step ran about
    2.3x faster (first measurement session, Flax linen ResNet-20: 1.59 s ->
    0.69 s median). Side by side in ``experiments/results/throughput/``
-   (2026-11-23, the ``gcgd-train`` loop, median step): 0.370 s without flag
-   and breaker, 0.323 s with the flag alone, 0.260 s with both.
+   (the ``gcgd-train`` loop, median step) on an AMD EPYC machine
+   (2026-11-23, commit b5f9b95's file): 0.370 s without flag and breaker,
+   0.323 s with the flag alone, 0.260 s with both; re-measured on the Intel
+   Xeon machine of 2026-12-01 (after item 5): 0.452 s, 0.419 s, 0.404 s -- the
+   gain depends on the CPU, so measure it on yours.
    *Costs*: another convolution algorithm, so other rounding: after 5 SGD steps
    at lr 0.1 the parameters differed from the default flags' by relative L2
    4e-3.
@@ -29,8 +32,9 @@ here; nothing else in the package depends on XLA's CPU heuristics.
 
    *Buys*: stops XLA copying each block's forward BatchNorm/ReLU/residual chain
    into the weight-gradient transposes: about 1.4x on top of the flag (first
-   session: 0.69 s -> 0.50 s; ``experiments/results/throughput/``: 0.323 s ->
-   0.260 s).
+   session: 0.69 s -> 0.50 s; ``experiments/results/throughput/`` on the AMD
+   EPYC machine: 0.323 s -> 0.260 s), 1.04x on the Intel Xeon machine of
+   2026-12-01 (0.419 s -> 0.404 s).
    *Costs*: nothing numerically (``x / 1.0`` is exact; bit-identical, tested).
    It relies on XLA's fusion heuristics, so it is measured, not assumed.
    *Off*: ``--set run.fusion_breaker=off`` (``"auto"``, the default, turns it on
