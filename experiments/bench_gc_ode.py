@@ -7,12 +7,16 @@ argument (``jnp.float32(1.0)``), and on the CPU the convolution flag from
 ``docs/cpu_performance.md`` (set here unless ``XLA_FLAGS`` is already set).
 
 Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
-("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps (plus one Euler step
-with ``adjoint="direct"`` per mode, for comparison, and one with the vector
-field's kernel gradient in batch chunks, ``TimeConv.chunk_wgrad = True``, a
-candidate of :func:`gcgd_jax.cpu_speed.conv3x3`, and one with the branch's
-backward-matching term, ``sobolev_weight=1``), and the controls
-``scale_only`` and ``frozen_branch`` (one Euler step). They run
+("gradient", "branch") with Euler/Heun and 1, 2, 4 fixed steps at the shipped
+defaults (the unrolled solve, ``adjoint="auto"``); for comparison diffrax's
+``diffeqsolve`` with ``adjoint="direct"`` (one Euler step per mode) and with
+``"recursive_checkpoint"`` (``/checkpoint``: gradient mode Euler 1 and Heun 2,
+branch mode Euler 1), the vector field's kernel gradient in batch chunks
+(``TimeConv.chunk_wgrad = True``, a candidate of
+:func:`gcgd_jax.cpu_speed.conv3x3`), the branch's backward-matching term
+(``sobolev_weight=1``), the output loss on every example or every 2nd
+(``loss_subsample`` 1, 2: ``/sub1``, ``/sub2``; the default is 4); and the controls ``scale_only``
+and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
 mode, batch 128, plain vs gradient mode (branch skipped).
@@ -53,6 +57,11 @@ from flax import nnx
 from gcgd_jax.models import GCODEConfig, resnet20
 from gcgd_jax.models.gc_ode import TimeConv
 
+if __package__:  # python -m experiments.<name>, or imported
+    from experiments.provenance import git_commit
+else:  # python experiments/<name>.py (the script's folder is on sys.path)
+    from provenance import git_commit
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gc_ode_overhead"
 
 
@@ -60,7 +69,8 @@ CHUNKED = "/chunked"  # name suffix: the vector field's kernel gradient in batch
 
 
 def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
-    """Name ``mode/solver/steps[/direct|/chunked]`` -> config (``None``: the plain ResNet-20)."""
+    """Name ``mode/solver/steps[/direct|/checkpoint|/chunked|/sobolev|/sub<k>]`` -> config
+    (``None``: the plain ResNet-20); names without a suffix are the shipped defaults."""
     configs: dict[str, GCODEConfig | None] = {"plain": None}
     if quick:
         grid = [("gradient", "euler", 1), ("gradient", "heun", 1), ("branch", "euler", 1)]
@@ -70,11 +80,20 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
         ]
     for mode, solver, steps in grid:
         configs[f"{mode}/{solver}/{steps}"] = GCODEConfig(mode=mode, solver=solver, steps=steps)
-    if not quick:  # the diffrax adjoint without recomputation, for comparison
+    if not quick:  # diffrax's adjoint without recomputation, for comparison
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
         configs[f"gradient/euler/1{CHUNKED}"] = GCODEConfig(mode="gradient")
+        # diffrax's diffeqsolve with its recursive-checkpoint adjoint (the default until
+        # the unrolled solve, adjoint="auto"), for comparison.
+        for mode, solver, steps in (("gradient", "euler", 1), ("gradient", "heun", 2),
+                                    ("branch", "euler", 1)):  # fmt: skip
+            configs[f"{mode}/{solver}/{steps}/checkpoint"] = GCODEConfig(
+                mode=mode, solver=solver, steps=steps, adjoint="recursive_checkpoint"
+            )
         configs["gradient/euler/1/sobolev"] = GCODEConfig(mode="gradient", sobolev_weight=1.0)
+        for k in (1, 2):  # the branch's output loss on every k-th example (default 4)
+            configs[f"gradient/euler/1/sub{k}"] = GCODEConfig(mode="gradient", loss_subsample=k)
     # The controls of the default: no branch (gradient rescaled only), a frozen branch.
     configs["scale_only"] = GCODEConfig(mode="scale_only", control_scale=1.0)
     configs["frozen_branch/euler/1"] = GCODEConfig(mode="frozen_branch")
@@ -200,21 +219,6 @@ def _machine() -> dict:
     }
 
 
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=pathlib.Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     machine = (
@@ -323,7 +327,7 @@ def main(argv=None) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "fusion_breaker": use_breaker,
         "quick": args.quick,
-        "commit": _commit(),
+        "commit": git_commit(),
         "batch": args.batch,
         "rounds": rounds,
         "steps_per_round": steps,

@@ -75,6 +75,11 @@ from gcgd_jax.transforms.grokfast_ema import grokfast_ema
 from gcgd_jax.transforms.mars_correction import mars_correction
 from gcgd_jax.transforms.znorm import znorm
 
+if __package__:  # python -m experiments.<name>, or imported
+    from experiments.provenance import git_commit
+else:  # python experiments/<name>.py (the script's folder is on sys.path)
+    from provenance import git_commit
+
 OUT_DIR = Path(__file__).resolve().parent / "results" / "transforms_overhead"
 
 #: name -> (params -> transform). Chained before ``optax.sgd(0.1, momentum=0.9)``.
@@ -342,26 +347,10 @@ def environment() -> dict:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "num_devices": jax.device_count(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
     }
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted tracked changes), if in git."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "diff", "--quiet", "HEAD", "--"], check=False
-        ).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def _dist_version(name: str) -> str | None:

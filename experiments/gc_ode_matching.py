@@ -4,10 +4,16 @@ Usage::
 
     python -m experiments.gc_ode_matching --suite cpu-cifar10             # seeds 0,1,2; lambda 0 and 1
     python -m experiments.gc_ode_matching --suite cpu-cifar10 --seeds 0 --steps 8   # smoke
+    python -m experiments.gc_ode_matching --suite cpu-cifar10 \
+        --compare model.gc_ode_loss_subsample=1,4 --out experiments/results/gc_ode_matching/subsample
 
-Protocol (one seed, one ``sobolev_weight`` lambda): the suite's GC-ODE gradient-mode
-run (``gcgd_jax/configs/<base>.toml`` with the suite's overrides and
-``model.gc_ode=gradient``, ``model.gc_ode_sobolev_weight=lambda``) is trained
+``--compare KEY=A,B`` names the one setting the two arms differ in (default
+``model.gc_ode_sobolev_weight=0,1``: output matching alone vs with backward
+matching); anything else is the suite's GC-ODE gradient-mode run.
+
+Protocol (one seed, one arm): the suite's GC-ODE gradient-mode run
+(``gcgd_jax/configs/<base>.toml`` with the suite's overrides,
+``model.gc_ode=gradient`` and ``KEY=value``) is trained
 through :class:`gcgd_jax.train.Trainer` (its own data order, loss, optimizer and
 schedule). At the probe steps (quarters of the run), on ``--probe-batches`` fixed
 training batches (no augmentation, train-mode BatchNorm), for every GC-ODE pair
@@ -20,8 +26,7 @@ training batches (no augmentation, train-mode BatchNorm), for every GC-ODE pair
 * reported: ``cos(a, b)`` and the relative error ``||b - a|| / ||a||``, and the
   gate ``s`` the pair uses.
 
-The same seeds run with lambda = 0 (output matching alone) and the given lambda, so
-the differences are paired. Final test accuracy comes from the trainer's
+The same seeds run in both arms, so the differences (B minus A) are paired. Final test accuracy comes from the trainer's
 evaluation. Writes ``gc_ode_matching.json`` and ``GC_ODE_MATCHING.md`` to
 ``experiments/results/gc_ode_matching/<suite>/``.
 """
@@ -52,8 +57,10 @@ import optax
 from flax import nnx
 
 from experiments.compare import SUITES
+from experiments.provenance import git_commit
 from experiments.stats import t_mean_ci
 from gcgd_jax.train import Trainer, load_config
+from gcgd_jax.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -94,12 +101,15 @@ def make_matching_fn(graphdef: nnx.GraphDef):
     return fn
 
 
-def run_one(suite: str, seed: int, weight: float, steps: int | None, probe_batches: int) -> dict:
+def run_one(
+    suite: str, seed: int, setting: tuple[str, str], steps: int | None, probe_batches: int
+) -> dict:
     s = SUITES[suite]
+    key, value = setting
     overrides = [
         *s.overrides,
         "model.gc_ode=gradient",
-        f"model.gc_ode_sobolev_weight={weight}",
+        f"{key}={value}",
         f"run.seed={seed}",
         "checkpoint.enabled=false",
         "log.progress=false",
@@ -108,7 +118,7 @@ def run_one(suite: str, seed: int, weight: float, steps: int | None, probe_batch
     t = Trainer(cfg, out_dir=tempfile.mkdtemp(prefix="gc_ode_matching_"), stream=io.StringIO())
     total = steps or t.total_steps
     probes = sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})
-    rng = np.random.default_rng(1000 + seed)  # the same probe batches for every lambda
+    rng = np.random.default_rng(1000 + seed)  # the same probe batches in both arms
     n, bs = len(t.train_ds.labels), t.cfg.data.batch_size
     idx = [rng.choice(n, bs, replace=False) for _ in range(probe_batches)]
     from gcgd_jax.data.augment import normalize
@@ -155,7 +165,7 @@ def run_one(suite: str, seed: int, weight: float, steps: int | None, probe_batch
     acc = t.evaluate()[f"{t.eval_prefix}_acc"]
     return {
         "seed": seed,
-        "sobolev_weight": weight,
+        "arm": value,
         "steps": total,
         "probes": probes,
         "final_acc": acc,
@@ -179,29 +189,30 @@ def paired_t(diffs: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(runs: list[dict], weight: float) -> list[dict]:
-    """Per (probe step, pair): mean cos / rel_err per lambda over seeds x batches, and the paired
-    difference (lambda - 0) of the per-seed means with its Student-t 95% CI."""
+def summarize(runs: list[dict], arms: tuple[str, str]) -> list[dict]:
+    """Per (probe step, pair): mean cos / rel_err / gate per arm over seeds x batches, and the
+    paired difference (arm B - arm A) of the per-seed means with its Student-t 95% CI."""
     rows = []
     by = {}
     for run in runs:
         for r in run["records"]:
-            key = (r["step"], r["pair"], run["sobolev_weight"], run["seed"])
+            key = (r["step"], r["pair"], run["arm"], run["seed"])
             by.setdefault(key, []).append(r)
     steps = sorted({k[0] for k in by})
     pairs = sorted({k[1] for k in by})
     seeds = sorted({k[3] for k in by})
+    a, b = arms
     for step in steps:
         for pair in pairs:
             row: dict[str, Any] = {"step": step, "pair": pair}
-            for metric in ("cos", "rel_err"):
+            for metric in ("cos", "rel_err", "gate"):
                 per_seed = {}
-                for w in (0.0, weight):
-                    per_seed[w] = [
-                        _mean([r[metric] for r in by.get((step, pair, w, s), [])]) for s in seeds
+                for arm in arms:
+                    per_seed[arm] = [
+                        _mean([r[metric] for r in by.get((step, pair, arm, s), [])]) for s in seeds
                     ]
-                    row[f"{metric}@{w:g}"] = _mean(per_seed[w])
-                diffs = [b - a for a, b in zip(per_seed[0.0], per_seed[weight], strict=True)]
+                    row[f"{metric}@{arm}"] = _mean(per_seed[arm])
+                diffs = [y - x for x, y in zip(per_seed[a], per_seed[b], strict=True)]
                 row[f"{metric}_diff"] = paired_t(diffs)
             rows.append(row)
     return rows
@@ -218,98 +229,109 @@ def write_outputs(out: Path, runs: list[dict], rows: list[dict], meta: dict) -> 
     (out / "gc_ode_matching.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1) + "\n"
     )
-    w = meta["sobolev_weight"]
-    acc = {}
+    key, (a, b) = meta["compare"], meta["arms"]
+    acc: dict[str, dict[int, float]] = {}
     for run in runs:
-        acc.setdefault(run["sobolev_weight"], {})[run["seed"]] = run["final_acc"]
-    seeds = sorted(acc.get(0.0, {}))
-    acc_diff = paired_t([100 * (acc[w][s] - acc[0.0][s]) for s in seeds if s in acc.get(w, {})])
-    header = (
-        f"- machine: {meta['machine']}; date {meta['date']}; commit {meta['commit']}; "
-        f"wall {meta['wall_s']:.0f} s"
-    )
-    protocol = (
-        f"- seeds {meta['seeds']} (paired: the same seed for lambda = 0 and lambda = {w:g}), "
-        f"{meta['probe_batches']} probe batches of {meta['batch_size']} training images per probe"
-    )
-    what = (
-        "Per GC-ODE pair and probe step: cos(J_branch^T g, J_stage^T g) and "
-        "||J_branch^T g - J_stage^T g|| / ||J_stage^T g|| (mean over seeds x batches), and the "
-        f"paired difference lambda = {w:g} minus lambda = 0 (Student-t 95% CI over seeds)."
-    )
-    columns = (
-        f"| step | pair | cos @ 0 | cos @ {w:g} | Δ cos | rel. error @ 0 | rel. error @ {w:g} "
-        "| Δ rel. error |"
-    )
+        acc.setdefault(run["arm"], {})[run["seed"]] = run["final_acc"]
+    seeds = sorted(acc.get(a, {}))
+    acc_diff = paired_t([100 * (acc[b][s] - acc[a][s]) for s in seeds if s in acc.get(b, {})])
     lines = [
-        f"# GC-ODE backward matching, suite {meta['suite']}",
+        f"# GC-ODE backward matching, suite {meta['suite']}: {key} = {a} vs {b}",
         "",
         f"- command: `{meta['command']}`",
-        header,
-        protocol,
+        (
+            f"- machine: {meta['machine']}; date {meta['date']}; commit {meta['commit']}; "
+            f"wall {meta['wall_s']:.0f} s"
+        ),
+        (
+            f"- seeds {meta['seeds']} (paired: the same seed in both arms), "
+            f"{meta['probe_batches']} probe batches of {meta['batch_size']} training images "
+            "per probe"
+        ),
         "",
-        what,
+        (
+            "Per GC-ODE pair and probe step: cos(J_branch^T g, J_stage^T g), "
+            "||J_branch^T g - J_stage^T g|| / ||J_stage^T g|| and the gate s (mean over seeds "
+            f"x batches) in each arm, and the paired difference {b} minus {a} (Student-t 95% "
+            "CI over seeds)."
+        ),
         "",
-        columns,
-        "|---|---|---|---|---|---|---|---|",
+        (
+            f"| step | pair | cos @ {a} | cos @ {b} | Δ cos | rel. error @ {a} | "
+            f"rel. error @ {b} | Δ rel. error | gate @ {a} | gate @ {b} |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['step']} | {r['pair']} | {r['cos@0']:.3f} | {r[f'cos@{w:g}']:.3f} | "
-            f"{_fmt_ci(r['cos_diff'])} | {r['rel_err@0']:.3f} | {r[f'rel_err@{w:g}']:.3f} | "
-            f"{_fmt_ci(r['rel_err_diff'])} |"
+            f"| {r['step']} | {r['pair']} | {r[f'cos@{a}']:.3f} | {r[f'cos@{b}']:.3f} | "
+            f"{_fmt_ci(r['cos_diff'])} | {r[f'rel_err@{a}']:.3f} | {r[f'rel_err@{b}']:.3f} | "
+            f"{_fmt_ci(r['rel_err_diff'])} | {r[f'gate@{a}']:.3f} | {r[f'gate@{b}']:.3f} |"
         )
-    final = f"Final test accuracy, lambda = {w:g} minus lambda = 0: {_fmt_ci(acc_diff)} pp "
-    lines += ["", f"{final}(seeds {seeds}).", ""]
+    per_seed = ", ".join(
+        f"seed {s}: {100 * acc[a][s]:.2f}% / {100 * acc[b][s]:.2f}%"
+        for s in seeds
+        if s in acc.get(b, {})
+    )
+    lines += [
+        "",
+        (
+            f"Final test accuracy, {key} = {b} minus {a}: {_fmt_ci(acc_diff)} pp "
+            f"(seeds {seeds}; {a} / {b}: {per_seed})."
+        ),
+        "",
+    ]
     (out / "GC_ODE_MATCHING.md").write_text("\n".join(lines))
-
-
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="cpu-cifar10", choices=("cpu-fmnist", "cpu-cifar10"))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--weight", type=float, default=1.0, help="sobolev_weight compared with 0")
+    parser.add_argument(
+        "--compare",
+        default="model.gc_ode_sobolev_weight=0,1",
+        help="KEY=A,B: the one setting the two arms differ in",
+    )
     parser.add_argument("--steps", type=int, help="training steps (default: the suite's 100%% run)")
     parser.add_argument("--probe-batches", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if not args.weight > 0:
-        parser.error(f"--weight must be > 0, got {args.weight}")
+    key, sep, values = args.compare.partition("=")
+    arms = tuple(v.strip() for v in values.split(","))
+    if not sep or not key.strip() or len(arms) != 2 or not all(arms) or arms[0] == arms[1]:
+        parser.error(f"--compare must be KEY=A,B with two different values, got {args.compare!r}")
+    key = key.strip()
+    try:  # both arms must be valid configurations before anything runs
+        for value in arms:
+            load_config(SUITES[args.suite].base_config, [f"{key}={value}"])
+    except ConfigError as err:
+        parser.error(f"--compare {args.compare!r}: {err}")
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     runs = []
     for seed in seeds:
-        for weight in (0.0, args.weight):
-            runs.append(run_one(args.suite, seed, weight, args.steps, args.probe_batches))
+        for value in arms:
+            runs.append(run_one(args.suite, seed, (key, value), args.steps, args.probe_batches))
             elapsed = time.perf_counter() - t0
-            print(f"seed {seed} lambda {weight:g} done ({elapsed:.0f} s)", flush=True)
+            print(f"seed {seed} {key}={value} done ({elapsed:.0f} s)", flush=True)
     cfg = load_config(SUITES[args.suite].base_config, list(SUITES[args.suite].overrides))
     meta = {
         "suite": args.suite,
         "seeds": seeds,
-        "sobolev_weight": args.weight,
+        "compare": key,
+        "arms": list(arms),
         "probe_batches": args.probe_batches,
         "batch_size": cfg.data.batch_size,
         "command": "python -m experiments.gc_ode_matching "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores, jax {jax.__version__}",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "wall_s": time.perf_counter() - t0,
     }
     out = args.out or ROOT / "results" / "gc_ode_matching" / args.suite
-    write_outputs(out, runs, summarize(runs, args.weight), meta)
+    write_outputs(out, runs, summarize(runs, arms), meta)
     print((out / "GC_ODE_MATCHING.md").read_text())
     return 0
 

@@ -62,6 +62,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,9 +83,11 @@ import optax
 from flax import nnx
 
 from experiments.compare import SUITES
+from experiments.provenance import git_commit
 from experiments.stats import bootstrap_mean_ci
 from gcgd_jax import methods as registry
 from gcgd_jax.models import pre_downsampling_mask
+from gcgd_jax.models.gc_ode import GateFit
 from gcgd_jax.train import (
     Trainer,
     build_model,
@@ -112,6 +115,11 @@ def _cos(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
     na = jnp.sqrt(sum(jnp.vdot(x, x) for x in a))
     nb = jnp.sqrt(sum(jnp.vdot(y, y) for y in b))
     return dot / jnp.maximum(na * nb, 1e-30)
+
+
+def _in_gc_ode(path, _value) -> bool:
+    """State filter: GC-ODE's part of a model state (its branches and gates)."""
+    return path[0] == "gc_ode"
 
 
 class Diagnostics:
@@ -181,6 +189,7 @@ class Diagnostics:
             steps_per_epoch=t.steps_per_epoch,
         ).tx
         self.ode_branch = ode_params["gc_ode"]
+        self.ode_fit = nnx.filter_state(self.ode_rest, _in_gc_ode)  # its gates' fit statistics
         self.ode_opt_state = self.ode_tx.init(ode_params)
         self.ode_opts = step_options(self.ode_cfg, fusion_breaker=t.use_fusion_breaker)
 
@@ -207,10 +216,12 @@ class Diagnostics:
         shadows, ode_rest, ode_tx = self.shadows, self.ode_rest, self.ode_tx
         kernel_idx, selected_idx = self.kernel_idx, self.selected_idx
 
-        def ode_state(state, branch):
-            # GC-ODE's backbone is the baseline's (parameters and BatchNorm statistics).
+        def ode_state(state, branch, fit):
+            # GC-ODE's backbone is the baseline's (parameters and BatchNorm statistics); its
+            # branch and its gates' fit are the shadow's own, carried from step to step.
             params = nnx.merge_state(state.params, nnx.State({"gc_ode": branch}))
-            return state._replace(params=params, rest=nnx.merge_state(ode_rest, state.rest))
+            rest = nnx.merge_state(ode_rest, state.rest, fit)
+            return state._replace(params=params, rest=rest)
 
         def backbone(g_ode):
             return nnx.filter_state(g_ode, lambda path, _: path[0] != "gc_ode")
@@ -222,24 +233,26 @@ class Diagnostics:
             }
 
         @jax.jit
-        def advance(state, branch, ode_opt_state, shadow_states, x, y, fb):
+        def advance(state, branch, fit, ode_opt_state, shadow_states, x, y, fb):
             g, aux = grad(state, x, y, fb)
-            o = ode_state(state, branch)
-            g_ode, _ = ode_grad(o, x, y, fb)
+            o = ode_state(state, branch, fit)
+            g_ode, ode_aux = ode_grad(o, x, y, fb)
+            fit = nnx.filter_state(ode_aux.rest, _in_gc_ode)  # the gates' updated fit
             ode_updates, ode_opt_state = ode_tx.update(g_ode, ode_opt_state, o.params)
             branch = optax.apply_updates(o.params, ode_updates)["gc_ode"]
             outs = corrected(shadow_states, state.params, g, backbone(g_ode))
             state, _ = update(state, g, aux, y)
-            return state, branch, ode_opt_state, {n: out[1] for n, out in outs.items()}
+            shadow_states = {n: out[1] for n, out in outs.items()}
+            return state, branch, fit, ode_opt_state, shadow_states
 
         @jax.jit
         def large_grad(state, x, y, fb):
             return probe_grad(state, x, y, fb)[0]
 
         @jax.jit
-        def probe(state, branch, shadow_states, x, y, g_large, fb):
+        def probe(state, branch, fit, shadow_states, x, y, g_large, fb):
             g = probe_grad(state, x, y, fb)[0]
-            g_backbone = backbone(ode_probe_grad(ode_state(state, branch), x, y, fb)[0])
+            g_backbone = backbone(ode_probe_grad(ode_state(state, branch, fit), x, y, fb)[0])
             out = {"baseline": g, "gc_ode_gradient": g_backbone}
             for name, (updates, _) in corrected(shadow_states, state.params, g, g_backbone).items():
                 out[name] = updates
@@ -273,9 +286,16 @@ class Diagnostics:
             for images, labels in t.batches(epoch):
                 if step >= max(probes):
                     return records
-                t.state, self.ode_branch, self.ode_opt_state, self.shadow_states = self._advance(
+                (
                     t.state,
                     self.ode_branch,
+                    self.ode_fit,
+                    self.ode_opt_state,
+                    self.shadow_states,
+                ) = self._advance(
+                    t.state,
+                    self.ode_branch,
+                    self.ode_fit,
                     self.ode_opt_state,
                     self.shadow_states,
                     *self._put(images, labels),
@@ -297,12 +317,21 @@ class Diagnostics:
             g = self._large_grad(t.state, x, y, t.fusion_breaker)
             g_large = g if g_large is None else jax.tree.map(jnp.add, g_large, g)
         g_large = jax.tree.map(lambda x: x / len(chunks), g_large)
+        fits = jax.tree.leaves(nnx.filter_state(self.ode_fit, GateFit))
+        gate = self.ode_cfg.model.gc_ode_gate_max * float(np.mean(fits))  # the shadow's mean s
         out = []
         for p in range(probe_batches):
             pick = self.rng.choice(n, self.bs, replace=False)
             x, y = self._put(self.train_ds.images[pick], self.train_ds.labels[pick])
             res = self._probe(
-                t.state, self.ode_branch, self.shadow_states, x, y, g_large, t.fusion_breaker
+                t.state,
+                self.ode_branch,
+                self.ode_fit,
+                self.shadow_states,
+                x,
+                y,
+                g_large,
+                t.fusion_breaker,
             )
             for method, vals in res.items():
                 out.append(
@@ -311,6 +340,7 @@ class Diagnostics:
                         "probe": p,
                         "method": method,
                         **{k: float(v) for k, v in vals.items()},
+                        **({"gc_ode_gate": gate} if method in ("gc_ode_gradient", "gcgd") else {}),
                     }
                 )
         return out
@@ -355,7 +385,10 @@ def write_outputs(out: Path, records: list[dict], rows: list[dict], meta: dict) 
         f"# Gradient quality, suite {meta['suite']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}; {meta['wall_s']:.0f} s.",
+        (
+            f"Machine: {meta['machine']}; date {meta['date']}; commit {meta.get('commit')}; "
+            f"{meta['wall_s']:.0f} s."
+        ),
         "",
         (
             "Cosine between each method's minibatch gradient (batch "
@@ -399,6 +432,19 @@ def write_outputs(out: Path, records: list[dict], rows: list[dict], meta: dict) 
                 + " |"
             )
         lines.append("")
+    gates = {
+        step: statistics.fmean(r["gc_ode_gate"] for r in cell)
+        for step in steps
+        if (cell := [r for r in records if r["step"] == step and "gc_ode_gate" in r])
+    }
+    if gates:
+        lines += [
+            "GC-ODE's shadow: mean gate s over pairs and seeds at each probe step (0 = the "
+            "plain gradient): "
+            + ", ".join(f"step {step}: {g:.3f}" for step, g in gates.items())
+            + ".",
+            "",
+        ]
     lines += ["![cosine vs step](grad_quality.png)", ""]
     (out / "GRAD_QUALITY.md").write_text("\n".join(lines))
 
@@ -490,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(sys.argv[1:] if argv is None else argv),
         machine=f"{platform.platform()}, {os.cpu_count()} cores, jax {jax.__version__}",
         date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        commit=git_commit(),
         wall_s=time.perf_counter() - t0,
     )
     out = args.out or ROOT / "results" / "grad_quality" / args.suite

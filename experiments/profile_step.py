@@ -52,6 +52,11 @@ import sys
 import time
 from pathlib import Path
 
+if __package__:  # python -m experiments.<name>, or imported
+    from experiments.provenance import git_commit
+else:  # python experiments/<name>.py (the script's folder is on sys.path)
+    from provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_torch"
 BATCH = 128
 SHAPES = ((32, 16, 7), (16, 32, 6), (8, 64, 6))  # (H = W, channels, how many in ResNet-20)
@@ -531,16 +536,6 @@ def _markdown(rec: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _commit() -> str | None:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--"],
-                               check=False).returncode  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     rec: dict = {
         "command": " ".join([sys.executable, *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "quick": args.quick, "rounds": args.rounds, "steps": args.steps, "reps": args.reps,
     }  # fmt: skip

@@ -53,7 +53,10 @@ and joins it to ``h_i`` in one of two modes:
     (never the branch): adding ``gc_ode_loss`` to the task loss, at any weight,
     changes no backbone gradient. Both paths share one ODE solve in the forward
     pass (a ``jax.custom_vjp`` routes the two cotangents; see
-    :func:`_routed_branch`).
+    :func:`_routed_branch`). With ``loss_subsample = k > 1`` the mean runs over
+    every ``k``-th example only (a second, ``k`` times smaller solve), an
+    unbiased estimate of the full-batch loss at about ``1/k`` of its gradient's
+    cost; ``aux_t`` (the gate) still uses the whole batch.
 
     Optionally (``sobolev_weight = lam > 0``, with :meth:`GCODE.run_stages`)
     the branch is also trained to match the stage's *backward* map, on the
@@ -98,11 +101,15 @@ The time input of the vector field is fed as the constant channel ``1 + t``,
 so that it contributes (and is trained) at every evaluation, ``t = 0``
 included (a one-step Euler solve evaluates only there).
 
-Solvers: ``"euler"``, ``"heun"``, ``"tsit5"``; fixed steps by default
-(``ConstantStepSize``, ``RecursiveCheckpointAdjoint(checkpoints=steps)``,
-``max_steps=steps``), adaptive steps (``PIDController``) optional. The vector
-field's parameters go through diffrax's ``args`` (``nnx.split`` outside,
-``nnx.merge`` inside the vector field); no mutable module is closed over.
+Solvers: ``"euler"``, ``"heun"``, ``"tsit5"`` (diffrax's solvers and their
+Butcher tableaus); fixed steps by default, integrated as plain Python loops
+over the steps and the tableau's stages (``adjoint="auto"`` -> ``"unrolled"``:
+no ``while_loop``, so the backward pass reuses the forward's values instead of
+recomputing them, and the routed branch's two VJP calls share one
+linearisation); ``diffrax.diffeqsolve`` with a checkpointed or direct adjoint
+on request, and for adaptive steps (``PIDController``). The vector field's
+parameters go through diffrax's ``args`` (``nnx.split`` outside, ``nnx.merge``
+inside the vector field); no mutable module is closed over.
 
 diffrax is imported when the first solve is traced, not with this module.
 
@@ -128,6 +135,7 @@ from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gcgd_jax import cpu_speed
@@ -152,7 +160,7 @@ __all__ = [
 
 GCODEMode = Literal["branch", "gradient", "scale_only", "frozen_branch"]
 Solver = Literal["euler", "heun", "tsit5"]
-Adjoint = Literal["recursive_checkpoint", "direct"]
+Adjoint = Literal["auto", "unrolled", "recursive_checkpoint", "direct"]
 
 _MODES: tuple[str, ...] = get_args(GCODEMode)
 _GATED = ("gradient", "frozen_branch")
@@ -190,13 +198,29 @@ class GCODEConfig:
       sobolev_weight: weight of the backward-matching term of the branch's
         training (``"gradient"`` mode, through :meth:`GCODE.run_stages`; see
         the module doc); 0 (default) trains on the output loss alone.
-      adjoint: ``"recursive_checkpoint"`` (default:
-        ``diffrax.RecursiveCheckpointAdjoint(checkpoints=steps)`` for fixed steps,
-        ``RecursiveCheckpointAdjoint()`` when adaptive; the backward recomputes
-        each step's internals) or ``"direct"`` (``diffrax.DirectAdjoint``: keeps
-        the internals, no recomputation; a little faster for a few fixed steps,
-        more memory).
-
+      loss_subsample: ``k >= 1``: the branch's output loss (gated modes) is
+        taken on every ``k``-th example of the batch (examples ``0, k, 2k, ...``;
+        the rows of every device's shard under batch sharding when its local
+        batch is a multiple of ``k``), so its gradient -- the branch's training
+        signal -- costs about ``1/k`` of the full batch's. The extra backward
+        path and the gate's fit use the whole batch. 4 (default; the branch's
+        training costs a quarter, which brings the default within 1.25x of a
+        plain ResNet-20 step here: ``experiments/results/gc_ode_overhead/``;
+        its effect on the branch's fit is measured by
+        ``experiments.gc_ode_matching --compare model.gc_ode_loss_subsample=1,4``);
+        1: every example.
+      adjoint: how the solve is differentiated. ``"auto"`` (default):
+        ``"unrolled"`` for fixed steps, ``"recursive_checkpoint"`` when
+        adaptive. ``"unrolled"``: the fixed steps as plain Python loops over the
+        steps and stages of the solver's Runge-Kutta tableau (diffrax's
+        coefficients), differentiated like feed-forward code -- nothing is
+        recomputed in the backward pass, memory grows with ``steps``; fastest
+        here (``experiments/results/gc_ode_overhead/unrolled.md``).
+        ``"recursive_checkpoint"``: ``diffeqsolve`` with
+        ``diffrax.RecursiveCheckpointAdjoint(checkpoints=steps)`` for fixed
+        steps, ``RecursiveCheckpointAdjoint()`` when adaptive (the backward
+        recomputes each step's internals). ``"direct"``:
+        ``diffrax.DirectAdjoint`` (keeps the internals, more memory).
     The default (gradient mode, one Euler step, ``width=None``) is the cheapest
     configuration: per pair one 3x3 conv and two GroupNorms forward;
     ``experiments/bench_gc_ode.py`` measures its cost (see
@@ -215,8 +239,9 @@ class GCODEConfig:
     gate_max: float = 0.5
     gate_momentum: float = 0.9
     control_scale: float = 1.0
-    adjoint: Adjoint = "recursive_checkpoint"
+    adjoint: Adjoint = "auto"
     sobolev_weight: float = 0.0
+    loss_subsample: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -244,6 +269,11 @@ class GCODEConfig:
             raise ValueError(
                 f"GCODEConfig.adjoint must be one of {_ADJOINTS}, got {self.adjoint!r}."
             )
+        if self.adjoint == "unrolled" and self.adaptive:
+            raise ValueError(
+                "GCODEConfig: adjoint='unrolled' integrates a fixed number of steps; "
+                "adaptive=True needs 'recursive_checkpoint' or 'direct'."
+            )
         for name, lo, hi, closed in (
             ("gate_max", 0.0, 1.0, True),
             ("gate_momentum", 0.0, 1.0, False),
@@ -258,6 +288,10 @@ class GCODEConfig:
         if not _is_real(c) or not math.isfinite(c) or c == 0:
             raise ValueError(
                 f"GCODEConfig.control_scale must be a finite non-zero number, got {c!r}."
+            )
+        if not _is_int(self.loss_subsample) or self.loss_subsample < 1:
+            raise ValueError(
+                f"GCODEConfig.loss_subsample must be an int >= 1, got {self.loss_subsample!r}."
             )
         w = self.sobolev_weight
         if not _is_real(w) or not math.isfinite(w) or w < 0:
@@ -384,6 +418,8 @@ def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Arr
     term = diffrax.ODETerm(_vector_field)
     solver = getattr(diffrax, _SOLVER_CLASSES[config.solver])()
     dt0 = 1.0 / config.steps
+    if config.adjoint == "unrolled" or (config.adjoint == "auto" and not config.adaptive):
+        return _unrolled_solve(solver, term, z0, (graphdef, params), config.steps)
     if config.adaptive:
         controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
         max_steps = config.max_steps
@@ -408,6 +444,46 @@ def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Arr
         max_steps=max_steps,
     )
     return solution.ys[0]
+
+
+def _unrolled_solve(solver: Any, term: Any, z0: jax.Array, args: Any, steps: int) -> jax.Array:
+    """``steps`` fixed steps of an explicit Runge-Kutta method, as plain Python
+    loops over steps and stages with the coefficients of the diffrax ``solver``
+    (``solver.tableau``; Euler is the one-stage case). No ``while_loop`` (diffrax
+    runs its stages in one), so JAX differentiates it like feed-forward code:
+    the forward pass keeps what the backward pass needs, nothing is recomputed,
+    and the routed branch's two VJP calls share one linearisation. Same values
+    as ``diffeqsolve`` with ``ConstantStepSize`` (tested); an FSAL method
+    (Tsit5) reuses its last stage as the next step's first."""
+    import diffrax
+
+    if isinstance(solver, diffrax.Euler):
+        c, a_lower, b = np.zeros(0), (), np.ones(1)
+        fsal = False
+    else:
+        tableau = solver.tableau
+        c, a_lower, b, fsal = tableau.c, tableau.a_lower, tableau.b_sol, tableau.fsal
+
+    def f(t: float, z: jax.Array) -> jax.Array:
+        return term.vf(t, z, args)
+
+    def combine(z: jax.Array, dt: float, coeffs: Any, ks: list[jax.Array]) -> jax.Array:
+        out = z
+        for coeff, k in zip(coeffs, ks):
+            if coeff != 0:
+                out = out + (dt * float(coeff)) * k
+        return out
+
+    dt = 1.0 / steps
+    z, k_first = z0, None
+    for n in range(steps):
+        t0 = n * dt
+        ks = [f(t0, z) if k_first is None else k_first]
+        for i, row in enumerate(a_lower):
+            ks.append(f(t0 + float(c[i]) * dt, combine(z, dt, row, ks)))
+        z = combine(z, dt, b, ks)
+        k_first = ks[-1] if fsal else None
+    return z
 
 
 @jax.custom_vjp
@@ -539,7 +615,8 @@ def _routed_branch(graphdef, h_prev, params):
     ``h_prev`` were under ``stop_gradient``). Equivalent to two solves
     ``F(h_prev, sg(params))`` and ``F(sg(h_prev), params)`` (tested), at the cost
     of one forward solve. The backward calls the solve's VJP twice, once per
-    cotangent. One call batched over the two stacked cotangents (``jax.vmap``:
+    cotangent (with the default unrolled solve both transpose one shared
+    linearisation; nothing of the forward is recomputed). One call batched over the two stacked cotangents (``jax.vmap``:
     the checkpointed solve recomputed once instead of twice) was tried and was
     slower on the ResNet-20 train step on the CPU (the batched kernel-gradient
     convolution costs more than two plain ones).
@@ -779,13 +856,24 @@ class GCODE(nnx.Module):
             # Only the extra backward path: stop-gradient parameters, live input.
             zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
             return h + s * (zhat - jax.lax.stop_gradient(zhat)), zero
-        if mode == "frozen_branch":
-            params = jax.lax.stop_gradient(params)
-        zhat, z = _routed_branch(graphdef, h_prev, params)
-        h_out = h + s * (zhat - jax.lax.stop_gradient(zhat))
         target = jax.lax.stop_gradient(h).astype(jnp.float32)
-        loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target))
-        explained = 1.0 - jax.lax.stop_gradient(loss) / (jnp.var(target) + 1e-12)
+        k = self.config.loss_subsample
+        if mode == "frozen_branch" or k > 1:
+            # The extra path's solve (live input) on the whole batch; the output loss
+            # (live parameters) on every k-th example; a frozen branch needs no loss solve.
+            zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
+            aux = jnp.mean(jnp.square(jax.lax.stop_gradient(zhat).astype(jnp.float32) - target))
+            if mode == "frozen_branch":
+                loss = aux
+            else:
+                z = _solve_pure(graphdef, jax.lax.stop_gradient(h_prev[::k]), params)
+                loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target[::k]))
+        else:  # one solve for both paths
+            zhat, z = _routed_branch(graphdef, h_prev, params)
+            loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target))
+            aux = jax.lax.stop_gradient(loss)
+        h_out = h + s * (zhat - jax.lax.stop_gradient(zhat))
+        explained = 1.0 - aux / (jnp.var(target) + 1e-12)
         m = self.config.gate_momentum
         branch.fit[...] = m * branch.fit[...] + (1.0 - m) * jnp.clip(explained, 0.0, 1.0)
         return h_out, loss

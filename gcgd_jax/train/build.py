@@ -107,6 +107,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
                 gate_max=m.gc_ode_gate_max,
                 control_scale=m.gc_ode_control_scale,
                 sobolev_weight=m.gc_ode_sobolev_weight,
+                loss_subsample=m.gc_ode_loss_subsample,
             )
         except ValueError as err:
             raise ConfigError(f"model.gc_ode: {err}") from None

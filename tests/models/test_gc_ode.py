@@ -44,7 +44,7 @@ def test_config_defaults_and_shorthands():
         None,
         False,
     )
-    assert cfg.adjoint == "recursive_checkpoint"
+    assert cfg.adjoint == "auto"
     assert (cfg.gate_max, cfg.gate_momentum, cfg.control_scale) == (0.5, 0.9, 1.0)
     for mode in ("scale_only", "frozen_branch"):
         assert GCODEConfig(mode=mode).mode == mode
@@ -77,6 +77,9 @@ def test_config_defaults_and_shorthands():
         ({"control_scale": 0.0}, "control_scale"),
         ({"control_scale": float("nan")}, "control_scale"),
         ({"adjoint": "backsolve"}, "adjoint"),
+        ({"loss_subsample": 0}, "loss_subsample"),
+        ({"loss_subsample": 1.5}, "loss_subsample"),
+        ({"adjoint": "unrolled", "solver": "heun", "adaptive": True}, "unrolled"),
     ],
 )
 def test_bad_config_raises_value_error(kwargs, match):
@@ -128,6 +131,7 @@ SOLVER_CONFIGS = [
     GCODEConfig(solver="heun", adaptive=True),
     GCODEConfig(solver="tsit5", adaptive=True),
     GCODEConfig(solver="euler", steps=1, adjoint="direct", width=3),
+    GCODEConfig(solver="heun", steps=2, adjoint="unrolled"),
 ]
 
 
@@ -166,6 +170,35 @@ def test_solvers_run_under_jit_with_gradients(config, fine_euler_solution):
         # Higher-order / adaptive solvers land near the fine Euler solution.
         z1 = jax.jit(lambda p, x: _solve_pure(graphdef, x, p))(params, x)
         np.testing.assert_allclose(z1, fine_euler_solution, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize(("solver", "steps"), [("euler", 3), ("heun", 2), ("tsit5", 2)])
+def test_unrolled_solve_equals_diffeqsolve_values_and_gradients(solver, steps):
+    """The default for fixed steps, adjoint="auto" -> "unrolled" (Python loops over
+    the solver's steps and stages), is the same integrator as diffeqsolve with
+    constant steps: values and both gradients."""
+    with jax.enable_x64(True):
+        config = GCODEConfig(solver=solver, steps=steps, adjoint="recursive_checkpoint")
+        branch = ODEBranch(2, 3, 2, config, rngs=nnx.Rngs(0))
+        _randomise_field(branch)
+        graphdef, params = nnx.split(branch)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.as_pure(params))
+        graphdef_u = nnx.graphdef(ODEBranch(2, 3, 2, GCODEConfig(solver=solver, steps=steps),
+                                            rngs=nnx.Rngs(0)))  # fmt: skip
+        x = _x((2, 4, 4, 2), dtype=jnp.float64)
+        ct = _x((2, 2, 2, 3), 5, dtype=jnp.float64)
+
+        def f(graphdef, x, p):
+            return jnp.sum(_solve_pure(graphdef, x, p) * ct)
+
+        ref, ref_grads = jax.value_and_grad(f, argnums=(1, 2))(graphdef, x, params)
+        got, got_grads = jax.value_and_grad(f, argnums=(1, 2))(graphdef_u, x, params)
+        # The unrolled solve really is feed-forward code (no loop), the default is not.
+        assert "while" not in str(jax.make_jaxpr(f, static_argnums=0)(graphdef_u, x, params))
+        assert "while" in str(jax.make_jaxpr(f, static_argnums=0)(graphdef, x, params))
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+        for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_branch_gradient_matches_finite_differences_float64():
@@ -388,8 +421,59 @@ def test_a_branch_that_fits_the_stage_exactly_preserves_the_gradient():
     assert float(loss) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_loss_subsample_trains_the_branch_on_every_kth_example():
+    h0, w = _x((4, 4, 4, 2)), _x((4, 2, 2, 4), 2)
+    kernel = _x((1, 1, 2, 4), 5)
+
+    def stage(h):
+        return jax.lax.conv_general_dilated(
+            h, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def build(k):
+        cfg = GCODEConfig(mode="gradient", gate_max=0.8, loss_subsample=k)
+        gc = GCODE((2, 4), (2,), cfg, rngs=nnx.Rngs(0))
+        _randomise_field(gc.branches[0])
+        _open(gc, 0.5)
+        return gc
+
+    # The forward value and the extra backward path use the whole batch.
+    g_full, (out_full, _) = _pair_gradient(build(1), stage, h0, w)
+    g_sub, (out_sub, _) = _pair_gradient(build(2), stage, h0, w)
+    np.testing.assert_array_equal(out_sub, out_full)
+    np.testing.assert_allclose(g_sub, g_full, rtol=1e-5, atol=1e-7)
+
+    # The output loss and its parameter gradient: the full loss on examples 0 and 2.
+    def loss_and_grad(gc, h):
+        return nnx.value_and_grad(lambda g: g(0, h, stage(h))[1])(gc)
+
+    reference, sub = build(1), build(2)
+    ref_loss, ref_grad = loss_and_grad(reference, h0[::2])
+    sub_loss, sub_grad = loss_and_grad(sub, h0)
+    np.testing.assert_allclose(sub_loss, ref_loss, rtol=1e-6)
+    ref_leaves = jax.tree.leaves(nnx.state(ref_grad, nnx.Param))
+    sub_leaves = jax.tree.leaves(nnx.state(sub_grad, nnx.Param))
+    assert len(sub_leaves) == len(ref_leaves) > 0
+    for got, want in zip(sub_leaves, ref_leaves, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # The gate's fit is the whole batch's, as with loss_subsample = 1 (a target the
+    # branch partly explains, on the sub-sampled examples better than on the others).
+    full, sub, half = build(1), build(2), build(1)
+    h1 = (
+        full.branches[0].solve(h0)
+        + 0.5 * _x((4, 2, 2, 4), 7) * jnp.array([0, 1, 0, 1.0])[:, None, None, None]
+    )
+    for gc in (full, sub):
+        gc(0, h0, h1)
+    half(0, h0[::2], h1[::2])
+    fits = [float(gc.branches[0].fit[...]) for gc in (full, sub, half)]
+    assert fits[1] == pytest.approx(fits[0], rel=1e-6)
+    assert fits[2] > fits[0] + 1e-3  # examples 0, 2 alone would have given another fit
+
+
 def test_gate_follows_the_branch_fit():
-    cfg = GCODEConfig(mode="gradient", gate_max=0.5, gate_momentum=0.75)
+    # Every example in the loss, so that the loss is the fit's aux (loss_subsample: below).
+    cfg = GCODEConfig(mode="gradient", gate_max=0.5, gate_momentum=0.75, loss_subsample=1)
     gc = GCODE((4, 4), (1,), cfg, rngs=nnx.Rngs(0))
     h0 = _x((2, 4, 4, 4))
     h1 = h0 + 0.5 * _x((2, 4, 4, 4), 1)  # the fresh branch (z(1) = h0) explains most of h1
@@ -486,10 +570,10 @@ def test_eval_mode_and_views_toggle_the_branch(monkeypatch):
     monkeypatch.setattr(gc_ode_module, "odeint", lambda *a: calls.append(1) or real(*a))
     h = _x((1, 4, 4, 4))
     gc(0, h, h)
-    assert calls == [1]
+    assert calls == [1, 1]  # training: the extra path's solve and the sub-sampled loss's
     gc.eval()
     out, loss = gc(0, h, 2 * h)
-    assert calls == [1] and float(loss) == 0.0
+    assert calls == [1, 1] and float(loss) == 0.0  # eval: no solve
     np.testing.assert_array_equal(out, 2 * h)
     assert nnx.view(gc, deterministic=False).deterministic is False
     gc.train()

@@ -102,6 +102,8 @@ class ModelConfig:
     gc_ode_control_scale: float = 1.0  # "scale_only": factor of the stage-input gradient
     # "gradient": weight of the branch's backward-matching (Sobolev) term; 0 = output loss only
     gc_ode_sobolev_weight: float = 0.0
+    # gated modes: the branch's output loss on every k-th example of the batch (1 = all)
+    gc_ode_loss_subsample: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
