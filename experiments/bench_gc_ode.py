@@ -15,8 +15,8 @@ branch mode Euler 1), the vector field's kernel gradient in batch chunks
 (``TimeConv.chunk_wgrad = True``, a candidate of
 :func:`gcgd_jax.cpu_speed.conv3x3`), the branch's backward-matching term
 (``sobolev_weight=1``), the output loss on every example or every 2nd
-(``loss_subsample`` 1, 2: ``/sub1``, ``/sub2``; the default is 4); and the controls ``scale_only``
-and ``frozen_branch`` (one Euler step). They run
+(``loss_subsample`` 1, 2: ``/sub1``, ``/sub2``; the default is 4); and the
+controls ``scale_only`` and ``frozen_branch`` (one Euler step). They run
 alternately in rounds (machine noise is large); per-step times are pooled and
 medians reported, with the ratio to the plain model's median. Inference: eval
 mode, batch 128, plain vs gradient mode (branch skipped).

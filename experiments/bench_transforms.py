@@ -351,8 +351,6 @@ def environment() -> dict:
     }
 
 
-
-
 def _dist_version(name: str) -> str | None:
     import importlib.metadata
 

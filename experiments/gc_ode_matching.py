@@ -26,8 +26,8 @@ training batches (no augmentation, train-mode BatchNorm), for every GC-ODE pair
 * reported: ``cos(a, b)`` and the relative error ``||b - a|| / ||a||``, and the
   gate ``s`` the pair uses.
 
-The same seeds run in both arms, so the differences (B minus A) are paired. Final test accuracy comes from the trainer's
-evaluation. Writes ``gc_ode_matching.json`` and ``GC_ODE_MATCHING.md`` to
+The same seeds run in both arms, so the differences (B minus A) are paired. Final
+test accuracy comes from the trainer's evaluation. Writes ``gc_ode_matching.json`` and ``GC_ODE_MATCHING.md`` to
 ``experiments/results/gc_ode_matching/<suite>/``.
 """
 
@@ -101,9 +101,9 @@ def make_matching_fn(graphdef: nnx.GraphDef):
     return fn
 
 
-def run_one(
-    suite: str, seed: int, setting: tuple[str, str], steps: int | None, probe_batches: int
-) -> dict:
+def arm_config(suite: str, seed: int, setting: tuple[str, str]):
+    """The configuration of one arm and seed: the suite's GC-ODE gradient-mode run with
+    ``KEY=value`` (raises ``ConfigError`` for a bad key or value)."""
     s = SUITES[suite]
     key, value = setting
     overrides = [
@@ -114,7 +114,14 @@ def run_one(
         "checkpoint.enabled=false",
         "log.progress=false",
     ]
-    cfg = load_config(s.base_config, overrides)
+    return load_config(s.base_config, overrides)
+
+
+def run_one(
+    suite: str, seed: int, setting: tuple[str, str], steps: int | None, probe_batches: int
+) -> dict:
+    _, value = setting
+    cfg = arm_config(suite, seed, setting)
     t = Trainer(cfg, out_dir=tempfile.mkdtemp(prefix="gc_ode_matching_"), stream=io.StringIO())
     total = steps or t.total_steps
     probes = sorted({max(1, round(total * q / 4)) for q in (1, 2, 3, 4)})
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     key = key.strip()
     try:  # both arms must be valid configurations before anything runs
         for value in arms:
-            load_config(SUITES[args.suite].base_config, [f"{key}={value}"])
+            arm_config(args.suite, 0, (key, value))
     except ConfigError as err:
         parser.error(f"--compare {args.compare!r}: {err}")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -224,7 +224,7 @@ class Diagnostics:
             return state._replace(params=params, rest=rest)
 
         def backbone(g_ode):
-            return nnx.filter_state(g_ode, lambda path, _: path[0] != "gc_ode")
+            return nnx.filter_state(g_ode, nnx.Not(_in_gc_ode))
 
         def corrected(shadow_states, params, g, g_backbone):
             return {

@@ -536,8 +536,6 @@ def _markdown(rec: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":

@@ -417,9 +417,9 @@ def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Arr
     graphdef, params = nnx.split(field)
     term = diffrax.ODETerm(_vector_field)
     solver = getattr(diffrax, _SOLVER_CLASSES[config.solver])()
-    dt0 = 1.0 / config.steps
     if config.adjoint == "unrolled" or (config.adjoint == "auto" and not config.adaptive):
         return _unrolled_solve(solver, term, z0, (graphdef, params), config.steps)
+    dt0 = 1.0 / config.steps
     if config.adaptive:
         controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
         max_steps = config.max_steps
@@ -616,10 +616,11 @@ def _routed_branch(graphdef, h_prev, params):
     ``F(h_prev, sg(params))`` and ``F(sg(h_prev), params)`` (tested), at the cost
     of one forward solve. The backward calls the solve's VJP twice, once per
     cotangent (with the default unrolled solve both transpose one shared
-    linearisation; nothing of the forward is recomputed). One call batched over the two stacked cotangents (``jax.vmap``:
-    the checkpointed solve recomputed once instead of twice) was tried and was
-    slower on the ResNet-20 train step on the CPU (the batched kernel-gradient
-    convolution costs more than two plain ones).
+    linearisation; nothing of the forward is recomputed). One call batched over
+    the two stacked cotangents (``jax.vmap``: the checkpointed solve recomputed
+    once instead of twice) was tried and was slower on the ResNet-20 train step
+    on the CPU (the batched kernel-gradient convolution costs more than two
+    plain ones).
     """
     fn = functools.partial(_solve_pure, graphdef)
 
@@ -858,20 +859,19 @@ class GCODE(nnx.Module):
             return h + s * (zhat - jax.lax.stop_gradient(zhat)), zero
         target = jax.lax.stop_gradient(h).astype(jnp.float32)
         k = self.config.loss_subsample
-        if mode == "frozen_branch" or k > 1:
-            # The extra path's solve (live input) on the whole batch; the output loss
-            # (live parameters) on every k-th example; a frozen branch needs no loss solve.
-            zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
-            aux = jnp.mean(jnp.square(jax.lax.stop_gradient(zhat).astype(jnp.float32) - target))
-            if mode == "frozen_branch":
-                loss = aux
-            else:
-                z = _solve_pure(graphdef, jax.lax.stop_gradient(h_prev[::k]), params)
-                loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target[::k]))
-        else:  # one solve for both paths
+        if mode == "gradient" and k == 1:  # one solve for both paths
             zhat, z = _routed_branch(graphdef, h_prev, params)
             loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target))
             aux = jax.lax.stop_gradient(loss)
+        else:
+            # The extra path's solve (live input) on the whole batch; the output loss
+            # (live parameters) on every k-th example; a frozen branch has none to train.
+            zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
+            aux = jnp.mean(jnp.square(jax.lax.stop_gradient(zhat).astype(jnp.float32) - target))
+            loss = aux
+            if mode == "gradient":
+                z = _solve_pure(graphdef, jax.lax.stop_gradient(h_prev[::k]), params)
+                loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target[::k]))
         h_out = h + s * (zhat - jax.lax.stop_gradient(zhat))
         explained = 1.0 - aux / (jnp.var(target) + 1e-12)
         m = self.config.gate_momentum
