@@ -53,6 +53,9 @@ _EXPORTS: dict[str, str] = {
         ("CheckpointError", "EpochResult", "NonFiniteLossError", "Trainer", "train"),
         "gcgd_jax.train.trainer",
     ),
+    **dict.fromkeys(
+        ("SeedParallelTrainer", "replica_config", "replica_dir"), "gcgd_jax.train.replicas"
+    ),
     **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.cpu_speed"),
 }
 

@@ -93,9 +93,11 @@ class Checkpointer:
         return restored["state"], restored["meta"]
 
     def newest_readable(
-        self, like: dict[str, Any]
+        self, like: dict[str, Any], max_step: int | None = None
     ) -> tuple[tuple[int, dict[str, Any], dict[str, Any]] | None, list[DamagedCheckpoint]]:
         """The newest checkpoint that restores, and the newer ones that did not.
+
+        ``max_step``: only checkpoints of this step or older are considered.
 
         Returns:
             ``((step, state, meta) or None, damaged)``: ``damaged`` lists the
@@ -104,6 +106,8 @@ class Checkpointer:
         """
         damaged: list[DamagedCheckpoint] = []
         for step in reversed(self.steps()):
+            if max_step is not None and step > max_step:
+                continue
             try:
                 state, meta = self.restore(step, like)
             except Exception as err:  # noqa: BLE001 - any damage: try an older one

@@ -22,6 +22,7 @@ examples:
   gcgd-train --config quickstart --out runs/quickstart
   gcgd-train --config cifar10_resnet20 --set optim.lr=0.05 --set train.budget=0.5 --out runs/b05
   gcgd-train --out runs/b05 --resume          # continue a run (its config.toml is reused)
+  gcgd-train --config cifar10_resnet20 --seeds 0,1,2,3 --out runs/r20   # 4 seeds, one step
   gcgd-train --config quickstart --print-config
 
 Overrides are section.key=value (corrections.gc_w.rho=0.3 for a correction's
@@ -36,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--config", "-c", help="configuration name in gcgd_jax/configs, or a TOML path"
-    )
+    p.add_argument("--config", "-c", help="configuration name in gcgd_jax/configs, or a TOML path")
     p.add_argument(
         "--set",
         "-s",
@@ -49,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override one setting (repeatable)",
     )
     p.add_argument("--out", "-o", help="output folder (default: run.out_dir)")
+    p.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="train one replica per seed in one jitted step, into <out>/s<seed>/ "
+        "(sets run.seeds; see gcgd_jax.train.replicas)",
+    )
     p.add_argument("--data-dir", help="folder holding the data set files (sets data.data_dir)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
@@ -100,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("log.progress=false")
     if args.tensorboard:
         overrides.append("log.tensorboard=true")
+    if args.seeds is not None:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            return _fail(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        overrides.append(f"run.seeds={seeds}")
     config = args.config
     if config is None and args.resume and args.out and (Path(args.out) / "config.toml").is_file():
         config = str(Path(args.out) / "config.toml")
@@ -120,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_toml(cfg), end="")
         return EXIT_OK
 
+    from gcgd_jax.train.replicas import SeedParallelTrainer
     from gcgd_jax.train.trainer import CheckpointError, NonFiniteLossError, Trainer
 
     try:
@@ -129,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - data package without these names
         data_errors = (FileNotFoundError,)
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        kind = SeedParallelTrainer if cfg.run.seeds else Trainer
+        trainer = kind(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = trainer.run()
     except (ConfigError, CheckpointError) as err:
         return _fail(str(err))
@@ -140,10 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     print(trainer.summary_table())
-    key = f"final_{trainer.eval_prefix}_acc"
-    if summary.get(key) is not None:
-        print(f"{key} = {summary[key]:.4f}; metrics in {trainer.out / 'metrics.jsonl'}")
+    if cfg.run.seeds:
+        for seed, record in summary.items():
+            _print_final(record, Path(trainer.out) / f"s{seed}", f"s{seed}: ")
+    else:
+        _print_final(summary, trainer.out)
     return EXIT_OK
+
+
+def _print_final(summary: dict, out: Path, label: str = "") -> None:
+    key = next((k for k in ("final_test_acc", "final_val_acc") if summary.get(k) is not None), None)
+    if key is not None:
+        print(f"{label}{key} = {summary[key]:.4f}; metrics in {out / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

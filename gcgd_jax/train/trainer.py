@@ -59,9 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
 from gcgd_jax import methods
 from gcgd_jax.train.build import build_model, load_data, step_options
+from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
 from gcgd_jax.train.config import (
     ConfigError,
     TrainConfig,
@@ -72,6 +72,7 @@ from gcgd_jax.train.config import (
     ignored_options_note,
     to_toml,
 )
+from gcgd_jax.train.devices import DataParallel, host_value
 from gcgd_jax.train.optim import build_optimizer
 from gcgd_jax.train.report import (
     TENSORBOARD_MISSING,
@@ -81,7 +82,6 @@ from gcgd_jax.train.report import (
     summary_table,
     tensorboard_available,
 )
-from gcgd_jax.train.devices import DataParallel, host_value
 from gcgd_jax.train.step import (
     TrainState,
     make_eval_step,
@@ -92,6 +92,7 @@ from gcgd_jax.train.step import (
 
 __all__ = [
     "CheckpointError",
+    "EpochAccount",
     "EpochResult",
     "EpochSums",
     "NonFiniteLossError",
@@ -102,7 +103,7 @@ __all__ = [
 # Settings that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = (
     "run.name", "run.out_dir", "run.num_devices", "run.distributed", "run.fusion_breaker",
-    "data.data_dir", "data.cache_dir", "data.download", "train.nan_policy",
+    "run.replica_strategy", "data.data_dir", "data.cache_dir", "data.download", "train.nan_policy",
 )  # fmt: skip
 
 
@@ -156,6 +157,75 @@ class EpochResult:
     failed: tuple[int, float] | None  # (step, loss) of a non-finite step under "stop"
 
 
+def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """A step's metrics (device arrays) as host arrays (this waits for the step)."""
+    return {k: host_value(v) for k, v in metrics.items()}
+
+
+class EpochAccount:
+    """One run's bookkeeping of the completed steps of an epoch.
+
+    :meth:`complete` takes a step's metrics as host values (in step order) and
+    adds them to the epoch's :class:`EpochSums`, records the step time, notices
+    a non-finite step (``failed`` under ``train.nan_policy = "stop"``; later
+    steps are ignored), and drives the progress bar, the TensorBoard scalars
+    and the ``on_step`` hook. A seed-parallel run keeps one per replica.
+    """
+
+    def __init__(self, trainer: Trainer, epoch, start_batch, sums, bar, writer=None, on_step=None):
+        self.trainer, self.epoch, self.start_batch = trainer, epoch, start_batch
+        self.sums, self.bar, self.writer, self.on_step = sums, bar, writer, on_step
+        log = trainer.cfg.log
+        self.tb_every = log.tensorboard_every_steps if log.tensorboard else 0
+        self.times: list[float] = []  # completion-to-completion seconds after the first step
+        self.failed: tuple[int, float] | None = None
+        self._last_done: float | None = None
+        self._t_start = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Speeds are measured from now on (after the compilation)."""
+        self._t_start = time.perf_counter()
+
+    def complete(self, m: dict[str, np.ndarray], done_step: int) -> None:
+        """Accounts for the step that reached global step ``done_step``."""
+        if self.failed is not None:
+            return  # steps after a failure under "stop" were no-ops
+        trainer, sums = self.trainer, self.sums
+        bs = trainer.cfg.data.batch_size
+        now = time.perf_counter()
+        if self._last_done is not None:
+            self.times.append(now - self._last_done)
+        self._last_done = now
+        if not bool(m["finite"]):
+            sums.skipped += 1
+            if trainer.cfg.train.nan_policy == "stop":
+                self.failed = (done_step - 1, float(m["loss"]))
+            return
+        sums.loss += float(m["loss"])
+        sums.correct += int(m["correct"])
+        sums.examples += bs
+        sums.steps += 1
+        sums.lr = float(m["lr"])
+        if "gc_ode_loss" in m:
+            sums.gc_ode_loss += float(m["gc_ode_loss"])
+            sums.gc_ode_gate = float(m["gc_ode_gate"])
+        if "gc_ode_grad_ratio" in m:
+            ratio = float(m["gc_ode_grad_ratio"])
+            sums.gc_ode_grad_ratio = (sums.gc_ode_grad_ratio or 0.0) + ratio
+        for key in trainer._state_metric_keys:
+            sums.state_metrics[key] = float(m[key])
+        done = done_step - self.epoch * trainer.steps_per_epoch
+        speed = (done - self.start_batch) * bs / max(now - self._t_start, 1e-9)
+        self.bar.update(done, sums.loss / max(sums.steps, 1), speed)
+        if self.on_step is not None:
+            self.on_step(done_step, {k: v.item() for k, v in m.items()})
+        if self.writer is not None and self.tb_every and done_step % self.tb_every == 0:
+            self.writer.scalars(
+                done_step,
+                {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed},
+            )
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -169,6 +239,8 @@ class Trainer:
             (start from scratch, with a note, when none was saved yet).
         overwrite: delete an earlier run's metrics and checkpoints in ``out_dir``.
         stream: where progress and notes go (stderr by default).
+        datasets: ``(train, eval)`` data sets already built for this configuration
+            (:func:`gcgd_jax.train.build.load_data`); None loads them.
 
     Raises:
         ConfigError: invalid settings found while building (data, model,
@@ -185,6 +257,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         stream: TextIO | None = None,
+        datasets: tuple[Any, Any] | None = None,
     ):
         self.cfg = cfg
         self.out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
@@ -195,7 +268,7 @@ class Trainer:
         self._train_compiled = self._eval_compiled = False
         self._setup_devices()  # first: jax.distributed decides which process writes
         self._check_out_dir(overwrite)
-        self._setup_data()
+        self._setup_data(datasets)
         self._setup_model_and_optimizer()
         self._build_steps()
 
@@ -259,9 +332,9 @@ class Trainer:
         fb = run.fusion_breaker
         self.use_fusion_breaker = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
 
-    def _setup_data(self) -> None:
+    def _setup_data(self, datasets: tuple[Any, Any] | None = None) -> None:
         cfg = self.cfg
-        self.train_ds, self.eval_ds = load_data(cfg)
+        self.train_ds, self.eval_ds = load_data(cfg) if datasets is None else datasets
         self.eval_prefix = "val" if cfg.data.eval_split == "val" else "test"
         n_train = len(self.train_ds.labels)
         bs = cfg.data.batch_size
@@ -499,7 +572,11 @@ class Trainer:
         state = self.state if state is None else state
         ckpt.save(step, state._asdict(), self._meta(step, sums))
 
-    def _restore(self, ckpt: Checkpointer | None) -> tuple[int, EpochSums]:
+    def _restore(
+        self, ckpt: Checkpointer | None, max_step: int | None = None
+    ) -> tuple[int, EpochSums]:
+        """Loads the newest readable checkpoint (of step <= ``max_step`` when given) into
+        ``self.state``; returns ``(step, sums)`` (``(0, EpochSums())`` from scratch)."""
         if not self.resume:
             return 0, EpochSums()
         folder = self.out / "checkpoints"
@@ -512,7 +589,7 @@ class Trainer:
                 )
             self._note(f"note: checkpoints are disabled; starting {self.out} from scratch")
             return 0, EpochSums()
-        found, damaged = ckpt.newest_readable(self.state._asdict())
+        found, damaged = ckpt.newest_readable(self.state._asdict(), max_step)
         if found is None and damaged:
             raise CheckpointError(self._unreadable_message(damaged))
         if found is None:
@@ -570,7 +647,6 @@ class Trainer:
             KeyboardInterrupt: re-raised after naming the newest checkpoint
                 (resume from it with ``resume=True``).
         """
-        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self._checkpointer()
         try:
@@ -580,34 +656,9 @@ class Trainer:
                 ckpt.close()
             raise
         start_step = step
-        if self.is_main:
-            (self.out / "config.toml").write_text(to_toml(cfg))
-        metrics = MetricsWriter(
-            self.out / "metrics.jsonl",
-            resume_step=step if self.resume else None,
-            tensorboard=cfg.log.tensorboard,
-            enabled=self.is_main,
-        )
-        if self.resumed_from is not None and jax.process_index() == 0:
-            metrics.write(
-                {
-                    "kind": "resume",
-                    "step": step,
-                    "epoch": step // self.steps_per_epoch + 1,
-                    "checkpoint": str(self.out / "checkpoints" / str(step)),
-                }
-            )
-        note = ignored_options_note(cfg)
-        if note is not None:
-            self._note(note)
+        metrics = self._begin(step)
         run_start = time.perf_counter()
-        self._note(
-            f"gcgd-train: {cfg.model.name} on {cfg.data.name} (train {len(self.train_ds.labels)}, "
-            f"{self.eval_prefix} {len(self.eval_ds.labels)}), {self.num_params:,} parameters; "
-            f"{self.total_steps} steps = {self.num_epochs} epoch(s) x {self.steps_per_epoch}, "
-            f"batch {cfg.data.batch_size} on {len(self.devices)} {self.devices[0].platform} device(s); "
-            f"out {self.out}"
-        )
+        self._note(self._start_line())
         status = "completed"
         try:
             while step < self.total_steps:
@@ -624,7 +675,7 @@ class Trainer:
                     result.failed,
                 )
                 if failed is not None:
-                    self._stop_nonfinite(failed, sums, ckpt, metrics)
+                    raise self._stop_nonfinite(failed, sums, ckpt, metrics)
                 if step < epoch_end:  # stop_at_step reached inside the epoch
                     status = "stopped"
                     break
@@ -654,15 +705,63 @@ class Trainer:
                 ckpt.close()
         return summary
 
-    def _end_epoch(self, epoch, step, sums, times, t0, ckpt, metrics) -> None:
-        """Evaluation, the epoch record, the epoch-end checkpoint (in that order)."""
+    def _begin(self, step: int) -> MetricsWriter:
+        """Opens the run's files at ``step``: config.toml, metrics.jsonl (cut back to ``step``
+        when resuming, with a resume record), the ignored-options note."""
+        cfg = self.cfg
+        if self.is_main:
+            (self.out / "config.toml").write_text(to_toml(cfg))
+        metrics = MetricsWriter(
+            self.out / "metrics.jsonl",
+            resume_step=step if self.resume else None,
+            tensorboard=cfg.log.tensorboard,
+            enabled=self.is_main,
+        )
+        if self.resumed_from is not None and jax.process_index() == 0:
+            metrics.write(
+                {
+                    "kind": "resume",
+                    "step": step,
+                    "epoch": step // self.steps_per_epoch + 1,
+                    "checkpoint": str(self.out / "checkpoints" / str(step)),
+                }
+            )
+        note = ignored_options_note(cfg)
+        if note is not None:
+            self._note(note)
+        return metrics
+
+    def _start_line(self) -> str:
+        cfg = self.cfg
+        return (
+            f"gcgd-train: {cfg.model.name} on {cfg.data.name} (train {len(self.train_ds.labels)}, "
+            f"{self.eval_prefix} {len(self.eval_ds.labels)}), {self.num_params:,} parameters; "
+            f"{self.total_steps} steps = {self.num_epochs} epoch(s) x {self.steps_per_epoch}, "
+            f"batch {cfg.data.batch_size} on {len(self.devices)} {self.devices[0].platform} "
+            f"device(s); out {self.out}"
+        )
+
+    def _evaluates_after(self, epoch: int, step: int) -> bool:
+        """Whether the run evaluates at the end of ``epoch`` (0-based), reached at ``step``."""
+        return (epoch + 1) % self.cfg.train.eval_every_epochs == 0 or step >= self.total_steps
+
+    def _end_epoch(
+        self, epoch, step, sums, times, t0, ckpt, metrics, evaluation=None
+    ) -> None:
+        """Evaluation, the epoch record, the epoch-end checkpoint (in that order).
+
+        ``evaluation``: ``(results, seconds)`` computed by the caller (seed-parallel runs
+        evaluate every replica at once); None evaluates here when the epoch is due.
+        """
         cfg = self.cfg
         record = self._epoch_record(epoch, step, sums, times, time.perf_counter() - t0)
         last = step >= self.total_steps
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-            t1 = time.perf_counter()
-            record.update(self.evaluate())
-            record["eval_time"] = time.perf_counter() - t1
+        if self._evaluates_after(epoch, step):
+            if evaluation is None:
+                t1 = time.perf_counter()
+                evaluation = (self.evaluate(), time.perf_counter() - t1)
+            record.update(evaluation[0])
+            record["eval_time"] = evaluation[1]
         record["epoch_time"] = time.perf_counter() - t0
         # The record is written before the checkpoint: a run killed in between resumes from
         # the previous checkpoint, and the record is cut off and written again.
@@ -678,60 +777,19 @@ class Trainer:
     ) -> EpochResult:
         """Steps ``step .. epoch_end-1`` (checkpoints through ``ckpt`` when given)."""
         cfg = self.cfg
-        spe, bs = self.steps_per_epoch, cfg.data.batch_size
+        spe = self.steps_per_epoch
         start_batch = step - epoch * spe
         batches = self.batches(epoch, start_batch)
-        tb_every = cfg.log.tensorboard_every_steps if cfg.log.tensorboard else 0
         bar = ProgressBar(
             epoch_end - epoch * spe,
-            bs,
+            cfg.data.batch_size,
             f"epoch {epoch + 1}/{self.num_epochs}",
             enabled=cfg.log.progress and jax.process_index() == 0,
             stream=self.stream,
         )
-        times: list[float] = []
-        t_start, last_done, failed = time.perf_counter(), None, None
-
-        def complete(metrics, done_step):
-            nonlocal last_done, failed
-            if failed is not None:
-                return  # steps after a failure under "stop" were no-ops
-            m = {k: host_value(v) for k, v in metrics.items()}
-            now = time.perf_counter()
-            if last_done is not None:
-                times.append(now - last_done)
-            last_done = now
-            if not bool(m["finite"]):
-                sums.skipped += 1
-                if cfg.train.nan_policy == "stop":
-                    failed = (done_step - 1, float(m["loss"]))
-                return
-            sums.loss += float(m["loss"])
-            sums.correct += int(m["correct"])
-            sums.examples += bs
-            sums.steps += 1
-            sums.lr = float(m["lr"])
-            if "gc_ode_loss" in m:
-                sums.gc_ode_loss += float(m["gc_ode_loss"])
-                sums.gc_ode_gate = float(m["gc_ode_gate"])
-            if "gc_ode_grad_ratio" in m:
-                ratio = float(m["gc_ode_grad_ratio"])
-                sums.gc_ode_grad_ratio = (sums.gc_ode_grad_ratio or 0.0) + ratio
-            for key in self._state_metric_keys:
-                sums.state_metrics[key] = float(m[key])
-            done = done_step - epoch * spe
-            speed = (done - start_batch) * bs / max(now - t_start, 1e-9)
-            bar.update(done, sums.loss / max(sums.steps, 1), speed)
-            if on_step is not None:
-                on_step(done_step, {k: v.item() for k, v in m.items()})
-            if writer is not None and tb_every and done_step % tb_every == 0:
-                writer.scalars(
-                    done_step,
-                    {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed},
-                )
-
+        account = EpochAccount(self, epoch, start_batch, sums, bar, writer, on_step)
         pending = None  # (metrics, step) of the step dispatched last, not yet read
-        while step < epoch_end and failed is None:
+        while step < epoch_end and account.failed is None:
             images, labels = next(batches)
             first = not self._train_compiled
             if first:
@@ -749,25 +807,27 @@ class Trainer:
                 self._note(
                     f"train step compiled; first step done in {time.perf_counter() - t_compile:.1f} s"
                 )
-                t_start = time.perf_counter()  # speeds exclude the compilation
+                account.restart_clock()  # speeds exclude the compilation
             step += 1
             if pending is not None:
-                complete(*pending)
+                account.complete(host_metrics(pending[0]), pending[1])
             pending = (step_metrics, step)
             every = cfg.checkpoint.every_steps
             if every and step % every == 0 and step < epoch_end:
-                complete(*pending)  # the sums must include this step before saving
+                account.complete(host_metrics(pending[0]), pending[1])  # sums include it
                 pending = None
-                if failed is None:
+                if account.failed is None:
                     self._save(ckpt, step, sums)
             if stop_at_step is not None and step >= stop_at_step:
                 break
         if pending is not None:
-            complete(*pending)
+            account.complete(host_metrics(pending[0]), pending[1])
         bar.close()
-        return EpochResult(step, sums, times, failed)
+        return EpochResult(step, sums, account.times, account.failed)
 
-    def _stop_nonfinite(self, failed, sums, ckpt, metrics) -> None:
+    def _stop_nonfinite(self, failed, sums, ckpt, metrics) -> NonFiniteLossError:
+        """Keeps the last good state (checkpoint) and writes the non-finite summary record;
+        returns the error to raise."""
         bad_step, loss = failed
         sums.skipped = 0
         # The step guard left the state at the last good one; only its counters moved on.
@@ -794,7 +854,7 @@ class Trainer:
         }
         if jax.process_index() == 0:
             metrics.write(record)
-        raise NonFiniteLossError(
+        return NonFiniteLossError(
             f"non-finite loss ({loss}) at step {bad_step + 1} (epoch {epoch + 1}, batch {batch + 1}); "
             f"training stopped and {kept}. Lower optim.lr, or set train.nan_policy=skip to skip "
             "such steps."

@@ -26,6 +26,7 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["step", "cosine", "constant"]
 Switch = Literal["auto", "on", "off"]
 Augment = Literal["auto", "crop_flip", "none"]
+ReplicaStrategy = Literal["auto", "vmap", "unroll"]
 
 DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
 MODELS: tuple[str, ...] = typing.get_args(ModelName)
@@ -55,6 +56,12 @@ class RunConfig:
     num_devices: int | None = None
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     fusion_breaker: Switch = "auto"  # "auto" (on for CPU), "on", "off"
+    # seed-parallel training: train one independent replica per seed in one jitted step,
+    # into <out_dir>/s<seed>/ (each a complete single run with run.seed = seed); () = one run
+    seeds: tuple[int, ...] = ()
+    # how the replicas share the step: "vmap" (batched over a leading replica axis),
+    # "unroll" (one copy of the step per replica in one program); "auto": unroll on CPU
+    replica_strategy: ReplicaStrategy = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,22 @@ def validate(cfg: TrainConfig) -> None:
         "run.num_devices: must be >= 1 (or none for all)",
     )
     _check(p, bool(run.out_dir), "run.out_dir: must not be empty")
+    _check(
+        p,
+        all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in run.seeds),
+        f"run.seeds: must be integers >= 0, got {list(run.seeds)}",
+    )
+    _check(
+        p,
+        len(set(run.seeds)) == len(run.seeds),
+        f"run.seeds: each seed may appear once, got {list(run.seeds)}",
+    )
+    _check(
+        p,
+        not (run.seeds and run.distributed),
+        "run.seeds: seed-parallel training runs in one process; it cannot be combined with "
+        "run.distributed = true (start one process per seed instead)",
+    )
 
     _check(p, data.batch_size >= 1, f"data.batch_size: must be >= 1, got {data.batch_size}")
     _check(
