@@ -59,6 +59,8 @@ myst_heading_anchors = 3
 
 # -- HTML --------------------------------------------------------------------------------------
 html_theme = "furo"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = f"gcgd_jax {release}"
 html_show_sourcelink = False
 html_theme_options = {"navigation_with_keys": True}
