@@ -341,7 +341,6 @@ _ENTRIES: tuple[Method, ...] = (
     ),
 )
 
-#: Every registered :class:`Method`, by name (read-only).
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _ENTRIES})
 """Every registered method by name, in registry order."""
 
