@@ -140,6 +140,28 @@ def _docs_tools_missing() -> list[str]:
     return [n for n in needed if importlib.util.find_spec(n) is None]
 
 
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+
+
+def test_the_guides_examples_run():
+    """The optax-chain quickstart and the GC-ODE-on-your-model example run as written."""
+    import jax.numpy as jnp
+
+    (chain,) = _python_blocks(DOCS / "getting_started.md")[:1]
+    namespace: dict = {}
+    exec(compile(chain, "getting_started.md", "exec"), namespace)  # noqa: S102 (the docs code)
+    assert type(namespace["optimizer"]).__name__ == "Optimizer"
+
+    own_model = _python_blocks(DOCS / "guides" / "gc_ode_own_model.md")[0]
+    namespace = {}
+    exec(compile(own_model, "gc_ode_own_model.md", "exec"), namespace)  # noqa: S102
+    x, y = jnp.ones((4, 16, 16, 3)), jnp.zeros((4,), jnp.int32)
+    loss = namespace["train_step"](namespace["model"], namespace["optimizer"], x, y)
+    assert jnp.isfinite(loss)
+    assert namespace["model"].gc_ode.gates().shape == (2,)
+
+
 @pytest.mark.slow
 def test_the_site_builds_offline_without_warnings(tmp_path):
     missing = _docs_tools_missing()
