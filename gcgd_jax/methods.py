@@ -36,7 +36,7 @@ Kinds:
     several methods at once (GCGD = GC-W + GC-ODE).
 
 Adding a method = its module (maths and reference in the docstring), one
-:class:`Method` entry below, its tests; see the README ("Adding a method").
+:class:`Method` entry below, its tests; see ``docs/guides/adding_a_method.md``.
 
 Factories are named by ``"module:attribute"`` strings and imported on first
 use, so importing this module (and the configuration code that reads it)
@@ -64,8 +64,12 @@ __all__ = [
     "methods_of_kind",
 ]
 
+#: What a method is: an optax transform, a loss, a gradient function, a model option or a
+#: combination (see the module docstring).
 Kind = Literal["transform", "loss", "gradient", "model", "combination"]
+#: The named parameter masks a transform can apply to (``corrections.<name>.mask``).
 MaskName = Literal["all", "all_kernels", "pre_downsampling", "pre_downsampling_block"]
+#: Every :data:`MaskName`, in order.
 MASKS: tuple[MaskName, ...] = ("all", "all_kernels", "pre_downsampling", "pre_downsampling_block")
 
 # The configuration key a kind's ``value`` is written to.

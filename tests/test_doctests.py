@@ -44,7 +44,8 @@ def test_no_reference_to_files_outside_the_repository():
     root = Path(__file__).resolve().parents[1]
     banned = ("shared/design", "shared/seeds", "METHODS.md", "CONVENTIONS.md", "CPU_PERFORMANCE.md")
     files = [*root.joinpath("gcgd_jax").rglob("*.py"), root / "README.md",
-             *root.joinpath("docs").glob("*.md"), *root.joinpath("experiments").glob("*.py")]
+             *root.joinpath("docs").rglob("*.md"), *root.joinpath("docs").rglob("*.rst"),
+             root / "docs" / "conf.py", *root.joinpath("experiments").glob("*.py")]
     offenders = [
         f"{f.relative_to(root)}: {word}" for f in files for word in banned if word in f.read_text()
     ]

@@ -26,6 +26,7 @@ from .formats import DataFormatError, read_idx, write_idx
 from .loading import DatasetNotFoundError, default_search_roots, load_dataset
 from .prefetch import prefetch_to_device
 
+#: The canonical names :func:`load_dataset` accepts, sorted.
 DATASETS = tuple(sorted(SPECS))
 
 __all__ = [

@@ -698,7 +698,7 @@ def _matching_fork(graphdef, weight, h_prev, params, factor):
 
 
 class GCODE(nnx.Module):
-    """GC-ODE branches between adjacent stage outputs ``h_0 ... h_S``.
+    """GC-ODE branches between adjacent stage outputs ``h_0, ..., h_S``.
 
     Args:
       channels: channel counts of ``h_0, ..., h_S`` (``S + 1`` entries; ``S`` pairs).

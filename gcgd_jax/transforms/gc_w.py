@@ -210,8 +210,8 @@ def gc_w(
       Q &= X_G A_q/\sqrt n,\ K = [X_G; X_M] A_k/\sqrt n + b_k,\
         V = [X_G; X_M] A_v/\sqrt n + b_v \\
       \Delta X &= \mathrm{softmax}(Q K^\top/\sqrt{d})\, V A_o/\sqrt{hd}
-        + a_G X_G + a_M X_M, \qquad
-      \Delta X \leftarrow \Delta X \cdot \min(1, \rho \|X_G\| / \|\Delta X\|) \\
+        + a_G X_G + a_M X_M \\
+      \Delta X &\leftarrow \Delta X \cdot \min(1, \rho \|X_G\| / \|\Delta X\|) \\
       \hat G_t &= G_t + s \cdot \mathrm{untokens}(\Delta X)
 
     (``h`` heads of size ``d``, concatenated; ``b_k, b_v`` are learned biases

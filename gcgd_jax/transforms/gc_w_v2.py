@@ -357,8 +357,8 @@ def gc_w_v2(
 
     .. math::
 
-      q_i = W_q x_i + b_q, \quad k_{ij} = x_{ij} u + e_j, \quad v_{ij} = w_j x_{ij},
-      \quad \Delta X_i = \sum_h \sum_j \mathrm{softmax}_j\!\Big(\frac{q_i\cdot k_{ij}}
+      & q_i = W_q x_i + b_q, \quad k_{ij} = x_{ij} u + e_j, \quad v_{ij} = w_j x_{ij}, \\
+      & \Delta X_i = \sum_h \sum_j \mathrm{softmax}_j\!\Big(\frac{q_i\cdot k_{ij}}
         {\sqrt d}\Big) v_{ij} + \sum_j a_j x_{ij},
 
     then :math:`\Delta X \leftarrow \Delta X \min(1, \rho\|x_{\cdot,0}\|/\|\Delta X\|)`

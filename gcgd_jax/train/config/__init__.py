@@ -110,7 +110,7 @@ def load_config(
     Args:
         name_or_path: a configuration name (``"quickstart"``; ``./configs`` first, then the
           ones shipped in ``gcgd_jax/configs``) or a path
-            to a TOML file; None starts from the dataclass defaults.
+          to a TOML file; None starts from the dataclass defaults.
         overrides: ``"section.key=value"`` strings, applied in order.
 
     Returns:
