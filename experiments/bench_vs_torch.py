@@ -122,14 +122,12 @@ def _jax_worker() -> None:
 # --------------------------------------------------------------------------- PyTorch worker
 
 
-def _torch_worker() -> None:
-    import numpy as np
+def torch_resnet20():
+    """He et al.'s CIFAR ResNet-20 in PyTorch (option-A shortcuts, 269,722 parameters): the
+    same network as ``gcgd_jax.models.resnet20``."""
     import torch
     from torch import nn
     from torch.nn import functional as F
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    torch.manual_seed(0)
 
     class Block(nn.Module):
         """He et al.'s basic block with an option-A (zero-padded, strided) shortcut."""
@@ -167,6 +165,17 @@ def _torch_worker() -> None:
             x = self.layers(F.relu(self.bn(self.conv(x))))
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
+    return ResNet20()
+
+
+def _torch_worker() -> None:
+    import numpy as np
+    import torch
+    from torch.nn import functional as F
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(0)
+
     images, labels = _batch()
     mean = np.array([0.4914, 0.4822, 0.4465], np.float32)
     std = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -175,7 +184,7 @@ def _torch_worker() -> None:
 
     def runner(name: str):
         if name not in built:
-            model = ResNet20()
+            model = torch_resnet20()
             x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
             if name == "torch_channels_last":
                 model = model.to(memory_format=torch.channels_last)

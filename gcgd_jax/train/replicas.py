@@ -131,6 +131,8 @@ class SeedParallelTrainer:
         overwrite: replace earlier runs in the replicas' folders.
         stream: where progress and notes go (stderr by default); a replica's
             lines start with ``[s<seed>]``.
+        datasets: ``(train, eval)`` already built for ``cfg`` (shared by every replica;
+            the data split does not depend on the seed); None loads them.
 
     Raises:
         ConfigError: as :class:`~gcgd_jax.train.trainer.Trainer`, or no seeds.
@@ -144,6 +146,7 @@ class SeedParallelTrainer:
         resume: bool = False,
         overwrite: bool = False,
         stream: TextIO | None = None,
+        datasets: tuple[Any, Any] | None = None,
     ):
         if not cfg.run.seeds:
             raise ConfigError("run.seeds: seed-parallel training needs at least one seed")
@@ -165,7 +168,6 @@ class SeedParallelTrainer:
                 if records and records[-1].get("kind") == "summary":
                     self.finished[seed] = records[-1].get("status", "completed")
         self.replicas: list[_Replica] = []
-        datasets = None
         for seed in cfg.run.seeds:
             if seed in self.finished:
                 continue
