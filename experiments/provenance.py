@@ -26,3 +26,30 @@ def git_commit(root: Path | str = REPO) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, object]:
+    """The machine a result was measured on: processor model, cores, Python, JAX and its
+    devices (imports JAX)."""
+    import os
+    import platform
+
+    import jax
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "device": f"{device.platform}: {device.device_kind}",
+        "devices": jax.device_count(),
+    }

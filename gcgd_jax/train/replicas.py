@@ -242,6 +242,7 @@ class SeedParallelTrainer:
         )
         self.fusion_breaker = lead.fusion_breaker
         self._train_compiled = self._eval_compiled = False
+        self.first_step_s: float | None = None  # compile + first step, once it ran
 
     def _note(self, message: str) -> None:
         """A line on the stream and in every replica's ``run.log``."""
@@ -439,9 +440,8 @@ class SeedParallelTrainer:
             if first:
                 jax.block_until_ready(step_metrics)
                 self._train_compiled = True
-                self._note(
-                    f"train step compiled; first step done in {time.perf_counter() - t_compile:.1f} s"
-                )
+                self.first_step_s = time.perf_counter() - t_compile
+                self._note(f"train step compiled; first step done in {self.first_step_s:.1f} s")
                 for account in accounts.values():
                     account.restart_clock()
             step += 1
