@@ -190,6 +190,37 @@ def with_overrides(suite: Suite, extra: tuple[str, ...]) -> Suite:
     return dataclasses.replace(suite, overrides=(*suite.overrides, *extra)) if extra else suite
 
 
+def _train(cmd: list[str], directories: list[Path], resume: bool, note: str | None) -> dict:
+    """Runs one ``gcgd-train`` process; writes each directory's ``run.json`` record."""
+    if resume:
+        cmd = [*cmd, "--resume"]
+    t0 = time.perf_counter()
+    with open(directories[0] / "train.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+    record = {
+        "command": shlex.join(cmd),
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if note:
+        record["note"] = note
+    for directory in directories:
+        (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _command(suite: Suite, directory: Path, overrides: tuple[str, ...]) -> list[str]:
+    cmd = [sys.executable, "-m", "gcgd_jax.train", "--config", suite.base_config]
+    cmd += ["--out", str(directory)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> dict:
     """Run (or resume) one cell in its own process; returns its ``run.json`` record."""
     directory = run_dir(out, method, budget, seed)
@@ -206,33 +237,46 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
         f"train.budget={budget}",
         "log.progress=false",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "gcgd_jax.train",
-        "--config",
-        suite.base_config,
-        "--out",
-        str(directory),
-    ]
-    for o in overrides:
-        cmd += ["--set", o]
-    if (directory / "checkpoints").exists():
-        cmd.append("--resume")
-    t0 = time.perf_counter()
-    with open(directory / "train.log", "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT.parent)
-        _, status, usage = os.wait4(proc.pid, 0)
-    record = {
-        "command": shlex.join(cmd),
-        "exit_code": os.waitstatus_to_exitcode(status),
-        "wall_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
-        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    cmd = _command(suite, directory, overrides)
+    return _train(cmd, [directory], (directory / "checkpoints").exists(), None)
+
+
+def run_seeds(suite: Suite, method: str, budget: float, seeds: list[int], out: Path) -> dict:
+    """Run (or resume) the cells of ``seeds`` of one method and budget as one seed-parallel
+    ``gcgd-train --seeds`` process (``gcgd_jax.train.replicas``); each seed's folder is
+    the folder :func:`run_one` would write, and gets the group's ``run.json`` record."""
+    if method in MATCHED_SCALE:
+        raise ValueError(f"{method} takes a per-seed control scale: run its seeds one by one")
+    group = run_dir(out, method, budget, seeds[0]).parent
+    directories = [run_dir(out, method, budget, s) for s in seeds]
+    for d in directories:
+        d.mkdir(parents=True, exist_ok=True)
+    overrides = (
+        *suite.overrides_for(method),
+        f"run.seeds={list(seeds)}",
+        f"run.name={suite.name}/{method}/b{budget:g}",
+        f"train.budget={budget}",
+        "log.progress=false",
+    )
+    cmd = _command(suite, group, overrides)
+    resume = any((d / "checkpoints").exists() for d in directories)
+    note = (
+        f"seed-parallel group of seeds {', '.join(map(str, seeds))} (one process, one jitted "
+        "step): wall_s and peak_rss_mib are the group's"
+    )
+    return _train(cmd, directories, resume, note)
+
+
+def _batches(cells: list[tuple[str, float, int]], seed_parallel: bool):
+    """The cells to run, one per process, or (``seed_parallel``) grouped by method and
+    budget in grid order (methods with a per-seed control scale stay one per process)."""
+    if not seed_parallel:
+        return [[c] for c in cells]
+    groups: dict[tuple[str, float], list] = {}
+    for c in cells:
+        key = (c[0], c[1]) if c[0] not in MATCHED_SCALE else (c[0], c[1], c[2])
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--other-seeds", type=int, help="seeds of the other methods (default: the suite's)"
+    )
+    parser.add_argument(
+        "--seed-parallel",
+        action="store_true",
+        help="train the unfinished seeds of each method and budget as one seed-parallel "
+        "gcgd-train --seeds process (same run folders)",
     )
     parser.add_argument(
         "--set",
@@ -295,20 +345,24 @@ def main(argv: list[str] | None = None) -> int:
             train_ds, _ = load_data(base_cfg)  # say which data the runs will read
             print(f"data: {base_cfg.data.name}, {train_ds.source}", flush=True)
         new = 0
-        for i, (m, b, s) in enumerate(grid):
-            if is_complete(run_dir(out, m, b, s)):
-                continue
-            if args.max_runs is not None and new >= args.max_runs:
-                break
-            print(f"[{i + 1}/{len(grid)}] {m} budget={b:g} seed={s} ...", flush=True)
-            rec = run_one(suite, m, b, s, out)
-            new += 1
+        todo = [c for c in grid if not is_complete(run_dir(out, *c))]
+        if args.max_runs is not None:
+            todo = todo[: args.max_runs]
+        for cells in _batches(todo, args.seed_parallel):
+            m, b = cells[0][0], cells[0][1]
+            seeds = [c[2] for c in cells]
+            print(f"[{new + 1}/{len(todo)}] {m} budget={b:g} seed(s) {seeds} ...", flush=True)
+            if len(cells) == 1:
+                rec = run_one(suite, m, b, seeds[0], out)
+            else:
+                rec = run_seeds(suite, m, b, seeds, out)
+            new += len(cells)
             print(
                 f"    exit {rec['exit_code']}, {rec['wall_s']} s, peak RSS {rec['peak_rss_mib']} MiB",
                 flush=True,
             )
             if rec["exit_code"] != 0:
-                failures.append((m, b, s))
+                failures.extend(cells)
     settings = "\n".join(
         f"| {m} | {', '.join(f'`{o}`' for o in suite.overrides_for(m)) or '(base configuration)'} |"
         for m in dict.fromkeys(m for m, _, _ in grid)
@@ -336,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' --quick' if args.quick else ''}"
         f"{'' if args.core_seeds is None else f' --core-seeds {args.core_seeds}'}"
         f"{'' if args.other_seeds is None else f' --other-seeds {args.other_seeds}'}"
+        f"{' --seed-parallel' if args.seed_parallel else ''}"
         f"{''.join(' --set ' + s for s in args.set)}`; per-run commands, machine, date, wall time and "
         "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
     )

@@ -64,3 +64,37 @@ def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert compare.main(argv) == 0
     assert "budget=" not in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/metrics.jsonl")}
+
+
+def test_seed_parallel_groups_cells_by_method_and_budget():
+    cells = [("baseline", 1.0, 0), ("gc_ode_scale_only", 1.0, 0), ("baseline", 1.0, 1)]
+    cells += [("baseline", 0.5, 0), ("gc_ode_scale_only", 1.0, 1)]
+    groups = compare._batches(cells, seed_parallel=True)
+    assert groups == [
+        [("baseline", 1.0, 0), ("baseline", 1.0, 1)],
+        [("gc_ode_scale_only", 1.0, 0)],  # its control scale is per seed: one by one
+        [("baseline", 0.5, 0)],
+        [("gc_ode_scale_only", 1.0, 1)],
+    ]
+    assert compare._batches(cells, seed_parallel=False) == [[c] for c in cells]
+
+
+@pytest.mark.slow
+def test_quick_suite_with_seed_parallel_groups(tmp_path, capsys):
+    argv = ["--suite", "cpu-fmnist", "--quick", "--out", str(tmp_path), "--methods", "baseline"]
+    argv += ["--core-seeds", "2", "--seed-parallel", *SYNTHETIC]
+    argv += ["--set", "run.replica_strategy=vmap"]
+    assert compare.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("seed(s) [0, 1]") == 2  # one process per budget
+    runs = load_runs(tmp_path)
+    assert sorted((r.method, r.budget, r.seed) for r in runs) == [
+        ("baseline", 0.5, 0), ("baseline", 0.5, 1), ("baseline", 1.0, 0), ("baseline", 1.0, 1)
+    ]  # fmt: skip
+    for r in runs:
+        folder = tmp_path / "runs" / "baseline" / f"b{r.budget:g}" / f"s{r.seed}"
+        info = json.loads((folder / "run.json").read_text())
+        assert info["exit_code"] == 0 and "seed-parallel group of seeds 0, 1" in info["note"]
+        assert "--set run.seeds=[0, 1]" in info["command"]
+    assert compare.main(argv) == 0  # finished: nothing runs again
+    assert "seed(s)" not in capsys.readouterr().out
