@@ -55,17 +55,12 @@ def _variant(n: int, strategy: str, quick: bool):
             [*overrides, f"run.seeds={list(range(n))}", f"run.replica_strategy={strategy}"],
         )
         g = SeedParallelTrainer(cfg, out_dir=folder, stream=io.StringIO())
-        g.state = jax.device_put(
-            jax.tree.map(lambda *a: np.stack(a), *[r.trainer.state for r in g.replicas]),
-            g.replicated,
-        )
         host = [next(iter(r.trainer.batches(0))) for r in g.replicas]
         x = jax.device_put(np.stack([h[0] for h in host]), g.replica_batch)
         y = jax.device_put(np.stack([h[1] for h in host]), g.replica_batch)
 
         def step():
-            g.state, m = g._train_step(g.state, x, y, g.fusion_breaker)
-            return m
+            return g.dispatch(x, y)
 
     t0 = time.perf_counter()
     jax.block_until_ready(step())

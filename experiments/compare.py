@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         for cells in _batches(todo, args.seed_parallel):
             m, b = cells[0][0], cells[0][1]
             seeds = [c[2] for c in cells]
-            print(f"[{new + 1}/{len(todo)}] {m} budget={b:g} seed(s) {seeds} ...", flush=True)
+            where = grid.index(cells[0]) + 1
+            print(f"[{where}/{len(grid)}] {m} budget={b:g} seed(s) {seeds} ...", flush=True)
             if len(cells) == 1:
                 rec = run_one(suite, m, b, seeds[0], out)
             else:

@@ -244,6 +244,18 @@ class SeedParallelTrainer:
         self._train_compiled = self._eval_compiled = False
         self.first_step_s: float | None = None  # compile + first step, once it ran
 
+    def dispatch(self, images: np.ndarray, labels: np.ndarray) -> dict[str, jax.Array]:
+        """One seed-parallel train step outside the loop (for benchmarks) on batches stacked
+        as ``(replicas, batch, ...)`` (host arrays, or device arrays in ``replica_batch``); returns the ``(replicas,)`` metrics as device
+        arrays without waiting. The first call stacks the replicas' current states."""
+        if not hasattr(self, "state"):
+            states = [r.trainer.state for r in self.replicas]
+            self.state = jax.device_put(_stack(states), self.replicated)
+        x = jax.device_put(images, self.replica_batch)  # no copy when already placed
+        y = jax.device_put(labels, self.replica_batch)
+        self.state, metrics = self._train_step(self.state, x, y, self.fusion_breaker)
+        return metrics
+
     def _note(self, message: str) -> None:
         """A line on the stream and in every replica's ``run.log``."""
         self.stream.write(message + "\n")

@@ -95,6 +95,6 @@ def test_quick_suite_with_seed_parallel_groups(tmp_path, capsys):
         folder = tmp_path / "runs" / "baseline" / f"b{r.budget:g}" / f"s{r.seed}"
         info = json.loads((folder / "run.json").read_text())
         assert info["exit_code"] == 0 and "seed-parallel group of seeds 0, 1" in info["note"]
-        assert "--set run.seeds=[0, 1]" in info["command"]
+        assert "run.seeds=[0, 1]" in info["command"]
     assert compare.main(argv) == 0  # finished: nothing runs again
     assert "seed(s)" not in capsys.readouterr().out
