@@ -502,31 +502,16 @@ class SeedParallelTrainer:
 
     def evaluate(self) -> list[dict[str, float]]:
         """Loss and accuracy of every replica (in stacking order) on the evaluation split."""
-        lead = self.lead
-        ds, bs, prefix = lead.eval_ds, lead.eval_batch_size, lead.eval_prefix
-        n = len(ds.labels)
+        prefix = self.lead.eval_prefix
         totals = None
         first = not self._eval_compiled
         t0 = time.perf_counter()
         if first:
             self._note("compiling the evaluation step (XLA) ...")
-        for start in range(0, n, bs):
-            images = ds.images[start : start + bs]
-            labels = ds.labels[start : start + bs]
-            weights = np.ones(len(labels), np.float32)
-            if len(labels) < bs:  # pad the last batch to the compiled shape
-                pad = bs - len(labels)
-                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-                labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-                weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+        for images, labels, weights in self.lead.eval_batches():
             state: TrainState = self.state
             out = self._eval_step(
-                state.params,
-                state.rest,
-                lead.put_batch(images),
-                lead.put_batch(labels),
-                lead.put_batch(weights),
-                self.fusion_breaker,
+                state.params, state.rest, images, labels, weights, self.fusion_breaker
             )
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
             if first:

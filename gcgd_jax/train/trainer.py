@@ -498,6 +498,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    def eval_batches(self):
+        """The evaluation split as device batches ``(images, labels, weights)`` of the
+        compiled size: the last one is padded, its padding weighted 0."""
+        ds, bs = self.eval_ds, self.eval_batch_size
+        for start in range(0, len(ds.labels), bs):
+            images = ds.images[start : start + bs]
+            labels = ds.labels[start : start + bs]
+            weights = np.ones(len(labels), np.float32)
+            if len(labels) < bs:  # pad the last batch to the compiled shape
+                pad = bs - len(labels)
+                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+                labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+                weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+            yield self.put_batch(images), self.put_batch(labels), self.put_batch(weights)
+
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on the evaluation split with the current state."""
         ds, bs = self.eval_ds, self.eval_batch_size
@@ -514,29 +529,15 @@ class Trainer:
         first = not self._eval_compiled
         if first:
             self._note("compiling the evaluation step (XLA) ...")
-        for start in range(0, n, bs):
-            images = ds.images[start : start + bs]
-            labels = ds.labels[start : start + bs]
-            weights = np.ones(len(labels), np.float32)
-            if len(labels) < bs:  # pad the last batch to the compiled shape
-                pad = bs - len(labels)
-                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-                labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-                weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+        for done, (images, labels, weights) in enumerate(self.eval_batches(), 1):
             out = self._eval_step(
-                self.state.params,
-                self.state.rest,
-                self.put_batch(images),
-                self.put_batch(labels),
-                self.put_batch(weights),
-                self.fusion_breaker,
+                self.state.params, self.state.rest, images, labels, weights, self.fusion_breaker
             )
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
             if first:
                 jax.block_until_ready(out)
                 self._eval_compiled, first = True, False
                 self._note(f"evaluation step compiled in {time.perf_counter() - t0:.1f} s")
-            done = start // bs + 1
             if bar.enabled:
                 seen = float(host_value(totals["count"]))
                 loss = float(host_value(totals["loss_sum"])) / max(seen, 1.0)
@@ -745,9 +746,7 @@ class Trainer:
         """Whether the run evaluates at the end of ``epoch`` (0-based), reached at ``step``."""
         return (epoch + 1) % self.cfg.train.eval_every_epochs == 0 or step >= self.total_steps
 
-    def _end_epoch(
-        self, epoch, step, sums, times, t0, ckpt, metrics, evaluation=None
-    ) -> None:
+    def _end_epoch(self, epoch, step, sums, times, t0, ckpt, metrics, evaluation=None) -> None:
         """Evaluation, the epoch record, the epoch-end checkpoint (in that order).
 
         ``evaluation``: ``(results, seconds)`` computed by the caller (seed-parallel runs

@@ -20,16 +20,12 @@ from gcgd_jax.train.cli import main
 from gcgd_jax.train.config import ConfigError
 from gcgd_jax.train.replicas import SeedParallelTrainer, replica_config, replica_dir
 from gcgd_jax.train.report import read_metrics
+from tests.train import test_trainer
 
 TINY = [
-    "data.name=synthetic",
-    "data.synthetic_image_shape=[8, 8, 3]",
-    "data.synthetic_train_size=32",
-    "data.synthetic_test_size=16",
-    "data.batch_size=8",
+    *test_trainer.TINY,  # ResNet-20 on 8x8 synthetic images, batch 8, 4 steps per epoch
     "optim.lr=0.01",  # at 0.05 one seed of this tiny problem amplifies rounding to 1e-3
     "train.epochs=2",
-    "log.progress=false",
 ]
 # GC-W (seeded predictor, per-replica state) + GC-ODE gradient mode (per-replica gates).
 GCGD = ["corrections.chain=['gc_w']", "corrections.gc_w.warmup=2", "model.gc_ode=gradient"]
