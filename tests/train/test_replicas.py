@@ -186,6 +186,10 @@ def test_cli_seeds(tmp_path, capsys):
     assert main([*args, "--out", str(single)]) == 0
     assert main([*args, "--seeds", "0,1", "--out", str(single)]) == 2
     assert "holds a single run" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main([*args, "--seeds", "0,1", "--out", str(a_file)]) == 2
+    assert f"output folder {a_file} is a file" in capsys.readouterr().err
 
 
 def test_config_errors():
