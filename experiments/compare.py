@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.provenance import tree_state
 from experiments.report import build_report, read_metrics
 from gcgd_jax import methods as registry
 from gcgd_jax.train.config import ConfigError, load_config
@@ -52,77 +53,147 @@ METHODS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     **{m.name: m.select for m in registry.METHODS.values()},
 }
-# The budget sweep (5 seeds x 6 budgets) covers the optimizer alone, GC-W, GC-ODE in
-# its default (gradient) mode and GCGD; the other methods, GC-ODE branch mode
-# included, get 3 seeds at the full budget.
-CORE = ("baseline", "gc_w", "gc_ode_gradient", "gcgd")
-OTHERS = tuple(m for m in METHODS if m not in CORE)
-
 # GC-W's default warm-up (100 steps, window 10) assumes runs of thousands of
-# steps; in the CPU suites' 96-step runs it would never be applied. There the
+# steps; in the short CPU suites' 96-step runs it would never be applied. There the
 # predictor trains every 4 steps and is applied from step 24 (a quarter of the
-# 100% budget). Chosen from the run length alone, not tuned on any split.
-SHORT_RUN_GC_W = ("corrections.gc_w.warmup=24", "corrections.gc_w.window=4")
-
+# 100% budget): those suites set this in their definition's [method_overrides].
 # Controls matched to a measured run: the scale-only control rescales the gradient
 # reaching every stage input by the mean gradient ratio (``gc_ode_grad_ratio``)
 # that GC-ODE's gradient mode logged at the same budget and seed, so that it is
 # the rescaling gradient mode applies, without the ODE branch.
 MATCHED_SCALE = {"gc_ode_scale_only": "gc_ode_gradient"}
 
+# The checkout the runs are made from, read once per runner process (run.json records it).
+TREE = tree_state(ROOT.parent)
+SUITE_DIR = ROOT / "suites"  # one TOML definition per suite
+REPORTS = ("budget-sweep", "long")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One block of a suite's grid: every method at every budget for every seed, run
+    seed-major (a suite cut short keeps its seeds balanced)."""
+
+    methods: tuple[str, ...]
+    budgets: tuple[float, ...]
+    seeds: tuple[int, ...]
+
+    def cells(self) -> list[tuple[str, float, int]]:
+        return [(m, b, s) for s in self.seeds for b in self.budgets for m in self.methods]
+
 
 @dataclass(frozen=True)
 class Suite:
+    """A comparison suite: a base configuration, the method × budget × seed grid as
+    phases run in order, and the report that reads it (``experiments/suites/*.toml``)."""
+
     name: str
     base_config: str
     description: str
-    budgets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    core_seeds: int = 5  # seeds for CORE methods at every budget
-    other_seeds: int = 3  # seeds for the other methods at the full budget
-    core: tuple[str, ...] = CORE
-    others: tuple[str, ...] = OTHERS
+    phases: tuple[Phase, ...]
     overrides: tuple[str, ...] = field(default_factory=tuple)
     # extra overrides per method, on top of METHODS (suite-specific settings)
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    paper_setting: str = ""
+    expected_time: str = ""
+    report: str = "budget-sweep"  # one of REPORTS
+    # the pre-registered endpoint, written into RESULTS.md before any method runs
+    preregistration: str = ""
+    # runs refuse a checkout whose tracked files differ from its commit (unless --allow-dirty)
+    require_clean: bool = False
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        return tuple(sorted({b for p in self.phases for b in p.budgets}))
 
     def overrides_for(self, method: str) -> tuple[str, ...]:
         return (*self.overrides, *METHODS[method], *self.method_overrides.get(method, ()))
 
     def grid(self) -> list[tuple[str, float, int]]:
-        full = max(self.budgets)
-        cells = []
-        for seed in range(self.core_seeds):  # seed-major: partial suites stay balanced
-            for b in self.budgets:
-                cells += [(m, b, seed) for m in self.core]
-        cells += [(m, full, s) for s in range(self.other_seeds) for m in self.others]
-        return cells
+        """Every cell once, in run order (phase by phase)."""
+        return list(dict.fromkeys(c for p in self.phases for c in p.cells()))
+
+    def with_seeds(self, n: int) -> Suite:
+        """The suite with every phase running ``n`` seeds from its first one."""
+
+        def first(p: Phase) -> int:
+            return p.seeds[0] if p.seeds else 0
+
+        phases = tuple(
+            dataclasses.replace(p, seeds=tuple(range(first(p), first(p) + n))) for p in self.phases
+        )
+        return dataclasses.replace(self, phases=phases)
+
+
+_SUITE_KEYS = {f.name for f in dataclasses.fields(Suite)} - {"phases"} | {"grid"}
+
+
+def load_suite(path: Path) -> Suite:
+    """Reads a suite definition; raises ``ValueError`` naming the file and the problem.
+
+    ``[[grid]]`` tables are the phases: ``methods`` (a list of registry names, or
+    ``"rest"``: every method not named by an earlier phase), ``budgets`` (a list),
+    ``seeds`` (a count, from 0, or a list)."""
+    import tomllib
+
+    where = f"suite definition {path}"
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    unknown = set(raw) - _SUITE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_SUITE_KEYS)}")
+    phases, named = [], []
+    for i, table in enumerate(raw.pop("grid", [])):
+        bad = set(table) - {"methods", "budgets", "seeds"}
+        if bad or not {"methods", "budgets", "seeds"} <= set(table):
+            raise ValueError(f"{where}: grid[{i}] needs exactly methods, budgets, seeds")
+        methods = table["methods"]
+        if methods == "rest":
+            methods = [m for m in METHODS if m not in named]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"{where}: grid[{i}]: unknown method(s) {unknown}")
+        seeds = table["seeds"]
+        seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
+        named += methods
+        phases.append(
+            Phase(tuple(methods), tuple(float(b) for b in table["budgets"]), tuple(seeds))
+        )
+    if not phases:
+        raise ValueError(f"{where}: no [[grid]] phase")
+    report = raw.get("report", "budget-sweep")
+    if report not in REPORTS:
+        raise ValueError(f"{where}: report must be one of {REPORTS}, got {report!r}")
+    overrides = raw.pop("method_overrides", {})
+    unknown = set(overrides) - set(METHODS)
+    if unknown:
+        raise ValueError(f"{where}: method_overrides for unknown method(s) {sorted(unknown)}")
+    return Suite(
+        phases=tuple(phases),
+        overrides=tuple(raw.pop("overrides", ())),
+        method_overrides={m: tuple(v) for m, v in overrides.items()},
+        **raw,
+    )
 
 
 SUITES: dict[str, Suite] = {
-    "cpu-fmnist": Suite(
-        name="cpu-fmnist",
-        base_config="cpu_fmnist",
-        description="Fashion-MNIST subset on the 2-core CPU (see gcgd_jax/configs/cpu_fmnist.toml).",
-        method_overrides={"gc_w": SHORT_RUN_GC_W, "gcgd": SHORT_RUN_GC_W},
-    ),
-    "cpu-cifar10": Suite(
-        name="cpu-cifar10",
-        base_config="cpu_cifar10",
-        description="CIFAR-10 (JPEG copy) subset on the 2-core CPU (see gcgd_jax/configs/cpu_cifar10.toml).",
-        method_overrides={"gc_w": SHORT_RUN_GC_W, "gcgd": SHORT_RUN_GC_W},
-    ),
-    "gpu-cifar10-resnet20": Suite(
-        name="gpu-cifar10-resnet20",
-        base_config="cifar10_resnet20",
-        description="He et al. ResNet-20 on full CIFAR-10: SGD 0.9, lr 0.1, wd 1e-4, batch 128, "
-        "64k iterations, lr/10 at 32k and 48k (gcgd_jax/configs/cifar10_resnet20.toml).",
-        budgets=(1.0,),
-        core_seeds=3,
-        other_seeds=0,
-        core=("baseline", "gcgd"),
-        others=(),
-    ),
+    s.name: s for s in (load_suite(p) for p in sorted(SUITE_DIR.glob("*.toml")))
 }
+
+
+def dirty_tree_error(suite: Suite) -> str | None:
+    """The error of running ``suite`` from this checkout: ``None`` unless the suite requires
+    a clean checkout (``require_clean``) and this one is not."""
+    if not suite.require_clean or TREE["clean"]:
+        return None
+    changed = ", ".join(TREE["changed"][:8]) + (" ..." if len(TREE["changed"]) > 8 else "")
+    return (
+        f"suite {suite.name} runs from a clean checkout (every run.json records its commit); "
+        f"this one differs from {TREE['commit']} in: {changed}. Commit or stash the changes "
+        "(or run from a worktree of the campaign's commit), or pass --allow-dirty"
+    )
 
 
 def quick(suite: Suite) -> Suite:
@@ -131,12 +202,10 @@ def quick(suite: Suite) -> Suite:
         name=f"{suite.name}-quick",
         base_config=suite.base_config,
         description=f"Smoke test of {suite.name}: tiny subsets; numbers are meaningless.",
-        budgets=(0.5, 1.0),
-        core_seeds=1,
-        other_seeds=0,
-        core=("baseline", "gc_w", "gcgd"),
-        others=(),
+        phases=(Phase(("baseline", "gc_w", "gcgd"), (0.5, 1.0), (0,)),),
         method_overrides=suite.method_overrides,
+        report=suite.report,
+        preregistration=suite.preregistration,
         overrides=(
             "data.train_subset=256",
             "data.test_subset=128",
@@ -205,6 +274,8 @@ def _train(cmd: list[str], directories: list[Path], resume: bool, note: str | No
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "machine": f"{platform.platform()}, {os.cpu_count()} cores",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "commit": TREE["commit"],
+        "clean_tree": TREE["clean"],
     }
     if note:
         record["note"] = note
@@ -291,10 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated subset of methods to run")
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
     parser.add_argument(
-        "--core-seeds", type=int, help="seeds of the core methods (default: the suite's)"
+        "--seeds", type=int, help="seeds of every phase of the grid (default: the suite's)"
     )
     parser.add_argument(
-        "--other-seeds", type=int, help="seeds of the other methods (default: the suite's)"
+        "--allow-dirty",
+        action="store_true",
+        help="run a suite that requires a clean checkout from one whose tracked files differ "
+        "from its commit (each run.json records it)",
     )
     parser.add_argument(
         "--seed-parallel",
@@ -313,12 +387,10 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
     suite = with_overrides(suite, tuple(args.set))
-    for name in ("core_seeds", "other_seeds"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 0:
-                parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-            suite = dataclasses.replace(suite, **{name: value})
+    if args.seeds is not None:
+        if args.seeds < 0:
+            parser.error(f"--seeds must be >= 0, got {args.seeds}")
+        suite = suite.with_seeds(args.seeds)
     try:  # fail before the first run, with the config error, not inside 100 subprocesses
         base_cfg = load_config(suite.base_config, list(suite.overrides))
     except ConfigError as err:
@@ -338,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     failures = []
+    dirty = dirty_tree_error(suite)
+    if dirty and not args.report_only and not args.allow_dirty:
+        parser.error(dirty)
     if not args.report_only:
         if not all(is_complete(run_dir(out, m, b, s)) for m, b, s in grid):
             from gcgd_jax.train import load_data
@@ -389,14 +464,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f"Produced by `python -m experiments.compare --suite {args.suite}"
         f"{' --quick' if args.quick else ''}"
-        f"{'' if args.core_seeds is None else f' --core-seeds {args.core_seeds}'}"
-        f"{'' if args.other_seeds is None else f' --other-seeds {args.other_seeds}'}"
+        f"{'' if args.seeds is None else f' --seeds {args.seeds}'}"
         f"{' --seed-parallel' if args.seed_parallel else ''}"
         f"{''.join(' --set ' + s for s in args.set)}`; per-run commands, machine, date, wall time and "
         "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
     )
     try:
-        build_report(out, title=f"Suite {suite.name}", notes=header)
+        if suite.report == "long":
+            from experiments.long_report import build_long_report
+
+            build_long_report(out, suite, notes=header)
+        else:
+            build_report(out, title=f"Suite {suite.name}", notes=header)
         print(f"report: {out / 'RESULTS.md'}")
     except FileNotFoundError as err:
         print(f"no report: {err}", file=sys.stderr)

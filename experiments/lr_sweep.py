@@ -29,11 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.compare import RESULTS, SUITES, is_complete, run_dir, run_one, with_overrides
+from experiments.compare import (
+    RESULTS,
+    SUITES,
+    TREE,
+    dirty_tree_error,
+    is_complete,
+    run_dir,
+    run_one,
+    with_overrides,
+)
 from experiments.report import read_metrics
 
 DEFAULT_LRS = (0.05, 0.1, 0.2, 0.4)
-VAL_OVERRIDES = ("data.val_fraction=0.1", "data.eval_split=val")
+# The test split is never read: no final test evaluation either.
+VAL_OVERRIDES = ("data.val_fraction=0.1", "data.eval_split=val", "train.final_test=false")
 
 
 def choose(val_acc: dict[float, list[float]]) -> float:
@@ -48,20 +58,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
     parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS))
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are first-seed, first-seed + 1, ... (tuning seeds apart from report seeds)",
+    )
+    parser.add_argument("--allow-dirty", action="store_true", help="see experiments.compare")
     parser.add_argument("--out", type=Path, help="default experiments/results/lr_sweep/<suite>")
     args = parser.parse_args(argv)
     try:
         lrs = tuple(float(x) for x in args.lrs.split(","))
     except ValueError:
         parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
-    if any(lr <= 0 for lr in lrs) or args.seeds < 1:
-        parser.error("learning rates must be > 0 and --seeds >= 1")
+    if any(lr <= 0 for lr in lrs) or args.seeds < 1 or args.first_seed < 0:
+        parser.error("learning rates must be > 0, --seeds >= 1 and --first-seed >= 0")
     base = SUITES[args.suite]
+    dirty = dirty_tree_error(base)
+    if dirty and not args.allow_dirty:
+        parser.error(dirty)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     out = args.out or RESULTS / "lr_sweep" / args.suite
     full = max(base.budgets)
     val_acc: dict[float, list[float]] = {}
     runs = []
-    for seed in range(args.seeds):  # seed-major: a partial sweep stays balanced
+    for seed in seeds:  # seed-major: a partial sweep stays balanced
         for lr in lrs:
             suite = with_overrides(base, (*VAL_OVERRIDES, f"optim.lr={lr:g}"))
             lr_out = out / f"lr{lr:g}"
@@ -70,23 +91,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lr={lr:g} seed={seed} ...", flush=True)
                 rec = run_one(suite, "baseline", full, seed, lr_out)
                 if rec["exit_code"] != 0:
-                    print(f"run failed (exit {rec['exit_code']}): {directory}/train.log", file=sys.stderr)
+                    print(
+                        f"run failed (exit {rec['exit_code']}): {directory}/train.log",
+                        file=sys.stderr,
+                    )
                     return 1
     for lr in lrs:
-        for seed in range(args.seeds):
+        for seed in seeds:
             metrics = run_dir(out / f"lr{lr:g}", "baseline", full, seed) / "metrics.jsonl"
             _, summary = read_metrics(metrics)
             acc = float(summary["final_val_acc"])
             val_acc.setdefault(lr, []).append(acc)
             runs.append({"lr": lr, "seed": seed, "final_val_acc": acc})
     chosen = choose(val_acc)
-    command = "python -m experiments.lr_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.lr_sweep " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     record = {
         "suite": args.suite,
         "base_config": base.base_config,
         "overrides": [*base.overrides, *VAL_OVERRIDES],
         "lrs": list(lrs),
-        "seeds": args.seeds,
+        "seeds": list(seeds),
+        "commit": TREE["commit"],
+        "clean_tree": TREE["clean"],
         "runs": runs,
         "mean_val_acc": {f"{lr:g}": float(np.mean(v)) for lr, v in val_acc.items()},
         "chosen_lr": chosen,
@@ -104,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     edge = chosen in (min(lrs), max(lrs))
     (out / "SWEEP.md").write_text(
         f"# Base learning-rate sweep: {args.suite} (baseline, validation split)\n\n"
-        f"Baseline of `{base.base_config}` at the full budget, {args.seeds} seeds per learning rate, "
+        f"Baseline of `{base.base_config}` at the full budget, {args.seeds} seeds per learning rate "
+        f"({', '.join(map(str, seeds))}), "
         "trained on the suite's training subset drawn from 90% of the training split and "
         "evaluated on the suite's evaluation-subset size taken from the other 10% "
         f"(`{' '.join(VAL_OVERRIDES)}`); the test split is not read. Chosen: the highest mean "
@@ -112,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (at the edge of the grid: extend the grid past it)' if edge else ''}.\n\n"
         "| lr | final val acc per seed (%) | mean (%) | |\n|---|---|---|---|\n"
         f"{rows}\n\n"
-        f"Command: `{command}`; machine: {record['machine']}; date: {record['date']}.\n"
+        f"Command: `{command}`; machine: {record['machine']}; date: {record['date']}; "
+        f"commit {record['commit']}{'' if record['clean_tree'] else ' (tracked changes)'}.\n"
     )
     print(f"chosen lr = {chosen:g} (mean val acc {100 * np.mean(val_acc[chosen]):.2f}%)")
     return 0

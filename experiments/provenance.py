@@ -28,6 +28,35 @@ def git_commit(root: Path | str = REPO) -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def tree_state(root: Path | str = REPO) -> dict[str, object]:
+    """``{"commit", "clean", "changed"}`` of the checkout at ``root``: its commit (``None``
+    outside git), whether its tracked files equal that commit and no untracked file lies
+    outside ``experiments/results/`` (results being written do not make a tree dirty), and
+    the paths that make it dirty."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "clean": False, "changed": ["(not a git checkout)"]}
+    changed = []
+    for line in status.splitlines():
+        code, path = line[:2], line[3:]
+        if code == "??" and path.startswith("experiments/results/"):
+            continue
+        changed.append(path)
+    return {"commit": head, "clean": not changed, "changed": changed}
+
+
 def machine() -> dict[str, object]:
     """The machine a result was measured on: processor model, cores, Python, JAX and its
     devices (imports JAX)."""

@@ -23,22 +23,25 @@ _CROP_FLIP_DATASETS = ("cifar10", "cifar100")
 
 
 
+def _load_split(cfg: TrainConfig, split: str):
+    from gcgd_jax import data as gdata
+
+    d = cfg.data
+    if d.name == "synthetic":
+        size = d.synthetic_train_size if split == "train" else d.synthetic_test_size
+        shape, k = tuple(d.synthetic_image_shape), d.synthetic_num_classes
+        return gdata.synthetic_dataset(size, shape, k, seed=d.seed, split=split)
+    kwargs = {"data_dir": d.data_dir, "cache_dir": d.cache_dir, "download": d.download}
+    return gdata.load_dataset(d.name, split, **kwargs)
+
+
 def load_data(cfg: TrainConfig):
     """``(train, eval)`` data sets of ``cfg`` (subsets and validation split applied)."""
     from gcgd_jax import data as gdata
 
     d = cfg.data
-    if d.name == "synthetic":
-        shape = tuple(d.synthetic_image_shape)
-        k = d.synthetic_num_classes
-        train = gdata.synthetic_dataset(
-            d.synthetic_train_size, shape, k, seed=d.seed, split="train"
-        )
-        test = gdata.synthetic_dataset(d.synthetic_test_size, shape, k, seed=d.seed, split="test")
-    else:
-        kwargs = {"data_dir": d.data_dir, "cache_dir": d.cache_dir, "download": d.download}
-        train = gdata.load_dataset(d.name, "train", **kwargs)
-        test = gdata.load_dataset(d.name, "test", **kwargs) if d.eval_split == "test" else None
+    train = _load_split(cfg, "train")
+    test = _load_split(cfg, "test") if d.eval_split == "test" else None
     try:
         if d.val_fraction > 0.0:
             train, val = gdata.split_validation(train, d.val_fraction, seed=d.seed)
@@ -50,6 +53,22 @@ def load_data(cfg: TrainConfig):
     except ValueError as err:
         raise ConfigError(f"data: {err}") from None
     return train, eval_ds
+
+
+def load_final_test(cfg: TrainConfig):
+    """The test split evaluated once after the last step (``train.final_test``), with
+    ``data.test_subset`` applied as to the evaluated split; ``None`` when not asked for."""
+    from gcgd_jax import data as gdata
+
+    if not cfg.train.final_test:
+        return None
+    test = _load_split(cfg, "test")
+    if cfg.data.test_subset is not None:
+        try:
+            test = gdata.take(test, cfg.data.test_subset, seed=cfg.data.seed)
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from None
+    return test
 
 
 def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptions:

@@ -178,7 +178,7 @@ class SeedParallelTrainer:
                 stream=_Prefixed(self.stream, f"[s{seed}] "),
                 datasets=datasets,
             )
-            datasets = (trainer.train_ds, trainer.eval_ds)
+            datasets = trainer.datasets
             self.replicas.append(_Replica(seed, trainer, len(self.replicas)))
         if self.replicas:
             self._build()
@@ -330,11 +330,12 @@ class SeedParallelTrainer:
                     status = "stopped" if step < lead.total_steps else status
                     break
             wall = time.perf_counter() - run_start
+            finals = self.final_test() if status == "completed" else [None] * n
             for r in self.replicas:
                 if r.stopped is not None:
                     continue
                 self._sync(r)
-                summary = r.trainer._summary(status, step, r.start_step, wall)
+                summary = r.trainer._summary(status, step, r.start_step, wall, finals[r.index])
                 summary["replicas"] = n
                 summaries[r.seed] = summary
                 if status == "completed":
@@ -500,15 +501,29 @@ class SeedParallelTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> list[dict[str, float]]:
-        """Loss and accuracy of every replica (in stacking order) on the evaluation split."""
-        prefix = self.lead.eval_prefix
+    def final_test(self) -> list[dict[str, float] | None]:
+        """``train.final_test``: every replica's ``final_test_loss`` / ``final_test_acc`` (in
+        stacking order, each logged in its run.log); ``None`` each when not asked for."""
+        lead = self.lead
+        if lead.test_ds is None:
+            return [None] * len(self.replicas)
+        t0 = time.perf_counter()
+        results = self.evaluate(lead.test_ds, "test")
+        seconds = time.perf_counter() - t0
+        for r, result in zip(self.replicas, results, strict=True):
+            r.trainer._note(r.trainer._final_test_line(result, seconds))
+        return [{f"final_{k}": v for k, v in result.items()} for result in results]
+
+    def evaluate(self, ds: Any = None, prefix: str | None = None) -> list[dict[str, float]]:
+        """Loss and accuracy of every replica (in stacking order) on the evaluation split
+        (or on ``ds``, its keys named ``prefix``)."""
+        prefix = self.lead.eval_prefix if prefix is None else prefix
         totals = None
         first = not self._eval_compiled
         t0 = time.perf_counter()
         if first:
             self._note("compiling the evaluation step (XLA) ...")
-        for images, labels, weights in self.lead.eval_batches():
+        for images, labels, weights in self.lead.eval_batches(ds):
             state: TrainState = self.state
             out = self._eval_step(
                 state.params, state.rest, images, labels, weights, self.fusion_breaker

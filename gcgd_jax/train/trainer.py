@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from gcgd_jax import methods
-from gcgd_jax.train.build import build_model, load_data, step_options
+from gcgd_jax.train.build import build_model, load_data, load_final_test, step_options
 from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
 from gcgd_jax.train.config import (
     ConfigError,
@@ -240,7 +240,9 @@ class Trainer:
         overwrite: delete an earlier run's metrics and checkpoints in ``out_dir``.
         stream: where progress and notes go (stderr by default).
         datasets: ``(train, eval)`` data sets already built for this configuration
-            (:func:`gcgd_jax.train.build.load_data`); None loads them.
+            (:func:`gcgd_jax.train.build.load_data`), or ``(train, eval, test)`` with
+            ``train.final_test``'s test split (:func:`~gcgd_jax.train.build.load_final_test`);
+            None loads them.
 
     Raises:
         ConfigError: invalid settings found while building (data, model,
@@ -257,7 +259,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         stream: TextIO | None = None,
-        datasets: tuple[Any, Any] | None = None,
+        datasets: tuple[Any, ...] | None = None,
     ):
         self.cfg = cfg
         self.out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
@@ -332,9 +334,13 @@ class Trainer:
         fb = run.fusion_breaker
         self.use_fusion_breaker = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
 
-    def _setup_data(self, datasets: tuple[Any, Any] | None = None) -> None:
+    def _setup_data(self, datasets: tuple[Any, ...] | None = None) -> None:
         cfg = self.cfg
-        self.train_ds, self.eval_ds = load_data(cfg) if datasets is None else datasets
+        if datasets is None:
+            datasets = load_data(cfg)
+        self.train_ds, self.eval_ds = datasets[:2]
+        # train.final_test: the test split, evaluated once after the last step
+        self.test_ds = datasets[2] if len(datasets) > 2 else load_final_test(cfg)
         self.eval_prefix = "val" if cfg.data.eval_split == "val" else "test"
         n_train = len(self.train_ds.labels)
         bs = cfg.data.batch_size
@@ -498,10 +504,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def eval_batches(self):
-        """The evaluation split as device batches ``(images, labels, weights)`` of the
-        compiled size: the last one is padded, its padding weighted 0."""
-        ds, bs = self.eval_ds, self.eval_batch_size
+    @property
+    def datasets(self) -> tuple[Any, ...]:
+        """``(train, eval)``, or ``(train, eval, test)`` with ``train.final_test``: the data
+        sets this trainer reads, to hand to another trainer of the same configuration."""
+        return (self.train_ds, self.eval_ds, *(() if self.test_ds is None else (self.test_ds,)))
+
+    def eval_batches(self, ds: Any = None):
+        """The evaluation split (or ``ds``) as device batches ``(images, labels, weights)``
+        of the compiled size: the last one is padded, its padding weighted 0."""
+        ds = self.eval_ds if ds is None else ds
+        bs = self.eval_batch_size
         for start in range(0, len(ds.labels), bs):
             images = ds.images[start : start + bs]
             labels = ds.labels[start : start + bs]
@@ -513,15 +526,18 @@ class Trainer:
                 weights = np.concatenate([weights, np.zeros(pad, np.float32)])
             yield self.put_batch(images), self.put_batch(labels), self.put_batch(weights)
 
-    def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on the evaluation split with the current state."""
-        ds, bs = self.eval_ds, self.eval_batch_size
+    def evaluate(self, ds: Any = None, prefix: str | None = None) -> dict[str, float]:
+        """Loss and accuracy on the evaluation split (or on ``ds``, its keys named
+        ``prefix``) with the current state."""
+        ds = self.eval_ds if ds is None else ds
+        prefix = self.eval_prefix if prefix is None else prefix
+        bs = self.eval_batch_size
         n = len(ds.labels)
         totals = None
         bar = ProgressBar(
             -(-n // bs),
             bs,
-            f"evaluating on {self.eval_prefix}",
+            f"evaluating on {prefix}",
             enabled=self.cfg.log.progress and self.is_main,
             stream=self.stream,
         )
@@ -529,7 +545,7 @@ class Trainer:
         first = not self._eval_compiled
         if first:
             self._note("compiling the evaluation step (XLA) ...")
-        for done, (images, labels, weights) in enumerate(self.eval_batches(), 1):
+        for done, (images, labels, weights) in enumerate(self.eval_batches(ds), 1):
             out = self._eval_step(
                 self.state.params, self.state.rest, images, labels, weights, self.fusion_breaker
             )
@@ -545,10 +561,7 @@ class Trainer:
         bar.close()
         totals = {k: float(host_value(v)) for k, v in totals.items()}
         count = max(totals["count"], 1.0)
-        return {
-            f"{self.eval_prefix}_loss": totals["loss_sum"] / count,
-            f"{self.eval_prefix}_acc": totals["correct"] / count,
-        }
+        return {f"{prefix}_loss": totals["loss_sum"] / count, f"{prefix}_acc": totals["correct"] / count}
 
     def _checkpointer(self) -> Checkpointer | None:
         if not self.cfg.checkpoint.enabled:
@@ -685,7 +698,10 @@ class Trainer:
                 if stop_at_step is not None and step >= stop_at_step:
                     status = "stopped" if step < self.total_steps else status
                     break
-            summary = self._summary(status, step, start_step, time.perf_counter() - run_start)
+            final = self.final_test() if status == "completed" else None
+            summary = self._summary(
+                status, step, start_step, time.perf_counter() - run_start, final
+            )
             if status == "completed" and jax.process_index() == 0:
                 metrics.write(summary)
                 self._log(self.summary_table())
@@ -897,7 +913,30 @@ class Trainer:
                 parts.append(fmt.format(r[key]))
         return " | ".join(parts)
 
-    def _summary(self, status: str, step: int, start_step: int, wall: float) -> dict[str, Any]:
+    def final_test(self) -> dict[str, float] | None:
+        """``train.final_test``: loss and accuracy on the test split with the current state,
+        as ``final_test_loss`` / ``final_test_acc`` (logged); ``None`` when not asked for."""
+        if self.test_ds is None:
+            return None
+        t0 = time.perf_counter()
+        result = self.evaluate(self.test_ds, "test")
+        self._note(self._final_test_line(result, time.perf_counter() - t0))
+        return {f"final_{k}": v for k, v in result.items()}
+
+    def _final_test_line(self, result: dict[str, float], seconds: float) -> str:
+        return (
+            f"final test ({len(self.test_ds.labels)} examples, {seconds:.1f} s): "
+            f"loss {result['test_loss']:.4f}, acc {100 * result['test_acc']:.2f}%"
+        )
+
+    def _summary(
+        self,
+        status: str,
+        step: int,
+        start_step: int,
+        wall: float,
+        final_test: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         records = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("kind") == "epoch"]
         key = f"{self.eval_prefix}_acc"
         evaluated = [r for r in records if r.get(key) is not None]
@@ -917,6 +956,7 @@ class Trainer:
             f"final_{key}": evaluated[-1][key] if evaluated else None,
             f"best_{key}": best[key] if best else None,
             "best_epoch": best["epoch"] if best else None,
+            **(final_test or {}),
             "nonfinite_steps": int(host_value(self.state.nonfinite)),
             "images_per_s_median": statistics.median(speeds) if speeds else None,
             "wall_time": wall,

@@ -20,7 +20,10 @@ def test_grid_sizes_follow_the_protocol():
     grid = s.grid()
     # 5 seeds x 6 budgets (0.5 ... 1.0) for the core methods, 3 seeds at 100% for the others.
     assert s.budgets == (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    assert len(grid) == 5 * 6 * len(s.core) + 3 * len(s.others)
+    core, others = s.phases
+    assert core.methods == ("baseline", "gc_w", "gc_ode_gradient", "gcgd")
+    assert others.methods == tuple(m for m in METHODS if m not in core.methods)  # "rest"
+    assert len(grid) == 5 * 6 * len(core.methods) + 3 * len(others.methods)
     assert {m for m, _, _ in grid} == set(METHODS)
     assert len(set(grid)) == len(grid)
 
@@ -29,7 +32,7 @@ def test_grid_sizes_follow_the_protocol():
     "argv, message",
     [
         (["--set", "data.nme=x"], "unknown key data.nme"),
-        (["--core-seeds", "-1"], "--core-seeds must be >= 0"),
+        (["--seeds", "-1"], "--seeds must be >= 0"),
         (["--methods", "baseline,gc_x"], "unknown method(s) ['gc_x']"),
     ],
 )

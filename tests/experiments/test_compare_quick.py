@@ -82,7 +82,7 @@ def test_seed_parallel_groups_cells_by_method_and_budget():
 @pytest.mark.slow
 def test_quick_suite_with_seed_parallel_groups(tmp_path, capsys):
     argv = ["--suite", "cpu-fmnist", "--quick", "--out", str(tmp_path), "--methods", "baseline"]
-    argv += ["--core-seeds", "2", "--seed-parallel", *SYNTHETIC]
+    argv += ["--seeds", "2", "--seed-parallel", *SYNTHETIC]
     argv += ["--set", "run.replica_strategy=vmap"]
     assert compare.main(argv) == 0
     out = capsys.readouterr().out

@@ -42,11 +42,7 @@ def tiny_suite(tmp_path, monkeypatch):
         name="tiny",
         base_config=str(base),
         description="A tiny suite for the runner's tests.",
-        budgets=(1.0,),
-        core_seeds=1,
-        other_seeds=0,
-        core=("baseline", "broken", "gc_w"),
-        others=(),
+        phases=(compare.Phase(("baseline", "broken", "gc_w"), (1.0,), (0,)),),
     )
     monkeypatch.setitem(compare.SUITES, "tiny", suite)
     return suite

@@ -163,6 +163,9 @@ class TrainLoopConfig:
     budget: float = 1.0  # scales the number of steps, and with it the lr schedule
     nan_policy: Literal["stop", "skip"] = "stop"  # stop: checkpoint last good state, exit
     eval_every_epochs: int = 1  # evaluate every n epochs (and always after the last)
+    # with data.eval_split = "val": also evaluate the test split once, after the last step
+    # (summary record: final_test_loss, final_test_acc); the epochs see validation only
+    final_test: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

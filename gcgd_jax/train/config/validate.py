@@ -86,6 +86,12 @@ def validate(cfg: TrainConfig) -> None:
         data.eval_split != "val" or data.val_fraction > 0.0,
         "data.eval_split = 'val' needs data.val_fraction > 0",
     )
+    _check(
+        p,
+        not cfg.train.final_test or data.eval_split == "val",
+        "train.final_test = true needs data.eval_split = 'val' (with the test split evaluated "
+        "every epoch, the final evaluation is the test one already)",
+    )
     if data.name == "synthetic":
         _check(p, data.synthetic_train_size >= 1, "data.synthetic_train_size: must be >= 1")
         _check(p, data.synthetic_test_size >= 1, "data.synthetic_test_size: must be >= 1")

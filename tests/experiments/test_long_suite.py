@@ -1,0 +1,193 @@
+"""Suite definitions (``experiments/suites/*.toml``), the pre-registered ``cpu-cifar10-long``
+suite, the clean-tree rule, and its report on fabricated runs with known statistics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from experiments import compare, long_report
+from experiments.compare import SUITES, load_suite
+from gcgd_jax.train import load_config
+
+LONG = SUITES["cpu-cifar10-long"]
+
+
+def test_every_suite_definition_names_its_setting_and_time():
+    assert set(SUITES) >= {"cpu-fmnist", "cpu-cifar10", "cpu-cifar10-long", "gpu-cifar10-resnet20"}
+    for s in SUITES.values():
+        assert s.paper_setting and s.expected_time, s.name
+        assert (compare.SUITE_DIR / f"{s.name}.toml").exists()
+
+
+def test_long_suite_follows_the_protocol():
+    cfg = load_config(LONG.base_config, list(LONG.overrides))
+    assert (cfg.data.train_subset, cfg.data.val_fraction, cfg.data.eval_split) == (
+        10240,
+        0.1,
+        "val",
+    )
+    assert cfg.train.final_test and cfg.data.test_subset is None
+    assert cfg.train.epochs * (10240 // cfg.data.batch_size) == 1600
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.warmup_epochs) == (0.9, 5e-4, 1.0)
+    assert LONG.report == "long" and LONG.require_clean
+    assert LONG.method_overrides == {}  # every method at its documented defaults
+    assert "Primary endpoint" in LONG.preregistration
+    grid = LONG.grid()
+    # The baseline's sanity cells first, then GCGD: a partial campaign answers the primary first.
+    assert grid[:10] == [("baseline", b, s) for s in range(5) for b in (1.0, 0.8)]
+    assert set(grid[10:20]) == {("gcgd", b, s) for s in range(5) for b in (0.8, 1.0)}
+    assert len(grid) == 57 and len(set(grid)) == 57
+    # The scale-only control comes after the gradient-mode run it replays.
+    assert grid.index(("gc_ode_gradient", 1.0, 0)) < grid.index(("gc_ode_scale_only", 1.0, 0))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('name = "x"\nbase_config = "quickstart"\ndescription = "d"\n', "no [[grid]] phase"),
+        ('name = "x"\nbase_confg = "q"\n', "unknown key(s) ['base_confg']"),
+        (
+            (
+                'name = "x"\nbase_config = "q"\ndescription = "d"\n'
+                '[[grid]]\nmethods = ["gc_x"]\nbudgets = [1.0]\nseeds = 1\n'
+            ),
+            "unknown method(s) ['gc_x']",
+        ),
+        (
+            'name = "x"\nbase_config = "q"\ndescription = "d"\n[[grid]]\nmethods = ["gc_w"]\n',
+            "grid[0] needs exactly methods, budgets, seeds",
+        ),
+        (
+            (
+                'name = "x"\nbase_config = "q"\ndescription = "d"\nreport = "short"\n'
+                '[[grid]]\nmethods = ["gc_w"]\nbudgets = [1.0]\nseeds = 1\n'
+            ),
+            "report must be one of",
+        ),
+    ],
+)
+def test_bad_suite_definitions_name_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="suite definition .*bad.toml") as err:
+        load_suite(path)
+    assert message in str(err.value)
+
+
+def test_a_suite_that_requires_a_clean_tree_refuses_a_dirty_one(monkeypatch, tmp_path, capsys):
+    dirty = {"commit": "abc123", "clean": False, "changed": ["gcgd_jax/methods.py"]}
+    monkeypatch.setattr(compare, "TREE", dirty)
+    argv = ["--suite", "cpu-cifar10-long", "--out", str(tmp_path), "--max-runs", "0"]
+    with pytest.raises(SystemExit) as exc:
+        compare.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "differs from abc123 in: gcgd_jax/methods.py" in err and "--allow-dirty" in err
+    assert not (tmp_path / "runs").exists()
+    # The report can always be rebuilt; --allow-dirty lets runs go (none here: --max-runs 0).
+    assert compare.main([*argv, "--report-only"]) == 0
+    assert compare.main([*argv, "--allow-dirty"]) == 0
+    assert "Primary endpoint: pending" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_tree_state_ignores_results_being_written_but_not_code(tmp_path):
+    import subprocess
+
+    from experiments.provenance import tree_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    (tmp_path / "experiments" / "results" / "s").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "s" / "metrics.jsonl").write_text("{}\n")
+    state = tree_state(tmp_path)
+    assert state["clean"] and len(state["commit"]) == 40
+    (tmp_path / "b.py").write_text("y = 2\n")  # an untracked source file is a change
+    assert tree_state(tmp_path)["changed"] == ["b.py"]
+    (tmp_path / "b.py").unlink()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert tree_state(tmp_path)["changed"] == ["a.py"]
+
+
+# ---------------------------------------------------------------- the report, on known numbers
+
+BASE_1 = [0.72, 0.73, 0.71, 0.74, 0.725]
+BASE_08 = [0.70, 0.71, 0.695, 0.72, 0.705]
+GCGD_08 = [0.721, 0.728, 0.712, 0.735, 0.73]
+
+
+def _write_run(out, method, budget, seed, test_acc, val_curve):
+    d = compare.run_dir(out, method, budget, seed)
+    d.mkdir(parents=True)
+    records = [
+        {"kind": "epoch", "epoch": i + 1, "step": 80 * (i + 1), "val_acc": v, "epoch_time": 10.0}
+        for i, v in enumerate(val_curve)
+    ]
+    records.append(
+        {
+            "kind": "summary",
+            "status": "completed",
+            "final_val_acc": val_curve[-1],
+            "final_test_acc": test_acc,
+        }
+    )
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "run.json").write_text(json.dumps({"commit": "f" * 40, "clean_tree": True}))
+
+
+def test_long_report_draws_the_preregistered_verdict_from_the_runs(tmp_path):
+    for s in range(5):
+        _write_run(tmp_path, "baseline", 1.0, s, BASE_1[s], [0.5, 0.6, 0.70 + s * 0.001])
+        _write_run(tmp_path, "baseline", 0.8, s, BASE_08[s], [0.5, 0.69])
+        _write_run(tmp_path, "gcgd", 0.8, s, GCGD_08[s], [0.5, 0.71])
+    text = long_report.build_long_report(tmp_path, LONG, notes="settings")
+    first = text.splitlines()[2]
+
+    def interval(a, b):
+        d = 100 * (np.array(a) - np.array(b))
+        half = scipy.stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+        return d.mean(), d.mean() - half
+
+    mean_a, low_a = interval(GCGD_08, BASE_1)
+    mean_b, low_b = interval(GCGD_08, BASE_08)
+    assert low_a > -0.5 and low_b > 0  # both supported by construction
+    assert first.startswith("**Primary endpoint: the ~20% claim holds here**"), first
+    assert (
+        f"{mean_a:+.2f} pp [{low_a:+.2f}," in first and f"{mean_b:+.2f} pp [{low_b:+.2f}," in first
+    )
+    # Sanity: 72.5% >= 70% and the paired gap 1.9 pp >= 1 pp.
+    assert "72.50%" in text and "passes the ≥ 70% check" in text
+    assert "passes the ≥ 1 pp check" in text
+    # Time to result: target = median final val of baseline@1.0 (0.702); GCGD@0.8 reaches
+    # it at its second evaluation (step 160) in every run, baseline@0.8 never.
+    assert "70.20%" in text
+    assert "| gcgd | 0.8 | 5 | 5 of 5 (100%) | 160 | 20 |" in text
+    assert "| baseline | 0.8 | 5 | 0 of 5 (0%) | — | — |" in text
+    assert (tmp_path / "accuracy_vs_epoch.png").stat().st_size > 0
+    # A worse GCGD fails (b): the verdict turns, from the same code.
+    for s in range(5):
+        shutil.rmtree(compare.run_dir(tmp_path, "gcgd", 0.8, s))
+        _write_run(tmp_path, "gcgd", 0.8, s, BASE_08[s] + 0.001 * (-1) ** s, [0.5, 0.69])
+    text = long_report.build_long_report(tmp_path, LONG)
+    assert text.splitlines()[2].startswith(
+        "**Primary endpoint: the ~20% claim does not hold here**"
+    )
+
+
+def test_long_report_draws_no_verdict_from_a_partial_grid(tmp_path):
+    for s in range(3):
+        _write_run(tmp_path, "baseline", 1.0, s, BASE_1[s], [0.7])
+        _write_run(tmp_path, "baseline", 0.8, s, BASE_08[s], [0.7])
+        _write_run(tmp_path, "gcgd", 0.8, s, GCGD_08[s], [0.7])
+    text = long_report.build_long_report(tmp_path, LONG)
+    assert "**Primary endpoint: pending.**" in text
+    assert "Pending: baseline@1.0 3 of 5 seeds" in text
