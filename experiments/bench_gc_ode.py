@@ -11,9 +11,7 @@ Configurations: the plain ResNet-20, and ResNet-20 with GC-ODE in each mode
 defaults (the unrolled solve, ``adjoint="auto"``); for comparison diffrax's
 ``diffeqsolve`` with ``adjoint="direct"`` (one Euler step per mode) and with
 ``"recursive_checkpoint"`` (``/checkpoint``: gradient mode Euler 1 and Heun 2,
-branch mode Euler 1), the vector field's kernel gradient in batch chunks
-(``TimeConv.chunk_wgrad = True``, a candidate of
-:func:`gcgd_jax.cpu_speed.conv3x3`), the branch's backward-matching term
+branch mode Euler 1), the branch's backward-matching term
 (``sobolev_weight=1``), the output loss on every example or every 2nd
 (``loss_subsample`` 1, 2: ``/sub1``, ``/sub2``; the default is 4); and the
 controls ``scale_only`` and ``frozen_branch`` (one Euler step). They run
@@ -25,7 +23,7 @@ Usage::
 
     python experiments/bench_gc_ode.py            # full grid, 4 rounds x 8 steps
     python experiments/bench_gc_ode.py --quick    # plain + 3 GC-ODE configs, 2 rounds x 3 steps
-    python experiments/bench_gc_ode.py --only plain,gradient/euler/1,gradient/euler/1/chunked --name chunks
+    python experiments/bench_gc_ode.py --only plain,gradient/euler/1,gradient/euler/1/sub1 --name sub
 
 Writes ``experiments/results/gc_ode_overhead/<name>.json`` and ``.md``
 (``name`` = ``gc_ode_overhead``, ``gc_ode_overhead_quick`` or ``--name``).
@@ -55,7 +53,6 @@ import optax
 from flax import nnx
 
 from gcgd_jax.models import GCODEConfig, resnet20
-from gcgd_jax.models.gc_ode import TimeConv
 
 if __package__:  # python -m experiments.<name>, or imported
     from experiments.provenance import git_commit
@@ -65,11 +62,8 @@ else:  # python experiments/<name>.py (the script's folder is on sys.path)
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gc_ode_overhead"
 
 
-CHUNKED = "/chunked"  # name suffix: the vector field's kernel gradient in batch chunks
-
-
 def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
-    """Name ``mode/solver/steps[/direct|/checkpoint|/chunked|/sobolev|/sub<k>]`` -> config
+    """Name ``mode/solver/steps[/direct|/checkpoint|/sobolev|/sub<k>]`` -> config
     (``None``: the plain ResNet-20); names without a suffix are the shipped defaults."""
     configs: dict[str, GCODEConfig | None] = {"plain": None}
     if quick:
@@ -83,7 +77,6 @@ def _configs(quick: bool) -> dict[str, GCODEConfig | None]:
     if not quick:  # diffrax's adjoint without recomputation, for comparison
         for mode in ("gradient", "branch"):
             configs[f"{mode}/euler/1/direct"] = GCODEConfig(mode=mode, adjoint="direct")
-        configs[f"gradient/euler/1{CHUNKED}"] = GCODEConfig(mode="gradient")
         # diffrax's diffeqsolve with its recursive-checkpoint adjoint (the default until
         # the unrolled solve, adjoint="auto"), for comparison.
         for mode, solver, steps in (("gradient", "euler", 1), ("gradient", "heun", 2),
@@ -121,13 +114,9 @@ def _train_step_fn(model, tx, use_breaker: bool):
 
 
 class _Train:
-    def __init__(self, config, batch, use_breaker, chunk_wgrad=False):
+    def __init__(self, config, batch, use_breaker):
         model = resnet20(gc_ode=config, rngs=nnx.Rngs(0))
         model.train()
-        if chunk_wgrad:
-            for _, module in nnx.iter_modules(model):
-                if isinstance(module, TimeConv):
-                    module.chunk_wgrad = True
         self.tx = optax.sgd(0.1, momentum=0.9)
         self.step, self.params, self.rest = _train_step_fn(model, self.tx, use_breaker)
         self.opt_state = self.tx.init(self.params)
@@ -298,10 +287,7 @@ def main(argv=None) -> dict:
             parser.error(f"--only needs 'plain' and names from {sorted(full)}; unknown: {unknown}")
         configs = {n: full[n] for n in wanted}
     print(f"train step, {len(configs)} configurations", flush=True)
-    train = {
-        n: _Train(c, args.batch, use_breaker, chunk_wgrad=n.endswith(CHUNKED))
-        for n, c in configs.items()
-    }
+    train = {n: _Train(c, args.batch, use_breaker) for n, c in configs.items()}
     train_times = _timed_rounds(train, rounds, steps, args.warmup)
     del train
     print("inference", flush=True)

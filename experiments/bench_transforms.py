@@ -91,7 +91,9 @@ TRANSFORMS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "znorm": lambda params: znorm(),
     "agr": lambda params: agr(),
     "gc_w_pre_downsampling": lambda params: optax.masked(gc_w(), pre_downsampling_kernels(params)),
-    "gc_w_all_kernels": lambda params: optax.masked(gc_w(), jax.tree.map(lambda x: x.ndim >= 2, params)),
+    "gc_w_all_kernels": lambda params: optax.masked(
+        gc_w(), jax.tree.map(lambda x: x.ndim >= 2, params)
+    ),
     "gc_w_v2_pre_downsampling": lambda params: optax.masked(
         gc_w_v2(), pre_downsampling_kernels(params)
     ),
@@ -123,6 +125,7 @@ def pre_downsampling_kernels(params: Any) -> Any:
     if n not in (3, 4):
         raise RuntimeError(f"pre-down-sampling mask selected {n} kernels, expected 3 or 4")
     return mask
+
 
 BASELINE = "sgd"
 

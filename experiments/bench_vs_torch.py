@@ -232,7 +232,7 @@ def _torch_python(arg: str | None) -> str | None:
     path = shutil.which(candidate) or candidate
     if not Path(path).exists():
         return None
-    probe = subprocess.run([path, "-c", "import torch"], capture_output=True)
+    probe = subprocess.run([path, "-c", "import torch"], capture_output=True, check=False)
     return path if probe.returncode == 0 else None
 
 
@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--torch-python", help="a Python with torch installed (or $GCGD_TORCH_PYTHON)")
+    parser.add_argument(
+        "--torch-python", help="a Python with torch installed (or $GCGD_TORCH_PYTHON)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps: a smoke run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")

@@ -395,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         base_cfg = load_config(suite.base_config, list(suite.overrides))
     except ConfigError as err:
         parser.error(str(err))
+    for m in dict.fromkeys(c[0] for c in suite.grid()):
+        try:  # every method's overrides too (a misspelt option in a suite definition)
+            load_config(suite.base_config, list(suite.overrides_for(m)))
+        except ConfigError as err:
+            parser.error(f"method {m} of suite {suite.name}: {err}")
     out = args.out or RESULTS / suite.name
     grid = suite.grid()
     if args.methods:

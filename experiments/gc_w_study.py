@@ -335,7 +335,7 @@ def resnet_study(seeds, tune_seeds, lrs, steps, log, batch=128, subset=4096):
     def run(method, lr, seed, rho):
         if method not in compiled:
             compiled[method] = make(method, rho)
-        tx, step, evaluate = compiled[method]
+        _tx, step, evaluate = compiled[method]
         model = resnet20(num_classes=10, in_channels=x_all.shape[-1], rngs=nnx.Rngs(seed))
         model.train()
         _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -379,14 +379,14 @@ def resnet_study(seeds, tune_seeds, lrs, steps, log, batch=128, subset=4096):
     for method in METHODS:
         runs[method] = [run(method, chosen[method], s, RESNET_RHO[0]) for s in seeds]
         log(f"resnet report {method} lr {chosen[method]}")
-    first_below = lambda l: int(np.argmax(l <= threshold)) if (l <= threshold).any() else len(l)
+    first_below = lambda c: int(np.argmax(c <= threshold)) if (c <= threshold).any() else len(c)
     for method in METHODS:
-        fl = np.asarray([final_loss(l) for l, _ in runs[method]])
+        fl = np.asarray([final_loss(c) for c, _ in runs[method]])
         acc = np.asarray([a for _, a in runs[method]])
-        st = np.asarray([first_below(_smooth(l, 8)) for l, _ in runs[method]])
-        bfl = np.asarray([final_loss(l) for l, _ in runs["baseline"]])
+        st = np.asarray([first_below(_smooth(c, 8)) for c, _ in runs[method]])
+        bfl = np.asarray([final_loss(c) for c, _ in runs["baseline"]])
         bacc = np.asarray([a for _, a in runs["baseline"]])
-        bst = np.asarray([first_below(_smooth(l, 8)) for l, _ in runs["baseline"]])
+        bst = np.asarray([first_below(_smooth(c, 8)) for c, _ in runs["baseline"]])
         report[method] = {
             "lr": chosen[method],
             "final_loss_per_seed": fl.tolist(),
@@ -437,8 +437,10 @@ def _controlled_section(meta, res) -> str:
     lines = [
         "# GC-W study: v1, v2, MARS-approx, Grokfast-EMA and the optimizer alone",
         "",
-        f"Command: `{meta['command']}`; machine: {meta['machine']}; date: {meta['date']}; "
-        f"{meta['elapsed_s']:.0f} s.",
+        (
+            f"Command: `{meta['command']}`; machine: {meta['machine']}; date: {meta['date']}; "
+            f"{meta['elapsed_s']:.0f} s."
+        ),
         "",
         "Protocol: docstring of `experiments/gc_w_study.py`. Every method's Adam learning rate "
         f"is tuned on the grid {list(LRS)} on tuning seeds {meta['tune_seeds']}, then "
@@ -449,8 +451,10 @@ def _controlled_section(meta, res) -> str:
         + ", ".join(f"ρ {k}: {v:.3f}" for k, v in res["rho_scores"].items())
         + "). Intervals: Student-t 95% over seeds of the paired differences.",
         "",
-        "| problem | method | lr speed / final | steps (per seed) | Δ steps vs base [95% CI] "
-        "| final loss (mean) | final / base [95% CI] | cos(Ĝ, g) | Δ cos [95% CI] |",
+        (
+            "| problem | method | lr speed / final | steps (per seed) | Δ steps vs base [95% CI] "
+            "| final loss (mean) | final / base [95% CI] | cos(Ĝ, g) | Δ cos [95% CI] |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, r in res["report"].items():
@@ -465,15 +469,19 @@ def _controlled_section(meta, res) -> str:
         )
     lines += [
         "",
-        "`final / base` is the geometric mean of the per-seed ratios (at each method's "
-        "lr_final); steps and cosines are at lr_speed.",
+        (
+            "`final / base` is the geometric mean of the per-seed ratios (at each method's "
+            "lr_final); steps and cosines are at lr_speed."
+        ),
         "",
         "## What v2 learned (effective linear filter at the end of the report runs)",
         "",
-        "Least-squares coefficients c with ΔG ≈ Σ c_j x_j over the coordinates "
-        "(tokens G, m_0.5, m_0.9, m_0.99, G − G_prev), mean over seeds; R² of that linear fit; "
-        "and Ĝ's weights on G_t, G_{t−1}, … (EMAs unrolled, in units where ‖ΔG‖ is at the "
-        "bound).",
+        (
+            "Least-squares coefficients c with ΔG ≈ Σ c_j x_j over the coordinates "
+            "(tokens G, m_0.5, m_0.9, m_0.99, G − G_prev), mean over seeds; R² of that linear fit; "
+            "and Ĝ's weights on G_t, G_{t−1}, … (EMAs unrolled, in units where ‖ΔG‖ is at the "
+            "bound)."
+        ),
         "",
         "| problem | c (G, m.5, m.9, m.99, ΔG) | R² | Ĝ weights on G_t … G_{t−5} |",
         "| --- | --- | --- | --- |",
@@ -494,17 +502,21 @@ def _resnet_section(resnet) -> str:
             "",
             "## ResNet-20, short runs (Fashion-MNIST subset)",
             "",
-            f"{s['steps']} steps, batch {s['batch']}, {s['subset']}-image training subset, "
-            f"SGD momentum 0.9 at a constant lr tuned on {s['lrs']} (tuning seeds "
-            f"{s['tune_seeds']}, by final training loss), report seeds {s['seeds']}; GC-W on the 3 "
-            f"pre-down-sampling kernels (v1 with warmup 24, window 4; v2 with ρ = {s['rho']:g}); "
-            "MARS/Grokfast on every "
-            "parameter. Threshold for steps: the best mean final loss of the baseline on the "
-            f"tuning seeds ({s['threshold_smoothed_loss']:.3f}), on an 8-step moving mean "
-            f"({s['steps'] - 7} = not reached).",
+            (
+                f"{s['steps']} steps, batch {s['batch']}, {s['subset']}-image training subset, "
+                f"SGD momentum 0.9 at a constant lr tuned on {s['lrs']} (tuning seeds "
+                f"{s['tune_seeds']}, by final training loss), report seeds {s['seeds']}; GC-W on the 3 "
+                f"pre-down-sampling kernels (v1 with warmup 24, window 4; v2 with ρ = {s['rho']:g}); "
+                "MARS/Grokfast on every "
+                "parameter. Threshold for steps: the best mean final loss of the baseline on the "
+                f"tuning seeds ({s['threshold_smoothed_loss']:.3f}), on an 8-step moving mean "
+                f"({s['steps'] - 7} = not reached)."
+            ),
             "",
-            "| method | lr | final train loss / base [95% CI] | test acc (mean) | Δ acc pp [95% CI] "
-            "| steps to threshold | Δ steps [95% CI] |",
+            (
+                "| method | lr | final train loss / base [95% CI] | test acc (mean) | Δ acc pp [95% CI] "
+                "| steps to threshold | Δ steps [95% CI] |"
+            ),
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for m, r in resnet["report"].items():
@@ -559,8 +571,10 @@ def _resnet_markdown(meta, resnet) -> str:
     head = [
         "# GC-W study, part 2: ResNet-20 short runs",
         "",
-        f"Command: `{meta['command']}`; machine: {meta['machine']}; date: {meta['date']}; "
-        f"{meta['elapsed_s']:.0f} s.",
+        (
+            f"Command: `{meta['command']}`; machine: {meta['machine']}; date: {meta['date']}; "
+            f"{meta['elapsed_s']:.0f} s."
+        ),
         "",
     ]
     return (

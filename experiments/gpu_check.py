@@ -145,7 +145,7 @@ def preflight(out: Path, dry: bool) -> int:
         t0 = time.perf_counter()
         try:
             detail = fn()
-        except BaseException as err:  # noqa: BLE001 - report any failure, then stop
+        except BaseException as err:
             line = (
                 f"PREFLIGHT FAILED at {name}: {type(err).__name__}: "
                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''} "

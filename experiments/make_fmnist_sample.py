@@ -33,7 +33,10 @@ def stratified(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 
 
 def _write_gz(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f,
+    ):
         f.write(payload)
 
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         labs = labels[idx].astype(np.uint8)
         n = len(idx)
         files = {
-            f"{p}-images-idx3-ubyte.gz": np.array([2051, n, 28, 28], ">u4").tobytes() + imgs.tobytes(),
+            f"{p}-images-idx3-ubyte.gz": np.array([2051, n, 28, 28], ">u4").tobytes()
+            + imgs.tobytes(),
             f"{p}-labels-idx1-ubyte.gz": np.array([2049, n], ">u4").tobytes() + labs.tobytes(),
         }
         for name, payload in files.items():

@@ -149,7 +149,9 @@ def _wgrad_shifted(x, w, dy):
     _, h, wd, c = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     d2 = dy.reshape(-1, dy.shape[-1])
-    taps = [xp[:, i : i + h, j : j + wd, :].reshape(-1, c).T @ d2 for i in range(3) for j in range(3)]
+    taps = [
+        xp[:, i : i + h, j : j + wd, :].reshape(-1, c).T @ d2 for i in range(3) for j in range(3)
+    ]
     return jnp.stack(taps).reshape(w.shape)
 
 
@@ -193,7 +195,9 @@ def _chunked_conv_general_dilated(lhs, rhs, *args, **kwargs):
     kwargs.pop("out_sharding", None)
     if lhs.shape[0] % SPLIT_CHUNKS:
         return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
-    parts = [lax.conv_general_dilated(a, rhs, *args, **kwargs) for a in jnp.split(lhs, SPLIT_CHUNKS)]
+    parts = [
+        lax.conv_general_dilated(a, rhs, *args, **kwargs) for a in jnp.split(lhs, SPLIT_CHUNKS)
+    ]
     return jnp.concatenate(parts, 0)
 
 
@@ -202,7 +206,7 @@ def _custom_batch_norm_call(self, x, use_running_average=None, *, mask=None):
     import jax
     import jax.numpy as jnp
 
-    if (self.use_running_average if use_running_average is None else use_running_average):
+    if self.use_running_average if use_running_average is None else use_running_average:
         r = jax.lax.rsqrt(self.var[...] + self.epsilon)
         return (x - self.mean[...]) * r * self.scale[...] + self.bias[...]
     eps = self.epsilon
@@ -445,7 +449,9 @@ def _markdown(rec: dict) -> str:
         f"- command: `{rec['command']}`",
         f"- date (UTC): {rec['date_utc']}; code: commit {rec.get('commit') or 'unknown'}",
         f"- machine: {m['platform']}, {m['cpu_count']} CPUs; jax {rec['jax']}"
-        + (f"; PyTorch {rec['torch_ops']['torch']}" if rec.get("torch_ops") else "; PyTorch absent"),
+        + (
+            f"; PyTorch {rec['torch_ops']['torch']}" if rec.get("torch_ops") else "; PyTorch absent"
+        ),
         "- batch 128, float32, NHWC (PyTorch: channels_last); medians; ms",
         "",
     ]
@@ -463,12 +469,14 @@ def _markdown(rec: dict) -> str:
             for label, r in (("2", r2), ("1", r1)):
                 out.append(
                     f"| {r['hw']}x{r['hw']}x{r['channels']} (x{r['count']}) | {label} | "
-                    + " | ".join(f"{r[c]:.2f}" for c in cols) + " |"
+                    + " | ".join(f"{r[c]:.2f}" for c in cols)
+                    + " |"
                 )
         for label, rows in (("2", two), ("1", one)):
             out.append(
                 f"| **ResNet-20 total** | {label} | "
-                + " | ".join(f"**{_weighted(rows, c):.1f}**" for c in cols) + " |"
+                + " | ".join(f"**{_weighted(rows, c):.1f}**" for c in cols)
+                + " |"
             )
         out.append("")
         if torch_rows:
@@ -572,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
             print("[profile_step] PyTorch ops ...", flush=True)
             proc = subprocess.run(
                 [args.torch_python, "-c", TORCH_OPS, str(args.reps), json.dumps(SHAPES)],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode == 0:
                 rec["torch_ops"] = json.loads(proc.stdout.strip().splitlines()[-1])

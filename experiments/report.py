@@ -97,10 +97,7 @@ def _fmt_pct(x: float | None) -> str:
 
 def _fmt_reading(r: BudgetReading) -> str:
     """A budget statistic with its censoring and interval, e.g. ``≥ 50% [30%, 50%]``."""
-    if r.value is None:
-        head = "not reached"
-    else:
-        head = f"{r.censor} {_fmt_pct(r.value)}".strip()
+    head = "not reached" if r.value is None else f"{r.censor} {_fmt_pct(r.value)}".strip()
     return f"{head} [{_fmt_pct(r.low)}, {_fmt_pct(r.high)}]"
 
 
@@ -200,14 +197,18 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
             f"| {p_s} | {verdict} | {step:.3f} | {suite_ratio:.2f}× "
             f"| {f'{clean[m]:.2f}×' if m in clean else '—'} | {rss_s} |"
         )
-        summary_rows[m] = dict(mean=mean, ratio=ratio, n=len(cell), comp=comp, verdict=verdict)
+        summary_rows[m] = {
+            "mean": mean,
+            "ratio": ratio,
+            "n": len(cell),
+            "comp": comp,
+            "verdict": verdict,
+        }
     lines.append("")
 
     # Budget sweep, paired seeds.
     swept = [
-        m
-        for m in methods
-        if m != "baseline" and len({r.budget for r in runs if r.method == m}) > 1
+        m for m in methods if m != "baseline" and len({r.budget for r in runs if r.method == m}) > 1
     ]
     sweep_rows, sweeps = {}, {}
     base_cells = {b: _by_seed(_cell(runs, "baseline", b)) for b in budgets}
@@ -216,17 +217,19 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         lines += [
             "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
             "",
-            f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
-            "Accuracy-vs-budget curves (means over the seeds common to every cell of the method "
-            "and the baseline) are made monotone and read piecewise-linearly between the "
-            "budgets run. **Epoch saving (primary)** = 1 − b*, b* where the method's curve "
-            "reaches the target (`≥` when it already does at the smallest budget run). "
-            "**Equivalent budget** = where the baseline's curve reaches the method's "
-            f"{_fmt_pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
-            "smallest budget). Grid saving = the coarse reading (smallest budget run whose "
-            "mean reaches). Intervals: 95% paired bootstrap over seeds (— = not reached); "
-            "P(reach) = fraction of resamples that reach; wall-clock saving = 1 − b* × "
-            "step-time ratio.",
+            (
+                f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
+                "Accuracy-vs-budget curves (means over the seeds common to every cell of the method "
+                "and the baseline) are made monotone and read piecewise-linearly between the "
+                "budgets run. **Epoch saving (primary)** = 1 − b*, b* where the method's curve "
+                "reaches the target (`≥` when it already does at the smallest budget run). "
+                "**Equivalent budget** = where the baseline's curve reaches the method's "
+                f"{_fmt_pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
+                "smallest budget). Grid saving = the coarse reading (smallest budget run whose "
+                "mean reaches). Intervals: 95% paired bootstrap over seeds (— = not reached); "
+                "P(reach) = fraction of resamples that reach; wall-clock saving = 1 − b* × "
+                "step-time ratio."
+            ),
             "",
             "| method | n | "
             + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
@@ -271,9 +274,11 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         lines += [
             "## Gradient quality",
             "",
-            f"Cosine of each method's minibatch gradient with a large-batch gradient along a "
-            f"baseline run: [`../grad_quality/{suite_dir.name}/GRAD_QUALITY.md`]"
-            f"(../grad_quality/{suite_dir.name}/GRAD_QUALITY.md).",
+            (
+                f"Cosine of each method's minibatch gradient with a large-batch gradient along a "
+                f"baseline run: [`../grad_quality/{suite_dir.name}/GRAD_QUALITY.md`]"
+                f"(../grad_quality/{suite_dir.name}/GRAD_QUALITY.md)."
+            ),
             "",
         ]
     discussion = suite_dir / "DISCUSSION.md"

@@ -185,7 +185,7 @@ def holm(p_values: Mapping[str, float], *, alpha: float = 0.05) -> dict[str, boo
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     valid = {k: p for k, p in p_values.items() if not np.isnan(p)}
-    out = {k: False for k in p_values}
+    out = dict.fromkeys(p_values, False)
     m = len(valid)
     for k, (name, p) in enumerate(sorted(valid.items(), key=lambda kv: kv[1])):
         if p > alpha / (m - k):
@@ -350,6 +350,8 @@ def budget_sweep(
         seeds=seeds,
         saving=BudgetReading(sav, sav_c, *_interval(draws[:, 0], level)),
         equivalent=BudgetReading(eq, eq_c, *_interval(draws[:, 1], level)),
-        grid=BudgetReading(grid, "" if grid is not None else "not reached", *_interval(draws[:, 2], level)),
+        grid=BudgetReading(
+            grid, "" if grid is not None else "not reached", *_interval(draws[:, 2], level)
+        ),
         p_reach=float(np.mean(np.isfinite(draws[:, 0]))),
     )

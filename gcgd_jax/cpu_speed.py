@@ -78,10 +78,8 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    within float rounding, tested to 1e-5); the first step compiles about 1.5 s
    longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through
    the model is not available (``jax.custom_vjp``).
-   GC-ODE's vector-field convolution can do the same (:func:`conv3x3` with
-   ``chunk_wgrad=True``), but inside the solve's loop it bought nothing on the
-   whole step (0.531 s vs 0.529 s,
-   ``experiments/results/gc_ode_overhead/chunks.md``), so GC-ODE does not.
+   GC-ODE's vector-field convolution does not chunk: inside the solve's loop it
+   bought nothing on the whole step (``experiments/results/HISTORY.md``).
    *Off*: ``gcgd_jax.cpu_speed.CHUNKED_WGRAD = False`` before building the
    model. Only active on the CPU backend with a single device (checked when
    the step is traced: with two fake CPU devices and a batch-sharded GC-ODE
@@ -256,32 +254,25 @@ def _conv3x3_kernel_grad(x, dy):
     ).transpose(1, 2, 0, 3)
 
 
-def _conv3x3_bwd(chunks, res, dy):
+def _conv3x3_bwd(res, dy):
     import jax.numpy as jnp
 
     x, kernel = res
     # dx: correlate dy with the spatially flipped kernel, in/out swapped.
     dx = conv3x3_xla(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    # dk: one convolution, or the sum of one per batch chunk (item 5's reason).
-    dk = None
-    for xc, dyc in zip(jnp.split(x, chunks), jnp.split(dy, chunks), strict=True):
-        part = _conv3x3_kernel_grad(xc, dyc)
-        dk = part if dk is None else dk + part
-    return dx, dk.astype(kernel.dtype)
+    return dx, _conv3x3_kernel_grad(x, dy).astype(kernel.dtype)
 
 
 @functools.cache
-def _conv3x3_custom_vjp(chunks: int):
+def _conv3x3_custom_vjp():
     import jax
 
     conv = jax.custom_vjp(conv3x3_xla)
-    conv.defvjp(_conv3x3_fwd, functools.partial(_conv3x3_bwd, chunks))
+    conv.defvjp(_conv3x3_fwd, _conv3x3_bwd)
     return conv
 
 
-def conv3x3(
-    x: jax.Array, kernel: jax.Array, *, custom_vjp: bool = True, chunk_wgrad: bool = False
-) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array, *, custom_vjp: bool = True) -> jax.Array:
     """3x3 convolution, stride 1, zero padding 1, NHWC / HWIO, with a hand-written VJP.
 
     Values and gradients are those of ``jax.lax.conv_general_dilated`` (tested).
@@ -291,15 +282,11 @@ def conv3x3(
     run -- XLA's CPU backend leaves the weight-gradient convolution in a
     non-canonical layout and runs it through a slow generic kernel (measured
     ~40x slower per conv here, jax 0.10.2; cf. jax-ml/jax#12868).
-    ``chunk_wgrad``: the kernel gradient is summed over batch chunks, as
-    :func:`chunked_wgrad_conv` does (same rule for the number of chunks and the
-    same single-CPU-device condition). ``custom_vjp=False`` is
-    :func:`conv3x3_xla` (XLA's own VJP; ``chunk_wgrad`` is then ignored).
+    ``custom_vjp=False`` is :func:`conv3x3_xla` (XLA's own VJP).
     """
     if not custom_vjp:
         return conv3x3_xla(x, kernel)
-    chunks = _chunks(x.shape[0]) if chunk_wgrad and _chunking_applies() else 1
-    return _conv3x3_custom_vjp(chunks)(x, kernel)
+    return _conv3x3_custom_vjp()(x, kernel)
 
 
 # ----------------------------------------------------------------------------- 4. GroupNorm

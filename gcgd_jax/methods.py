@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
@@ -153,6 +154,14 @@ class Method:
         if self.factory is None:
             raise ValueError(f"method {self.name!r} ({self.kind}) has no factory")
         return _resolve(self.factory)
+
+    def option_names(self) -> tuple[str, ...]:
+        """``"transform"`` kind: the keyword options a ``[corrections.<name>]`` table may
+        set (its factory's keywords less ``fixed``, plus ``mask``); imports the factory."""
+        if self.kind != "transform":
+            raise ValueError(f"method {self.name!r} ({self.kind}) takes no corrections options")
+        accepted = inspect.signature(self.load()).parameters
+        return (*(k for k in accepted if k not in self.fixed), "mask")
 
     def read_state_metric(self, opt_state: Any) -> Any:
         """Its ``state_metric`` read from an optimizer state."""
@@ -368,4 +377,6 @@ def by_value(kind: Kind, value: str) -> Method:
     for m in methods_of_kind(kind):
         if m.value == value:
             return m
-    raise KeyError(f"no {kind} method with value {value!r}; known: {', '.join(config_values(kind))}")
+    raise KeyError(
+        f"no {kind} method with value {value!r}; known: {', '.join(config_values(kind))}"
+    )

@@ -109,25 +109,6 @@ def test_conv3x3_matches_lax_conv_values_and_gradients(custom_vjp):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_conv3x3_chunks_its_kernel_gradient_on_request(monkeypatch):
-    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
-    x, k = _x((6, 5, 6, 3)), _x((3, 3, 3, 4), 1)
-    ct = _x((6, 5, 6, 4), 2)
-
-    def grads(chunk_wgrad):
-        loss = lambda x, k: jnp.sum(conv3x3(x, k, chunk_wgrad=chunk_wgrad) * ct)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
-
-    (dx, dk), (dx_ref, dk_ref) = grads(True), grads(False)
-    np.testing.assert_array_equal(dx, dx_ref)  # the input gradient is not chunked
-    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)  # another summation order
-    hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv3x3(x, k, chunk_wgrad=True) * ct))).lower(k)
-    assert hlo.as_text().count("stablehlo.convolution") == 6  # one per chunk (no forward: dead)
-    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: False)  # e.g. two devices
-    hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv3x3(x, k, chunk_wgrad=True) * ct))).lower(k)
-    assert hlo.as_text().count("stablehlo.convolution") == 1
-
-
 # ----------------------------------------------------------------------------- GroupNorm
 
 
@@ -163,8 +144,7 @@ def test_group_norm_factory_builds_either_with_the_same_parameters(zero_scale):
 
 
 def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
-    """The GC-ODE switches off (custom VJP, fast GroupNorm; and the chunked kernel
-    gradient on): the same parameters (paths, values), and the same loss and gradients
+    """The GC-ODE switches off (custom VJP, fast GroupNorm): the same parameters (paths, values), and the same loss and gradients
     up to float rounding; the switches are read when the model is built."""
     from gcgd_jax.models import GCODE, GCODEConfig
 
@@ -185,11 +165,7 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
             branch.gamma[...] = jnp.full(branch.gamma.shape, 0.5)
         return model
 
-    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)  # conftest: 2 devices
     fast = build()
-    for branch in fast.gc_ode.branches:  # the measured candidate too (off by default)
-        assert branch.field.conv1.chunk_wgrad is False
-        branch.field.conv1.chunk_wgrad = True
     monkeypatch.setattr(cpu_speed, "CUSTOM_CONV_VJP", False)
     monkeypatch.setattr(cpu_speed, "FAST_GROUP_NORM", False)
     plain = build()
@@ -220,11 +196,13 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
 
 
 def _conv_args(stride):
-    return dict(window_strides=(stride, stride), padding=((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    return {"window_strides": (stride, stride), "padding": ((1, 1), (1, 1)),
+                "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
 
 
-@pytest.mark.parametrize(("batch", "stride", "chunks"), [(16, 1, 8), (12, 2, 6), (7, 1, 7), (11, 1, 1)])
+@pytest.mark.parametrize(
+    ("batch", "stride", "chunks"), [(16, 1, 8), (12, 2, 6), (7, 1, 7), (11, 1, 1)]
+)
 def test_chunked_wgrad_conv_matches_lax_values_and_gradients(batch, stride, chunks, monkeypatch):
     monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
     assert cpu_speed._chunks(batch) == chunks  # the largest divisor <= WGRAD_CHUNKS (8)

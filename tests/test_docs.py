@@ -150,12 +150,12 @@ def test_the_guides_examples_run():
 
     (chain,) = _python_blocks(DOCS / "getting_started.md")[:1]
     namespace: dict = {}
-    exec(compile(chain, "getting_started.md", "exec"), namespace)  # noqa: S102 (the docs code)
+    exec(compile(chain, "getting_started.md", "exec"), namespace)
     assert type(namespace["optimizer"]).__name__ == "Optimizer"
 
     own_model = _python_blocks(DOCS / "guides" / "gc_ode_own_model.md")[0]
     namespace = {}
-    exec(compile(own_model, "gc_ode_own_model.md", "exec"), namespace)  # noqa: S102
+    exec(compile(own_model, "gc_ode_own_model.md", "exec"), namespace)
     x, y = jnp.ones((4, 16, 16, 3)), jnp.zeros((4,), jnp.int32)
     loss = namespace["train_step"](namespace["model"], namespace["optimizer"], x, y)
     assert jnp.isfinite(loss)

@@ -14,7 +14,8 @@ def _examples(module) -> list[doctest.DocTest]:
 
 
 MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(gcgd_jax.__path__, prefix="gcgd_jax.")
+    m.name
+    for m in pkgutil.walk_packages(gcgd_jax.__path__, prefix="gcgd_jax.")
     if not m.name.endswith("__main__")
 )
 WITH_EXAMPLES = [n for n in MODULES if _examples(importlib.import_module(n))]
@@ -43,9 +44,14 @@ def test_no_reference_to_files_outside_the_repository():
 
     root = Path(__file__).resolve().parents[1]
     banned = ("shared/design", "shared/seeds", "METHODS.md", "CONVENTIONS.md", "CPU_PERFORMANCE.md")
-    files = [*root.joinpath("gcgd_jax").rglob("*.py"), root / "README.md",
-             *root.joinpath("docs").rglob("*.md"), *root.joinpath("docs").rglob("*.rst"),
-             root / "docs" / "conf.py", *root.joinpath("experiments").glob("*.py")]
+    files = [
+        *root.joinpath("gcgd_jax").rglob("*.py"),
+        root / "README.md",
+        *root.joinpath("docs").rglob("*.md"),
+        *root.joinpath("docs").rglob("*.rst"),
+        root / "docs" / "conf.py",
+        *root.joinpath("experiments").glob("*.py"),
+    ]
     offenders = [
         f"{f.relative_to(root)}: {word}" for f in files for word in banned if word in f.read_text()
     ]

@@ -29,9 +29,21 @@ pytestmark = pytest.mark.slow
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp / "dist"), str(REPO)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("gcgd_jax-*.whl")
@@ -40,15 +52,29 @@ def installed(tmp_path_factory):
     py = env_dir / "bin" / "python"
     site = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     # Dependencies from the test interpreter, as a plain path: its .pth files (the
     # editable install of this checkout among them) are not processed.
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
-         "-q", str(wheel)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     return env_dir, tmp
@@ -67,7 +93,11 @@ def test_wheel_lists_its_configs_from_anywhere(installed):
     work.mkdir(exist_ok=True)
     out = subprocess.run(
         [str(env_dir / "bin" / "gcgd-train"), "--list-configs"],
-        cwd=work, capture_output=True, text=True, env=_env(tmp), check=False,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=_env(tmp),
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     names = {line.split()[0] for line in out.stdout.splitlines()}
@@ -75,7 +105,11 @@ def test_wheel_lists_its_configs_from_anywhere(installed):
     assert str(REPO) not in out.stdout  # found inside the installed package
     where = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", "import gcgd_jax; print(gcgd_jax.__file__)"],
-        cwd=work, capture_output=True, text=True, env=_env(tmp), check=True,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=_env(tmp),
+        check=True,
     ).stdout
     assert str(env_dir) in where
 
@@ -85,10 +119,28 @@ def test_wheel_trains_the_quickstart_on_the_bundled_sample(installed):
     work = tmp / "elsewhere"
     work.mkdir(exist_ok=True)
     run = subprocess.run(
-        [str(env_dir / "bin" / "gcgd-train"), "--config", "quickstart", "--out", "run",
-         "--no-progress", "--set", "data.train_subset=256", "--set", "data.test_subset=128",
-         "--set", "data.batch_size=64", "--set", "corrections.gc_w.warmup=1"],
-        cwd=work, capture_output=True, text=True, env=_env(tmp), timeout=600, check=False,
+        [
+            str(env_dir / "bin" / "gcgd-train"),
+            "--config",
+            "quickstart",
+            "--out",
+            "run",
+            "--no-progress",
+            "--set",
+            "data.train_subset=256",
+            "--set",
+            "data.test_subset=128",
+            "--set",
+            "data.batch_size=64",
+            "--set",
+            "corrections.gc_w.warmup=1",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=_env(tmp),
+        timeout=600,
+        check=False,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "using the sample bundled with the package" in run.stderr

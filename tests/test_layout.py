@@ -40,9 +40,12 @@ def _private_uses(source: str) -> list[str]:
                 for a in node.names
                 if a.name.startswith("gcgd_jax") and any(_private(p) for p in a.name.split("."))
             ]
-        elif isinstance(node, ast.Attribute) and _private(node.attr):
-            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
 

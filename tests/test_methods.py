@@ -45,13 +45,35 @@ def test_names_are_unique_and_kinds_known():
 
 
 def test_config_choices_come_from_the_registry():
-    assert CORRECTIONS == tuple(m.value for m in methods.methods_of_kind("transform"))
-    assert LOSSES == ("ce", *(m.value for m in methods.methods_of_kind("loss")))
-    assert PENALTIES == ("none", *(m.value for m in methods.methods_of_kind("gradient")))
-    assert GC_ODE_MODES == (
+    assert tuple(m.value for m in methods.methods_of_kind("transform")) == CORRECTIONS
+    assert ("ce", *(m.value for m in methods.methods_of_kind("loss"))) == LOSSES
+    assert ("none", *(m.value for m in methods.methods_of_kind("gradient"))) == PENALTIES
+    assert (
         "none",
         *(m.value for m in methods.methods_of_kind("model") if m.value is not None),
-    )
+    ) == GC_ODE_MODES
+
+
+def test_a_chain_entry_is_the_name_of_its_method():
+    """``corrections.chain`` entries are looked up in the registry by name
+    (``gcgd_jax.train.optim.build_correction``), so a transform's value is its name, and
+    every other kind's value leads back to exactly one method."""
+    for m in methods.methods_of_kind("transform"):
+        assert m.value == m.name, m
+        assert methods.get(m.value) is m and methods.by_value("transform", m.value) is m
+    for kind in ("loss", "gradient", "model"):
+        for m in methods.methods_of_kind(kind):
+            if m.value is not None:
+                assert methods.by_value(kind, m.value) is m, m
+
+
+def test_transform_options_are_their_factory_keywords():
+    for m in methods.methods_of_kind("transform"):
+        names = m.option_names()
+        assert names[-1] == "mask" and not set(names) & set(m.fixed), m.name
+        assert ("key" in names) == m.seeded, m.name
+    with pytest.raises(ValueError, match="takes no corrections options"):
+        methods.get("powergrad").option_names()
 
 
 def test_lookups_name_the_known_methods():

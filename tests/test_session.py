@@ -12,7 +12,7 @@ from tests import conftest
 def test_xla_flags_come_from_the_library_guard():
     flags = os.environ["XLA_FLAGS"].split()
     if conftest.USER_XLA_FLAGS is None:  # the library decided, not the conftest
-        assert conftest.CPU_FLAG_APPLIED == (CPU_CONV_FLAG in flags)
+        assert (CPU_CONV_FLAG in flags) == conftest.CPU_FLAG_APPLIED
         assert "--xla_force_host_platform_device_count=2" in flags
     else:  # a user's own flags are kept as they are, without the library's flag added
         assert not conftest.CPU_FLAG_APPLIED

@@ -70,7 +70,7 @@ def load_cached(cache_dir: Path, name: str, split: str, key: str):
     try:
         with np.load(path, allow_pickle=False) as z:
             images, labels, meta = z["images"], z["labels"], json.loads(str(z["meta"]))
-    except Exception as e:  # noqa: BLE001 - a bad entry is rebuilt, not fatal
+    except Exception as e:
         warnings.warn(f"ignoring unreadable cache entry {path}: {e}", stacklevel=3)
         return None
     meta["cache_file"] = str(path)

@@ -229,7 +229,7 @@ def _find_local(root: Path, direct: bool, spec: DatasetSpec, split: str) -> _Fou
     if spec.name in ("mnist", "fashion_mnist"):
         found = _find_idx(folders + [f / "raw" for f in folders], spec, split)
     elif spec.name in ("cifar10", "cifar100"):
-        found = _find_cifar([root] + subfolders, root if direct else None, spec, split)
+        found = _find_cifar([root, *subfolders], root if direct else None, spec, split)
     else:
         return None
     return found or _find_images(root, direct, spec, split)
@@ -398,7 +398,7 @@ def load_dataset(
     split: str = "train",
     *,
     data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None | bool = None,
+    cache_dir: str | os.PathLike | bool | None = None,
     download: bool = False,
     image_size: int = 224,
 ) -> Dataset:

@@ -56,7 +56,7 @@ def _prefetch(iterator: Iterator, size: int, sharding) -> Iterator:
                 if not put(jax.device_put(item, sharding)):
                     return
             put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        except BaseException as e:
             put(_Raised(e))
 
     thread = threading.Thread(target=worker, name="gcgd-prefetch", daemon=True)

@@ -253,7 +253,7 @@ class GCODEConfig:
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
             raise ValueError(f"GCODEConfig.width must be None or an int >= 1, got {self.width!r}.")
         if not isinstance(self.adaptive, bool):
-            raise ValueError(f"GCODEConfig.adaptive must be a bool, got {self.adaptive!r}.")  # noqa: TRY004
+            raise ValueError(f"GCODEConfig.adaptive must be a bool, got {self.adaptive!r}.")
         if self.adaptive and self.solver == "euler":
             raise ValueError(
                 "GCODEConfig: adaptive=True needs a solver with an error estimate "
@@ -345,30 +345,19 @@ class TimeConv(nnx.Module):
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
     Both use :func:`gcgd_jax.cpu_speed.conv3x3` (its hand-written VJP unless
-    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built). The
-    attribute ``chunk_wgrad`` (default ``False``) sums the big one's kernel
-    gradient over batch chunks; measured on the ResNet-20 train step it bought
-    nothing (``experiments/results/gc_ode_overhead/chunks.md``).
+    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         self.in_features = in_features
         self.out_features = out_features
         self.custom_vjp = cpu_speed.CUSTOM_CONV_VJP
-        # Kernel gradient in batch chunks: measured without gain inside the solve's loop
-        # (experiments/results/gc_ode_overhead/chunks.md), so off; a candidate to re-measure.
-        self.chunk_wgrad = False
         init = nnx.initializers.he_normal()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_features + 1, out_features)))
 
     def __call__(self, a: jax.Array, t: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(a.dtype)
-        y = conv3x3(
-            a,
-            kernel[:, :, : self.in_features, :],
-            custom_vjp=self.custom_vjp,
-            chunk_wgrad=self.chunk_wgrad,
-        )
+        y = conv3x3(a, kernel[:, :, : self.in_features, :], custom_vjp=self.custom_vjp)
         ones = jnp.ones((1, *a.shape[1:3], 1), a.dtype)
         y_t = conv3x3(ones, kernel[:, :, self.in_features :, :], custom_vjp=self.custom_vjp)
         return y + (1 + jnp.asarray(t, a.dtype)) * y_t

@@ -32,7 +32,7 @@ def pre_downsampling_paths(model: ResNet, *, whole_block: bool = False) -> list[
             names = [block.output_conv]
             if block.shortcut_conv is not None:
                 names.append("shortcut_conv")
-        paths.extend(prefix + (name, "kernel") for name in names)
+        paths.extend((*prefix, name, "kernel") for name in names)
     return paths
 
 

@@ -83,7 +83,9 @@ def _conv(
     in_features: int, out_features: int, kernel: int, stride: int, *, rngs: nnx.Rngs
 ) -> nnx.Conv:
     pad = (kernel - 1) // 2
-    conv_fn = cpu_speed.chunked_wgrad_conv if cpu_speed.CHUNKED_WGRAD else jax.lax.conv_general_dilated
+    conv_fn = (
+        cpu_speed.chunked_wgrad_conv if cpu_speed.CHUNKED_WGRAD else jax.lax.conv_general_dilated
+    )
     return nnx.Conv(
         in_features,
         out_features,
@@ -318,9 +320,9 @@ class ResNet(nnx.Module):
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("in_channels", in_channels)
         if not isinstance(zero_init_residual, bool):
-            raise ValueError(f"zero_init_residual must be a bool, got {zero_init_residual!r}.")  # noqa: TRY004
+            raise ValueError(f"zero_init_residual must be a bool, got {zero_init_residual!r}.")
         if not isinstance(backward_grad_norm, bool):
-            raise ValueError(f"backward_grad_norm must be a bool, got {backward_grad_norm!r}.")  # noqa: TRY004
+            raise ValueError(f"backward_grad_norm must be a bool, got {backward_grad_norm!r}.")
         config = resolve_gc_ode(gc_ode)
         block_cls = BasicBlock if block == "basic" else Bottleneck
 
@@ -484,7 +486,7 @@ def _imagenet(
     if rngs is None:
         raise ValueError(f"{name}() needs rngs=nnx.Rngs(...).")
     if not isinstance(small_stem, bool):
-        raise ValueError(f"small_stem must be a bool, got {small_stem!r}.")  # noqa: TRY004
+        raise ValueError(f"small_stem must be a bool, got {small_stem!r}.")
     return ResNet(
         stage_sizes,
         block=block,
@@ -536,7 +538,15 @@ def resnet20(
       ((2, 10), ['gc_ode_gate', 'gc_ode_loss'])
     """
     return _cifar(
-        "resnet20", 20, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
+        "resnet20",
+        20,
+        num_classes,
+        in_channels,
+        zero_init_residual,
+        backward_grad_norm,
+        gc_ode,
+        rngs,
+        unknown,
     )
 
 
@@ -552,7 +562,15 @@ def resnet32(
 ) -> ResNet:
     """CIFAR ResNet-32 (3 x 5 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
-        "resnet32", 32, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
+        "resnet32",
+        32,
+        num_classes,
+        in_channels,
+        zero_init_residual,
+        backward_grad_norm,
+        gc_ode,
+        rngs,
+        unknown,
     )
 
 
@@ -568,7 +586,15 @@ def resnet56(
 ) -> ResNet:
     """CIFAR ResNet-56 (3 x 9 basic blocks, option-A shortcuts). See :func:`resnet20`."""
     return _cifar(
-        "resnet56", 56, num_classes, in_channels, zero_init_residual, backward_grad_norm, gc_ode, rngs, unknown
+        "resnet56",
+        56,
+        num_classes,
+        in_channels,
+        zero_init_residual,
+        backward_grad_norm,
+        gc_ode,
+        rngs,
+        unknown,
     )
 
 

@@ -21,8 +21,6 @@ __all__ = ["build_model", "load_data", "step_options"]
 _CROP_FLIP_DATASETS = ("cifar10", "cifar100")
 
 
-
-
 def _load_split(cfg: TrainConfig, split: str):
     from gcgd_jax import data as gdata
 

@@ -110,7 +110,7 @@ class Checkpointer:
                 continue
             try:
                 state, meta = self.restore(step, like)
-            except Exception as err:  # noqa: BLE001 - any damage: try an older one
+            except Exception as err:
                 damaged.append(
                     DamagedCheckpoint(step, self.directory / str(step), _short_reason(err))
                 )

@@ -111,9 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             return _fail(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
         overrides.append(f"run.seeds={seeds}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return _fail(f"output folder {args.out} is a file; choose another --out")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / "config.toml").is_file():
-        config = str(Path(args.out) / "config.toml")
+    if config is None and args.resume:
+        saved = Path(args.out or load_config(None).run.out_dir) / "config.toml"
+        if not saved.is_file():
+            return _fail(
+                f"nothing to resume in {saved.parent}: it holds no config.toml of an earlier run "
+                "(give --out the run's folder, or --config to start one there)"
+            )
+        config = str(saved)
     try:
         cfg = load_config(config, overrides)
     except ConfigError as err:

@@ -44,8 +44,7 @@ class DataParallel:
         local = jax.local_device_count()
         if num_devices is not None and num_devices > local:
             raise ValueError(
-                f"run.num_devices = {num_devices} but this process has only {local} "
-                "local device(s)"
+                f"run.num_devices = {num_devices} but this process has only {local} local device(s)"
             )
         k = local if num_devices is None else num_devices
         # The first k local devices of every process (process order, as jax.devices() lists them).

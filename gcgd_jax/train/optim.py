@@ -31,7 +31,6 @@ learning rate of the last update is in the state (:func:`current_lr`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +48,7 @@ __all__ = [
     "current_lr",
     "kernel_mask",
 ]
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerBundle:
@@ -89,10 +89,9 @@ def build_correction(
     mask_kind = kwargs.pop("mask", method.mask)
     if method.seeded:
         kwargs.setdefault("key", seed)
-    accepted = inspect.signature(factory).parameters
+    known = method.option_names()
     for key in kwargs:
-        if key not in accepted or key in fixed:
-            known = [k for k in accepted if k not in fixed] + ["mask"]
+        if key not in known:
             raise ConfigError(
                 f"corrections.{name}: unknown option {key!r}; known: {', '.join(known)}"
             )

@@ -134,17 +134,16 @@ class EpochSums:
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> EpochSums:
-        """The sums saved in a checkpoint (also those written before ``state_metrics``)."""
-        saved = dict(saved)
-        metrics = dict(saved.pop("state_metrics", None) or {})
-        for old, key in (
-            ("predictor_loss", "gc_w_predictor_loss"),
-            ("predictor_objective", "gc_w_v2_objective"),
-        ):
-            value = saved.pop(old, None)
-            if value is not None:
-                metrics[key] = value
-        return cls(**saved, state_metrics=metrics)
+        """The sums saved in a checkpoint's metadata; ``CheckpointError`` naming the keys
+        of a checkpoint this version does not write."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - fields)
+        if unknown:
+            raise CheckpointError(
+                f"the checkpoint's epoch sums hold keys this version does not know: {unknown} "
+                "(written by another version of gcgd_jax); start the run again with --overwrite"
+            )
+        return cls(**{**saved, "state_metrics": dict(saved.get("state_metrics") or {})})
 
 
 @dataclasses.dataclass
@@ -263,6 +262,8 @@ class Trainer:
     ):
         self.cfg = cfg
         self.out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"output folder {self.out} is a file; choose another --out")
         self.resume = resume
         self.stream = stream if stream is not None else sys.stderr
         if cfg.log.tensorboard and not tensorboard_available():
@@ -561,7 +562,10 @@ class Trainer:
         bar.close()
         totals = {k: float(host_value(v)) for k, v in totals.items()}
         count = max(totals["count"], 1.0)
-        return {f"{prefix}_loss": totals["loss_sum"] / count, f"{prefix}_acc": totals["correct"] / count}
+        return {
+            f"{prefix}_loss": totals["loss_sum"] / count,
+            f"{prefix}_acc": totals["correct"] / count,
+        }
 
     def _checkpointer(self) -> Checkpointer | None:
         if not self.cfg.checkpoint.enabled:

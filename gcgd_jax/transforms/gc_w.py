@@ -89,7 +89,7 @@ def _check_int(name: str, value: Any, lower: int) -> None:
 def _static_int(name: str, value: Any, lower: int) -> int:
     """A shape-deciding argument as a Python int (``ValueError`` naming it otherwise)."""
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be an int >= {lower}, got {value!r}.")  # noqa: TRY004
+        raise ValueError(f"`{name}` must be an int >= {lower}, got {value!r}.")
     try:
         v = operator.index(value)
     except TypeError:
@@ -340,7 +340,7 @@ def gc_w(
     if target not in _TARGETS:
         raise ValueError(f"`target` must be one of {_TARGETS}, got {target!r}.")
     if isinstance(key, (bool, np.bool_)):
-        raise ValueError(f"`key` must be an int seed or a PRNG key, got {key!r}.")  # noqa: TRY004
+        raise ValueError(f"`key` must be an int seed or a PRNG key, got {key!r}.")
     hd = num_heads * head_size
     predictor_tx = optax.adam(predictor_learning_rate)
 
@@ -407,7 +407,7 @@ def gc_w(
 
     def _update(updates, state):
         g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-        flat = lambda tree: treedef.flatten_up_to(tree)
+        flat = treedef.flatten_up_to
         unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
         if not g_leaves:
             return updates, state

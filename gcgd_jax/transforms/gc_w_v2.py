@@ -474,7 +474,7 @@ def gc_w_v2(
     check_number("predictor_learning_rate", predictor_learning_rate, lower=0.0)
     check_number("warmup", warmup, lower=0.0)
     if isinstance(key, (bool, np.bool_)):
-        raise ValueError(f"`key` must be an int seed or a PRNG key, got {key!r}.")  # noqa: TRY004
+        raise ValueError(f"`key` must be an int seed or a PRNG key, got {key!r}.")
     n_tok = len(decays) + 2
     h, d, k = num_heads, head_size, horizon
     decay_arr = np.asarray(decays, np.float32)
@@ -495,7 +495,8 @@ def gc_w_v2(
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         fields = {name: [] for name in GCWv2Predictor._fields}
         bufs = {
-            name: [] for name in ("emas", "prev_grad", "prev_diff", "prev_scale", "ring", "ring_scale")
+            name: []
+            for name in ("emas", "prev_grad", "prev_diff", "prev_scale", "ring", "ring_scale")
         }
         for path, leaf in leaves_with_path:
             if not _is_kernel(leaf):
@@ -537,7 +538,7 @@ def gc_w_v2(
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        flat = lambda tree: treedef.flatten_up_to(tree)
+        flat = treedef.flatten_up_to
         sel = [i for i, g in enumerate(leaves) if _is_kernel(g)]
         if not sel:
             return updates, state

@@ -77,3 +77,20 @@ def test_scale_only_control_replays_the_gradient_modes_measured_ratio(tmp_path):
     )
     with pytest.raises(RuntimeError, match="logged no gc_ode_grad_ratio"):
         matched_control_scale(tmp_path, "gc_ode_gradient", 1.0, 0)
+
+
+def test_a_misspelt_method_option_fails_before_the_first_run(monkeypatch, capsys, tmp_path):
+    import dataclasses
+
+    from experiments import compare
+
+    bad = dataclasses.replace(
+        SUITES["cpu-fmnist"], method_overrides={"gc_w": ("corrections.gc_w.warmpu=24",)}
+    )
+    monkeypatch.setitem(compare.SUITES, "cpu-fmnist", bad)
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--suite", "cpu-fmnist", "--out", str(tmp_path), "--max-runs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "method gc_w of suite cpu-fmnist" in err and "unknown option 'warmpu'" in err
+    assert "did you mean 'warmup'" in err and not (tmp_path / "runs").exists()

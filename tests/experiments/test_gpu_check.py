@@ -79,6 +79,6 @@ def test_plan_steps_fits_the_time_and_caps_at_he_et_al():
     compile_s = {"baseline": 20.0, "gcgd": 40.0}
     steps = gpu_check.plan_steps(300.0, step_s, compile_s, 390)
     used = 2 * sum(compile_s.values()) + 1.8 * steps * sum(step_s.values()) * 1.10
-    assert 0 < steps and used <= 300.0 < used + 1.8 * sum(step_s.values()) * 1.10 + 1e-9
+    assert steps > 0 and used <= 300.0 < used + 1.8 * sum(step_s.values()) * 1.10 + 1e-9
     assert gpu_check.plan_steps(1e9, step_s, compile_s, 390) == gpu_check.HE_STEPS
     assert gpu_check.plan_steps(50.0, step_s, compile_s, 390) == 0

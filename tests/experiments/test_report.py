@@ -36,9 +36,7 @@ def test_report_tables_and_plots(tmp_path):
     assert "| better | 3 |" in text
     # 'better' reaches the baseline's full-budget accuracy already at half the budget
     # (the smallest run: censored), on all 3 paired seeds.
-    better_row = next(
-        line for line in text.splitlines() if line.startswith("| better | 3 | 8")
-    )
+    better_row = next(line for line in text.splitlines() if line.startswith("| better | 3 | 8"))
     assert "| ≥ 50% [50%, 50%] |" in better_row
     assert "1.20×" in text  # step-time ratio 0.12 / 0.10
     for png in ("accuracy_vs_epoch.png", "budget_sweep.png", "overhead.png"):
@@ -118,7 +116,9 @@ def test_report_verdicts_are_holm_corrected(tmp_path):
     assert _verdict(text, "borderline") == "+"
     for name in ("null_a", "null_b"):
         for seed in range(5):
-            _write_run(tmp_path, name, 1.0, seed, [0.5, 0.6 + 0.01 * seed + 0.01 * (-1) ** seed], 0.1)
+            _write_run(
+                tmp_path, name, 1.0, seed, [0.5, 0.6 + 0.01 * seed + 0.01 * (-1) ** seed], 0.1
+            )
     text = build_report(tmp_path, title="t")
     assert _verdict(text, "borderline") == "="
     assert "borderline" in next(x for x in text.splitlines() if x.startswith("- No difference"))

@@ -73,7 +73,7 @@ def test_jit_and_vmap():
         grad_fn(x, 1e-6), _np_normalise(cotangent, (1, 2)), rtol=1e-5, atol=1e-6
     )
     # Under vmap over axis 0, every (i, j) row of the last axis is one sample.
-    vmapped = jax.vmap(lambda x, c: _grad_through(x, c))(x, cotangent)
+    vmapped = jax.vmap(_grad_through)(x, cotangent)
     np.testing.assert_allclose(vmapped, _np_normalise(cotangent, (2,)), rtol=1e-5, atol=1e-6)
 
 

@@ -632,7 +632,7 @@ def _gradients(model):
         return logits, aux, g_task, g_x, jax.grad(aux_loss)(params)
 
     logits, aux, g_task, g_x, g_aux = run(nnx.as_pure(params), nnx.as_pure(rest), X)
-    flat = lambda state: {k: v for k, v in nnx.to_flat_state(state)}
+    flat = lambda state: dict(nnx.to_flat_state(state))
     return {"logits": logits, "aux": aux, "task": flat(g_task), "x": g_x, "aux_grad": flat(g_aux)}
 
 

@@ -144,7 +144,9 @@ def test_batchnorm_settings_and_residual_init(r20):
     # Default (He et al.): every BatchNorm scale starts at one.
     for stage in r20.stages:
         for block in stage.blocks:
-            assert bool(jnp.all(block.bn2.scale[...] == 1)) and bool(jnp.all(block.bn1.scale[...] == 1))
+            assert bool(jnp.all(block.bn2.scale[...] == 1)) and bool(
+                jnp.all(block.bn1.scale[...] == 1)
+            )
     for zero in (False, True):
         tiny = ResNet(
             (1, 1),

@@ -15,7 +15,9 @@ def main() -> None:
     if int(count) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            f"127.0.0.1:{port}", num_processes=int(count), process_id=int(pid),
+            f"127.0.0.1:{port}",
+            num_processes=int(count),
+            process_id=int(pid),
             initialization_timeout=120,
         )
     from gcgd_jax.train import Trainer, load_config

@@ -206,3 +206,16 @@ def test_list_configs(capsys):
     names = {row.split()[0] for row in rows}
     assert {"quickstart", "cifar10_resnet20", "cifar10_resnet20_gcgd"} <= names
     assert all(row.split()[-1].endswith(".toml") for row in rows)
+
+
+def test_out_naming_a_file_and_resume_with_nothing_to_resume_exit_2(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert main([*TINY, "--out", str(a_file)]) == 2
+    assert f"output folder {a_file} is a file; choose another --out" in capsys.readouterr().err
+    assert a_file.read_text() == "keep"
+    empty = tmp_path / "empty"
+    assert main(["--out", str(empty), "--resume"]) == 2  # no --config, no earlier run there
+    err = capsys.readouterr().err
+    assert f"nothing to resume in {empty}" in err and "Traceback" not in err
+    assert not empty.exists()

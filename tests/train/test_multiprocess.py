@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gcgd_jax.train.report import read_metrics
 from gcgd_jax.cpu_speed import CPU_CONV_FLAG
+from gcgd_jax.train.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [
@@ -78,5 +78,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     summary = read_metrics(multi / "metrics.jsonl")[-1]
     assert summary["kind"] == "summary" and summary["devices"] == 2
     # one writer: the file holds each record once
-    assert [r["kind"] for r in read_metrics(multi / "metrics.jsonl")] == ["epoch", "epoch", "summary"]
+    assert [r["kind"] for r in read_metrics(multi / "metrics.jsonl")] == [
+        "epoch",
+        "epoch",
+        "summary",
+    ]
     assert (multi / "checkpoints" / "8").is_dir()

@@ -1,7 +1,6 @@
 """Metrics file, optional TensorBoard, progress bar and summary table (no JAX)."""
 
 import io
-import json
 
 import pytest
 

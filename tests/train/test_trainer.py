@@ -406,3 +406,16 @@ def test_train_epoch_rejects_steps_outside_the_epoch(tmp_path):
         trainer.train_epoch(0, 0, spe + 1)
     with pytest.raises(ValueError, match="are not inside epoch 1"):
         trainer.train_epoch(1, 0)
+
+
+def test_epoch_sums_round_trip_and_refuse_keys_of_another_version():
+    import dataclasses
+
+    from gcgd_jax.train.trainer import CheckpointError, EpochSums
+
+    sums = EpochSums(loss=1.5, correct=3, examples=8, steps=1, state_metrics={"gc_w_x": 0.5})
+    assert EpochSums.from_checkpoint(dataclasses.asdict(sums)) == sums
+    with pytest.raises(
+        CheckpointError, match=r"keys this version does not know: \['predictor_loss'\]"
+    ):
+        EpochSums.from_checkpoint({**dataclasses.asdict(sums), "predictor_loss": 0.1})

@@ -311,6 +311,6 @@ def test_v2_is_closer_to_the_true_gradient_than_raw_and_v1(stream_cosines):
 
 
 def test_v2_negative_control_rho_zero_is_the_raw_gradient(stream_cosines):
-    kind, c = stream_cosines
+    _kind, c = stream_cosines
     np.testing.assert_allclose(c["v2_rho0"], c["raw"], rtol=1e-6)
     assert not c["v2_rho0"] >= c["raw"] + 0.25

@@ -57,7 +57,7 @@ def grad_stream(steps, *, seed=0, scale=1.0, dtype=jnp.float32, params=PARAMS):
 DECAYS = (0.5, 0.9, 0.98)  # 0.98: Grokfast's alpha, for the expressiveness tests
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step(decays, horizon):
     """One compiled update per static configuration; rho, lr and warmup are traced
     (so most tests share a compilation: the suite stays fast on 2 cores)."""

@@ -15,7 +15,6 @@ reason (e.g. ZNorm removes the mean of the gradient of a leaf, so a leaf whose
 optimum needs a mean shift is never reached).
 """
 
-
 import contextlib
 import re
 
@@ -59,8 +58,12 @@ _gc_w_on_kernels.__name__ = "gc_w"
 _TRANSFORMS["gcgd_gc_w"] = _chained(_gc_w_on_kernels)
 
 _CASES = tuple(
-    {"opt_name": name, "opt_kwargs": {"learning_rate": 1e-3}, "wrapper_name": None,
-     "wrapper_kwargs": None}
+    {
+        "opt_name": name,
+        "opt_kwargs": {"learning_rate": 1e-3},
+        "wrapper_name": None,
+        "wrapper_kwargs": None,
+    }
     for name in _TRANSFORMS
 )
 
@@ -144,9 +147,7 @@ class OurTransformsUnderOptaxHarness(parameterized.TestCase):
     def test_gradient_accumulation(self, **kw):
         _raw("test_gradient_accumulation")(self, **kw)
 
-    @parameterized.product(
-        _CASES, dtype=(jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-    )
+    @parameterized.product(_CASES, dtype=(jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
     def test_state_shape_dtype_stability(self, **kw):
         _raw("test_state_shape_dtype_shard_stability")(self, **kw)
 
@@ -156,8 +157,21 @@ class OurTransformsUnderOptaxHarness(parameterized.TestCase):
 
 
 def test_every_public_transform_is_under_the_harness():
-    public = {"centralize", "channel_directed", "znorm", "agr", "gc_w", "gc_w_v2",
-              "mars_correction", "grokfast_ema"}
-    covered = {n.removeprefix("gcgd_").removesuffix("_h0").removesuffix("_sobolev")
-               .removesuffix("_all_leaves") for n in _TRANSFORMS}
+    public = {
+        "centralize",
+        "channel_directed",
+        "znorm",
+        "agr",
+        "gc_w",
+        "gc_w_v2",
+        "mars_correction",
+        "grokfast_ema",
+    }
+    covered = {
+        n.removeprefix("gcgd_")
+        .removesuffix("_h0")
+        .removesuffix("_sobolev")
+        .removesuffix("_all_leaves")
+        for n in _TRANSFORMS
+    }
     assert public <= covered

@@ -212,6 +212,7 @@ class TrainConfig:
             )
         return dataclasses.replace(self, **updates)
 
+
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 
 

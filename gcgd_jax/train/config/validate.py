@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Sequence
 
+from gcgd_jax import methods
 from gcgd_jax.train.config.schema import (
     CIFAR_MODELS,
     CORRECTIONS,
@@ -162,6 +163,11 @@ def validate(cfg: TrainConfig) -> None:
                 f"corrections.{name}: options given for an unknown correction {name!r}"
                 + _suggest(name, CORRECTIONS)
             )
+        else:
+            known = methods.get(name).option_names()
+            for key in options:
+                if key not in known:
+                    p.append(f"corrections.{name}: unknown option {key!r}" + _suggest(key, known))
         mask = options.get("mask")
         if mask is not None:
             _choice(p, f"corrections.{name}.mask", mask, MASKS)
@@ -178,9 +184,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(p, ckpt.every_epochs >= 0, "checkpoint.every_epochs: must be >= 0")
     _check(p, ckpt.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
     _check(p, ckpt.keep >= 1, "checkpoint.keep: must be >= 1")
-    _check(
-        p, cfg.log.tensorboard_every_steps >= 0, "log.tensorboard_every_steps: must be >= 0"
-    )
+    _check(p, cfg.log.tensorboard_every_steps >= 0, "log.tensorboard_every_steps: must be >= 0")
 
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))
