@@ -15,7 +15,7 @@ command of its own::
   place it broke (``preflight.json``), so the rest of the device time can go to
   a fix and a re-run.
 - ``bench``: ResNet-20 and ResNet-18 (small stem) train steps at batch 128, SGD
-  momentum 0.9, weight decay 1e-4 (``experiments/bench_vs_torch.py``'s setting):
+  momentum 0.9, weight decay 1e-4 (``experiments/bench/bench_vs_torch.py``'s setting):
   ours (float32; our models have no bf16 option) and PyTorch's on the same GPU
   (float32 NCHW, float32 channels_last, channels_last with bf16 autocast, the
   way PyTorch users turn on AMP), median step time, images/s and peak device
@@ -79,7 +79,7 @@ def versions() -> dict[str, str | None]:
 
 
 def _commit() -> str | None:
-    from experiments.provenance import git_commit
+    from experiments.common.provenance import git_commit
 
     return os.environ.get("GCGD_COMMIT") or git_commit()
 
@@ -314,7 +314,7 @@ def _torch_case(model: str, variant: str, steps: int, dry: bool) -> dict:
     import torch
     from torch.nn import functional as F
 
-    from experiments.bench_vs_torch import LR, MOMENTUM, WEIGHT_DECAY, torch_resnet20
+    from experiments.bench.bench_vs_torch import LR, MOMENTUM, WEIGHT_DECAY, torch_resnet20
 
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     torch.manual_seed(0)
@@ -529,7 +529,7 @@ def plan_steps(
 def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: str | None) -> int:
     import numpy as np
 
-    from experiments.stats import paired
+    from experiments.suites.stats import paired
     from gcgd_jax.train import SeedParallelTrainer, load_config
     from gcgd_jax.train.build import load_data
 

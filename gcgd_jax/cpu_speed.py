@@ -13,7 +13,7 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    *Buys*: with default flags 58% of a CIFAR ResNet-20 train step (batch 128)
    was YNN weight-gradient convolutions; with the flag the step ran about
    2.3x faster (first measurement session, Flax linen ResNet-20: 1.59 s ->
-   0.69 s median). Side by side in ``experiments/results/throughput/``
+   0.69 s median). Side by side in ``experiments/results/bench_throughput/``
    (the ``gcgd-train`` loop, median step) on an AMD EPYC machine
    (2026-11-23, commit b5f9b95's file): 0.370 s without flag and breaker,
    0.323 s with the flag alone, 0.260 s with both; re-measured on the Intel
@@ -32,7 +32,7 @@ here; nothing else in the package depends on XLA's CPU heuristics.
 
    *Buys*: stops XLA copying each block's forward BatchNorm/ReLU/residual chain
    into the weight-gradient transposes: about 1.4x on top of the flag (first
-   session: 0.69 s -> 0.50 s; ``experiments/results/throughput/`` on the AMD
+   session: 0.69 s -> 0.50 s; ``experiments/results/bench_throughput/`` on the AMD
    EPYC machine: 0.323 s -> 0.260 s), 1.04x on the Intel Xeon machine of
    2026-12-01 (0.419 s -> 0.404 s).
    *Costs*: nothing numerically (``x / 1.0`` is exact; bit-identical, tested).
@@ -73,7 +73,7 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    (measured for the 32x32x16 shape: 14.0 ms on two cores, 13.4 ms on one,
    while forward and input-gradient convolutions halve); independent chunks
    run on both (7.1 ms). The whole ResNet-20 train step: 1.09x
-   (``experiments/results/vs_torch/profile.md``, 399 -> 367 ms median).
+   (``experiments/results/profile_step/profile.md``, 399 -> 367 ms median).
    *Costs*: another summation order of the weight gradient (equal to XLA's
    within float rounding, tested to 1e-5); the first step compiles about 1.5 s
    longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through

@@ -116,3 +116,27 @@ def test_public_names_resolve_lazily():
     for name in gcgd_jax.__all__:
         assert getattr(gcgd_jax, name) is not None, name
     assert gcgd_jax.gc_w is importlib.import_module("gcgd_jax.transforms.gc_w").gc_w
+
+
+ROLES = ("common", "suites", "studies", "bench", "tools")
+
+
+def test_experiments_are_arranged_by_role():
+    """``experiments/`` holds role folders (each a package with a README), the GPU check and
+    results; everything runs as ``python -m experiments.<role>.<name>``, without import hacks."""
+    exp = ROOT / "experiments"
+    assert {p.name for p in exp.glob("*.py")} == {"__init__.py", "gpu_check.py"}
+    for role in ROLES:
+        assert (exp / role / "__init__.py").is_file() and (exp / role / "README.md").is_file()
+    for path in exp.rglob("*.py"):
+        assert "__package__" not in path.read_text(), path
+
+
+def test_every_results_folder_is_named_after_what_writes_it():
+    from experiments.suites.compare import SUITES
+
+    exp = ROOT / "experiments"
+    scripts = {p.stem for role in ROLES for p in (exp / role).glob("*.py")} | {"gpu_check"}
+    writers = scripts | set(SUITES) | {"quickstart"}  # quickstart: gcgd-train --config quickstart
+    folders = {p.name for p in (exp / "results").iterdir() if p.is_dir()}
+    assert folders <= writers, sorted(folders - writers)

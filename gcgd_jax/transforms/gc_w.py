@@ -273,7 +273,7 @@ def gc_w(
 
     e.g. ResNet-20's three pre-down-sampling kernels with ``h d = 32``: 0.58 M
     words (2.2 MiB); ResNet-18's four: 15.9 M words (60 MiB)
-    (``experiments/results/gc_w_memory.md``).
+    (``experiments/results/gc_w_memory/``).
 
     :func:`gc_w_memory_floats` evaluates it for a parameter tree.
 

@@ -1,9 +1,9 @@
-"""``experiments/bench_vs_torch.py``: finds PyTorch only where it is told to, and reports
+"""``experiments/bench/bench_vs_torch.py``: finds PyTorch only where it is told to, and reports
 honestly without it (the timing itself is a benchmark, not a test)."""
 
 import sys
 
-from experiments import bench_vs_torch as bench
+from experiments.bench import bench_vs_torch as bench
 
 
 def test_no_torch_python_means_none(tmp_path, monkeypatch):
@@ -19,7 +19,7 @@ def test_no_torch_python_means_none(tmp_path, monkeypatch):
 
 def test_report_without_torch_has_no_ratio():
     rec = {
-        "command": "python experiments/bench_vs_torch.py",
+        "command": "python -m experiments.bench.bench_vs_torch",
         "date": "2026-12-01",
         "wall_s": 1.0,
         "machine": {"platform": "x", "cores_available": 2, "python": "3.11", "jax": "0.10.2"},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.compare import METHODS, SUITES, quick
+from experiments.suites.compare import METHODS, SUITES, quick
 from gcgd_jax.train import load_config
 
 
@@ -37,7 +37,7 @@ def test_grid_sizes_follow_the_protocol():
     ],
 )
 def test_bad_runner_arguments_are_clear_errors(argv, message, capsys, tmp_path):
-    from experiments.compare import main
+    from experiments.suites.compare import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--suite", "cpu-fmnist", "--out", str(tmp_path), "--list", *argv])
@@ -49,7 +49,7 @@ def test_bad_runner_arguments_are_clear_errors(argv, message, capsys, tmp_path):
 def test_scale_only_control_replays_the_gradient_modes_measured_ratio(tmp_path):
     import json
 
-    from experiments.compare import MATCHED_SCALE, matched_control_scale, run_dir
+    from experiments.suites.compare import MATCHED_SCALE, matched_control_scale, run_dir
 
     assert MATCHED_SCALE == {"gc_ode_scale_only": "gc_ode_gradient"}
     grid = SUITES["cpu-fmnist"].grid()
@@ -82,7 +82,7 @@ def test_scale_only_control_replays_the_gradient_modes_measured_ratio(tmp_path):
 def test_a_misspelt_method_option_fails_before_the_first_run(monkeypatch, capsys, tmp_path):
     import dataclasses
 
-    from experiments import compare
+    from experiments.suites import compare
 
     bad = dataclasses.replace(
         SUITES["cpu-fmnist"], method_overrides={"gc_w": ("corrections.gc_w.warmpu=24",)}

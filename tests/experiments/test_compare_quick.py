@@ -1,4 +1,4 @@
-"""`python -m experiments.compare --suite cpu-fmnist --quick` runs end to end.
+"""`python -m experiments.suites.compare --suite cpu-fmnist --quick` runs end to end.
 
 This is the CI smoke test of the comparison runner: 3 methods x 2 budgets x 1 seed on a
 few hundred Fashion-MNIST images of the shared data folder (``../shared/data`` or
@@ -15,8 +15,8 @@ import json
 
 import pytest
 
-from experiments import compare
-from experiments.report import load_runs
+from experiments.suites import compare
+from experiments.suites.report import load_runs
 from tests.conftest import find_shared_data, in_ci
 
 SYNTHETIC = ["--set", "data.name=synthetic", "--set", "data.synthetic_image_shape=[28, 28, 1]"]

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from experiments import compare
-from experiments.report import read_metrics
+from experiments.suites import compare
+from experiments.suites.report import read_metrics
 from gcgd_jax.train import Trainer, load_config
 
 BASE = """

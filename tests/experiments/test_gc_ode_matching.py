@@ -1,8 +1,8 @@
-"""experiments/gc_ode_matching.py: the paired summary of the backward-matching diagnostic."""
+"""experiments/studies/gc_ode_matching.py: the paired summary of the backward-matching diagnostic."""
 
 import pytest
 
-from experiments.gc_ode_matching import main, paired_t, summarize, write_outputs
+from experiments.studies.gc_ode_matching import main, paired_t, summarize, write_outputs
 
 
 def _run(seed, arm, cos, acc):

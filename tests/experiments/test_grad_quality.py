@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.grad_quality import _cos, summarize
+from experiments.studies.grad_quality import _cos, summarize
 
 
 def _rec(method, seed, probe, value, step=10):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from experiments import compare, long_report
-from experiments.compare import SUITES, load_suite
+from experiments.suites import compare, long_report
+from experiments.suites.compare import SUITES, load_suite
 from gcgd_jax.train import load_config
 
 LONG = SUITES["cpu-cifar10-long"]
@@ -98,7 +98,7 @@ def test_a_suite_that_requires_a_clean_tree_refuses_a_dirty_one(monkeypatch, tmp
 def test_tree_state_ignores_results_being_written_but_not_code(tmp_path):
     import subprocess
 
-    from experiments.provenance import tree_state
+    from experiments.common.provenance import tree_state
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)

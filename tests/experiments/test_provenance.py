@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from experiments.provenance import git_commit
+from experiments.common.provenance import git_commit
 
 
 def test_outside_a_checkout_there_is_no_commit(tmp_path):

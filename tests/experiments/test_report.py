@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from experiments.report import build_report, load_runs
+from experiments.suites.report import build_report, load_runs
 
 
 def _write_run(root, method, budget, seed, accs, step_time, complete=True):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments.stats import (
+from experiments.suites.stats import (
     bootstrap_mean_ci,
     budget_sweep,
     epoch_saving,

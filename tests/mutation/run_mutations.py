@@ -125,7 +125,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="cosine-first-leaf-only",
         description="the gradient-quality cosine's dot product sees only the first leaf",
-        path="experiments/grad_quality.py",
+        path="experiments/studies/grad_quality.py",
         old="    dot = sum(jnp.vdot(x, y) for x, y in zip(a, b))",
         new="    dot = sum(jnp.vdot(x, y) for x, y in zip(a[:1], b[:1]))",
         tests=("tests/experiments/test_grad_quality.py",),

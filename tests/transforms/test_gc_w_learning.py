@@ -33,7 +33,7 @@ Where it does not help: at the noise floor (the optimum reached, the true
 gradient dominated by the noise the weights absorbed) the future gradients
 also reflect the optimizer's own last steps and history is uninformative; the
 control test below runs there and only bounds the harm.
-``experiments/gc_w_study.py`` runs the same study over more seeds and regimes.
+``experiments/studies/gc_w_study.py`` runs the same study over more seeds and regimes.
 
 ``rho=0`` is the negative control: GC-W then passes the gradient unchanged, and
 the "closer than raw" assertions fail (checked below), so the thresholds are

@@ -1,0 +1,153 @@
+"""What a replica-step costs when N seeds train in one jitted step (``run.seeds``).
+
+The ResNet-20 train step of the ``cifar10_resnet20`` configuration (batch 128,
+32×32×3 synthetic images already on the device, augmentation, guard and
+metrics inside the step, as in ``gcgd-train``) for N = 1 (a single run:
+``Trainer``'s step) and N = 2, 4 replicas with each ``run.replica_strategy``
+(``vmap``: batched over the replica axis; ``unroll``: one copy per replica).
+Every variant is compiled first (the first-step time is reported), then timed
+in alternating rounds (order rotated each round) in one process; per-step
+times are pooled and the median reported, with the cost per replica-step
+relative to the single run. Results: ``experiments/results/bench_seed_parallel/``.
+
+    python -m experiments.bench.bench_seed_parallel                 # 4 rounds x 5 steps, N = 1, 2, 4
+    python -m experiments.bench.bench_seed_parallel --quick         # a smoke run (tiny images)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_seed_parallel"
+
+
+def _variant(n: int, strategy: str, quick: bool):
+    """``(step, first_step_seconds)``: a no-argument function running one train step."""
+    import jax
+    import numpy as np
+
+    from experiments.gpu_check import synthetic_overrides
+    from gcgd_jax.train import SeedParallelTrainer, Trainer, load_config
+
+    overrides = [*synthetic_overrides(quick), "train.total_steps=100000"]
+    folder = tempfile.mkdtemp(prefix="bench_seed_parallel_")
+    if n == 1:
+        t = Trainer(
+            load_config("cifar10_resnet20", overrides), out_dir=folder, stream=io.StringIO()
+        )
+        images, labels = next(iter(t.batches(0)))
+        x, y = t.put_batch(images), t.put_batch(labels)
+
+        def step():
+            return t.dispatch(x, y)
+
+    else:
+        cfg = load_config(
+            "cifar10_resnet20",
+            [*overrides, f"run.seeds={list(range(n))}", f"run.replica_strategy={strategy}"],
+        )
+        g = SeedParallelTrainer(cfg, out_dir=folder, stream=io.StringIO())
+        host = [next(iter(r.trainer.batches(0))) for r in g.replicas]
+        x = jax.device_put(np.stack([h[0] for h in host]), g.replica_batch)
+        y = jax.device_put(np.stack([h[1] for h in host]), g.replica_batch)
+
+        def step():
+            return g.dispatch(x, y)
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    return step, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    p.add_argument("--replicas", default="1,2,4")
+    p.add_argument("--quick", action="store_true", help="tiny images, 2 rounds x 2 steps")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    from gcgd_jax.cpu_speed import apply_cpu_flags
+
+    apply_cpu_flags()  # as gcgd-train does, before JAX starts
+    import jax
+
+    from experiments.common.provenance import git_commit, machine
+
+    rounds, steps = (2, 2) if a.quick else (a.rounds, a.steps)
+    ns = [int(v) for v in a.replicas.split(",")]
+    names = [(n, s) for n in ns for s in (("single",) if n == 1 else ("vmap", "unroll"))]
+    built, first = {}, {}
+    for n, s in names:
+        built[(n, s)], first[(n, s)] = _variant(n, s, a.quick)
+        print(f"N={n} {s}: first step {first[(n, s)]:.1f} s", file=sys.stderr, flush=True)
+    times: dict = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for key in order:
+            step = built[key]
+            jax.block_until_ready(step())  # one untimed step after the switch
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step())
+                times[key].append(time.perf_counter() - t0)
+    single = statistics.median(times[(1, "single")]) if (1, "single") in times else None
+    rows = []
+    for n, s in names:
+        med = statistics.median(times[(n, s)])
+        rows.append({
+            "replicas": n, "strategy": s, "first_step_s": first[(n, s)], "step_s_median": med,
+            "step_s_min": min(times[(n, s)]), "per_replica_s": med / n,
+            "per_replica_vs_single": (med / n) / single if single else None,
+            "samples": len(times[(n, s)]),
+        })  # fmt: skip
+    record = {
+        "command": "python -m experiments.bench.bench_seed_parallel "
+        + " ".join(argv or sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "rows": rows,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench_seed_parallel.json").write_text(json.dumps(record, indent=2) + "\n")
+    m = record["machine"]
+    lines = [
+        "# Seed-parallel training: cost per replica-step (ResNet-20, batch 128)",
+        "",
+        f"- command: `{record['command']}`; {record['date']}; commit {record['commit']}",
+        (
+            f"- machine: {m['cpu']}, {m['cores']} cores; {m['device']}; Python {m['python']}, "
+            f"jax {m['jax']}"
+        ),
+        f"- {rounds} alternating rounds x {steps} timed steps per variant; medians",
+        "",
+        (
+            "| replicas | strategy | first step s | step s (median) | s per replica-step "
+            "| per replica-step vs one run |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rel = f"{r['per_replica_vs_single']:.2f}x" if r["per_replica_vs_single"] else ""
+        lines.append(
+            f"| {r['replicas']} | {r['strategy']} | {r['first_step_s']:.1f} | "
+            f"{r['step_s_median']:.3f} | {r['per_replica_s']:.3f} | {rel} |"
+        )
+    (a.out / "bench_seed_parallel.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

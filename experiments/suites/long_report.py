@@ -1,0 +1,461 @@
+"""The report of a pre-registered long suite (``report = "long"``, e.g. ``cpu-cifar10-long``).
+
+Its runs evaluate the validation split every epoch (``val_acc``) and the test split once
+after the last step (the summary's ``final_test_acc``). ``RESULTS.md`` starts with the
+pre-registered primary endpoint and its verdict (or what is still missing for it), then:
+the pre-registration as written before the runs, the settings, the progress of each phase
+of the grid, the sanity checks, the final test accuracies beside the baseline's **on the
+same seeds** (Holm across the secondary comparisons), time to result in MLCommons
+AlgoPerf's sense (the first evaluated step and wall-clock at which validation accuracy
+reaches the baseline@1.0's median final validation accuracy), each method's equivalent
+budget against the interpolated baseline curve, and the plots. Everything is rebuilt from
+the runs' ``metrics.jsonl`` and ``run.json``; a suite's ``DISCUSSION.md`` is appended.
+
+Usage: ``python -m experiments.suites.compare --suite cpu-cifar10-long --report-only``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from experiments.suites.stats import (
+    PairedComparison,
+    bootstrap_mean_ci,
+    budget_sweep,
+    holm,
+    paired,
+    t_mean_ci,
+)
+
+if TYPE_CHECKING:
+    from experiments.suites.compare import Suite
+
+__all__ = ["LongRun", "build_long_report", "load_long_runs"]
+
+# The pre-registered primary comparisons: name -> (method, budget, reference, budget, bar).
+# Supported when the lower end of the paired 95% t-interval (pp) is above the bar.
+PRIMARY = {
+    "(a) GCGD@0.8 − baseline@1.0": ("gcgd", 0.8, "baseline", 1.0, -0.5),
+    "(b) GCGD@0.8 − baseline@0.8": ("gcgd", 0.8, "baseline", 0.8, 0.0),
+}
+SANITY_ACC = 0.70  # baseline@1.0 mean test accuracy at least this
+SANITY_GAP_PP = 1.0  # baseline@1.0 − baseline@0.8 at least this (paired)
+
+
+@dataclass
+class LongRun:
+    method: str
+    budget: float
+    seed: int
+    epochs: list[dict] = field(default_factory=list)  # epoch records with val_acc
+    summary: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # run.json
+
+    @property
+    def test_acc(self) -> float:
+        return float(self.summary["final_test_acc"])
+
+    @property
+    def val_acc(self) -> float:
+        return float(self.summary["final_val_acc"])
+
+
+def load_long_runs(suite_dir: Path) -> list[LongRun]:
+    """The finished runs (summary record with ``final_test_acc``) under ``suite_dir/runs``."""
+    runs = []
+    for metrics in sorted(Path(suite_dir, "runs").glob("*/b*/s*/metrics.jsonl")):
+        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if not records or records[-1].get("kind") != "summary":
+            continue  # unfinished: the runner resumes it
+        summary = records[-1]
+        if summary.get("final_test_acc") is None:
+            continue
+        d = metrics.parent
+        info = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+        epochs = [r for r in records if r.get("kind") == "epoch" and r.get("val_acc") is not None]
+        runs.append(
+            LongRun(
+                d.parent.parent.name,
+                float(d.parent.name[1:]),
+                int(d.name[1:]),
+                epochs,
+                summary,
+                info,
+            )
+        )
+    return runs
+
+
+def _cell(runs: list[LongRun], method: str, budget: float) -> dict[int, LongRun]:
+    return {r.seed: r for r in runs if r.method == method and r.budget == budget}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _pp(c: PairedComparison) -> str:
+    if c.n < 2:
+        return f"{c.mean:+.2f} (n = 1)"
+    return f"{c.mean:+.2f} [{c.t_low:+.2f}, {c.t_high:+.2f}]"
+
+
+def _compare(runs, a: tuple[str, float], b: tuple[str, float]) -> PairedComparison | None:
+    ca, cb = _cell(runs, *a), _cell(runs, *b)
+    if not set(ca) & set(cb):
+        return None
+    return paired(
+        {s: 100 * r.test_acc for s, r in ca.items()}, {s: 100 * r.test_acc for s, r in cb.items()}
+    )
+
+
+def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
+    """(verdict lines, table lines) of the pre-registered endpoint."""
+    seeds = set(next(p.seeds for p in suite.phases if "gcgd" in p.methods))
+    rows, verdicts, complete = [], [], True
+    for name, (m, bm, ref, br, bar) in PRIMARY.items():
+        c = _compare(runs, (m, bm), (ref, br))
+        have = set() if c is None else set(c.seeds)
+        if have != seeds:
+            complete = False
+        if c is None or c.n < 2:
+            rows.append(
+                f"| {name} | {0 if c is None else c.n} of {len(seeds)} | | | > {bar:+.1f} | pending |"
+            )
+            continue
+        ok = c.t_low > bar
+        verdicts.append(ok)
+        status = ("supported" if ok else "not supported") + ("" if have == seeds else " (partial)")
+        rows.append(
+            f"| {name} | {c.n} of {len(seeds)} | {_pp(c)} | {c.p_value:.3g} | > {bar:+.1f} | {status} |"
+        )
+    table = [
+        "| comparison (final test accuracy, pp) | paired seeds | mean [95% t-CI] | p | lower end must be | verdict |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if not complete or len(verdicts) < len(PRIMARY):
+        done = sum(1 for (m, bm, *_) in PRIMARY.values() for _ in _cell(runs, m, bm))
+        line = (
+            "**Primary endpoint: pending.** Not every report seed of the primary comparisons has "
+            f"finished ({done} of {len(PRIMARY) * len(seeds)} GCGD@0.8 seed-comparisons so far); "
+            "no verdict is drawn from a partial grid."
+        )
+        return [line], table
+    parts = []
+    for (name, (m, bm, ref, br, bar)), ok in zip(PRIMARY.items(), verdicts, strict=True):
+        c = _compare(runs, (m, bm), (ref, br))
+        parts.append(
+            f"{name}: {c.mean:+.2f} pp [{c.t_low:+.2f}, {c.t_high:+.2f}], "
+            f"{'supported' if ok else 'not supported'} (bar {bar:+.1f})"
+        )
+    claim = "holds" if all(verdicts) else "does not hold"
+    line = (
+        f"**Primary endpoint: the ~20% claim {claim} here** ({len(seeds)} paired seeds, 95% "
+        f"Student-t): {'; '.join(parts)}."
+    )
+    return [line], table
+
+
+def _sanity(runs) -> list[str]:
+    full, short = _cell(runs, "baseline", 1.0), _cell(runs, "baseline", 0.8)
+    lines = ["## Sanity checks (baseline, before GCGD ran)", ""]
+    if len(full) < 5 or len(short) < 5:
+        return [
+            *lines,
+            f"Pending: baseline@1.0 {len(full)} of 5 seeds, baseline@0.8 {len(short)} of 5.",
+            "",
+        ]
+    mean, lo, hi = t_mean_ci([r.test_acc for r in full.values()])
+    gap = _compare(runs, ("baseline", 1.0), ("baseline", 0.8))
+    ok_acc, ok_gap = mean >= SANITY_ACC, gap.mean >= SANITY_GAP_PP
+    return [
+        *lines,
+        (
+            f"- baseline@1.0 mean final test accuracy {_pct(mean)} [{_pct(lo)}, {_pct(hi)}] "
+            f"(5 seeds): {'passes' if ok_acc else 'FAILS'} the ≥ {100 * SANITY_ACC:.0f}% check."
+        ),
+        (
+            f"- baseline@1.0 − baseline@0.8, paired: {_pp(gap)} pp: "
+            f"{'passes' if ok_gap else 'FAILS'} the ≥ {SANITY_GAP_PP:g} pp check (the budget matters)."
+        ),
+        "",
+    ]
+
+
+def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
+    """Every method × budget beside the baseline's mean on the same seeds; Holm across the
+    secondary comparisons (everything but the primary's two)."""
+    primary = {(m, bm, ref, br) for m, bm, ref, br, _ in PRIMARY.values()}
+    cells = list(dict.fromkeys((m, b) for m, b, _ in suite.grid()))
+    comps: dict[str, PairedComparison] = {}
+    rows = []
+    for m, b in cells:
+        cell = _cell(runs, m, b)
+        if not cell:
+            rows.append((m, b, None))
+            continue
+        refs = [("baseline", b)] + ([("baseline", 1.0)] if b != 1.0 else [])
+        if m == "baseline":
+            refs = [("baseline", 1.0)] if b != 1.0 else []
+        out = []
+        for ref in refs:
+            c = _compare(runs, (m, b), ref)
+            if c is None:
+                continue
+            key = f"{m}@{b:g} − {ref[0]}@{ref[1]:g}"
+            if (m, b, *ref) not in primary and c.n >= 2:
+                comps[key] = c
+            base = _cell(runs, *ref)
+            base_mean = np.mean([base[s].test_acc for s in c.seeds])
+            out.append((key, ref, c, base_mean))
+        rows.append((m, b, out))
+    rejected = holm({k: c.p_value for k, c in comps.items()}) if comps else {}
+    lines = [
+        "## Final test accuracy",
+        "",
+        (
+            "Mean over seeds [95% Student-t]; each difference is paired and seed-matched, beside "
+            "the reference's mean **on the same seeds**; p: two-sided paired t-test; Holm: the "
+            "secondary comparisons (all but the primary's two) corrected together at family-wise 5%."
+        ),
+        "",
+        "| method | budget | seeds | test accuracy | vs | reference on the same seeds | Δ pp [95% t-CI] | p | Holm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, b, out in rows:
+        cell = _cell(runs, m, b)
+        if out is None:
+            lines.append(f"| {m} | {b:g} | 0 | (not run yet) | | | | | |")
+            continue
+        accs = [r.test_acc for r in cell.values()]
+        mean, lo, hi = t_mean_ci(accs)
+        acc = f"{_pct(mean)} [{_pct(lo)}, {_pct(hi)}]" if len(accs) > 1 else _pct(mean)
+        if not out:
+            lines.append(f"| {m} | {b:g} | {len(cell)} | {acc} | | | | | |")
+        for i, (key, ref, c, base_mean) in enumerate(out):
+            if (m, b, *ref) in {(pm, pb, pr, prb) for pm, pb, pr, prb, _ in PRIMARY.values()}:
+                verdict = "primary"
+            else:
+                verdict = "" if key not in comps else ("rejects" if rejected.get(key) else "=")
+            lines.append(
+                f"| {m if i == 0 else ''} | {b:g} | {len(cell) if i == 0 else ''} "
+                f"| {acc if i == 0 else ''} | {ref[0]}@{ref[1]:g} | {_pct(base_mean)} (n={c.n}) "
+                f"| {_pp(c)} | {'' if c.n < 2 else f'{c.p_value:.3g}'} | {verdict} |"
+            )
+    return [*lines, ""], comps
+
+
+def _time_to_result(runs, suite: Suite) -> list[str]:
+    full = _cell(runs, "baseline", 1.0)
+    lines = ["## Time to result (validation, every epoch)", ""]
+    if not full:
+        return [*lines, "Pending: no finished baseline@1.0 run gives the target yet.", ""]
+    target = float(np.median([r.val_acc for r in full.values()]))
+    lines += [
+        (
+            f"Target: the baseline@1.0's median final validation accuracy, {_pct(target)} "
+            f"({len(full)} seeds). Per run: the first evaluated step at which validation accuracy "
+            "reaches it, and the wall-clock to that epoch's end (training + evaluation time as "
+            "logged in the run, so disturbed by whatever else ran on the machine)."
+        ),
+        "",
+        "| method | budget | runs | reach the target | median first step | median wall-clock (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, b in dict.fromkeys((m, b) for m, b, _ in suite.grid()):
+        cell = _cell(runs, m, b)
+        if not cell:
+            continue
+        steps, walls = [], []
+        for r in cell.values():
+            clock = 0.0
+            for e in r.epochs:
+                clock += float(e.get("epoch_time") or 0.0)
+                if e["val_acc"] >= target:
+                    steps.append(e["step"])
+                    walls.append(clock)
+                    break
+        reached = f"{len(steps)} of {len(cell)} ({100 * len(steps) / len(cell):.0f}%)"
+        med_step = f"{np.median(steps):.0f}" if steps else "—"
+        med_wall = f"{np.median(walls):.0f}" if walls else "—"
+        lines.append(f"| {m} | {b:g} | {len(cell)} | {reached} | {med_step} | {med_wall} |")
+    return [*lines, ""]
+
+
+def _equivalent_budgets(runs) -> list[str]:
+    base = {
+        b: {s: r.test_acc for s, r in _cell(runs, "baseline", b).items()} for b in (0.6, 0.8, 1.0)
+    }
+    base = {b: c for b, c in base.items() if c}
+    lines = ["## Equivalent budget", ""]
+    methods = sorted({r.method for r in runs if r.method != "baseline"})
+    swept = [m for m in methods if len({r.budget for r in runs if r.method == m}) > 1]
+    if len(base) < 2 or 1.0 not in base or not swept:
+        return [
+            *lines,
+            "Pending: needs the baseline at two or more budgets and a method at 0.8 and 1.0.",
+            "",
+        ]
+    lines += [
+        (
+            "Read on the mean final test accuracy curves (made monotone, piecewise linear between "
+            f"the budgets run; baseline at {', '.join(f'{b:g}' for b in sorted(base))}) on the "
+            "seeds common to every cell: **equivalent budget** = where the baseline's curve reaches "
+            "the method's 100% accuracy; **epoch saving** = 1 − the budget at which the method's "
+            "curve reaches the baseline's 100% accuracy. Intervals: 95% paired bootstrap over seeds."
+        ),
+        "",
+        "| method | seeds | equivalent budget [95% CI] | epoch saving [95% CI] | P(reach) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in swept:
+        cells = {
+            b: {r.seed: r.test_acc for r in runs if r.method == m and r.budget == b}
+            for b in (0.6, 0.8, 1.0)
+        }
+        cells = {b: c for b, c in cells.items() if c}
+        try:
+            res = budget_sweep(cells, base, full=1.0)
+        except ValueError as err:
+            lines.append(f"| {m} | 0 | ({err}) | | |")
+            continue
+
+        def fmt(r) -> str:
+            if r.value is None:
+                return "not reached"
+            lo = "—" if r.low is None else f"{100 * r.low:.0f}%"
+            hi = "—" if r.high is None else f"{100 * r.high:.0f}%"
+            return f"{r.censor}{100 * r.value:.0f}% [{lo}, {hi}]"
+
+        lines.append(
+            f"| {m} | {len(res.seeds)} | {fmt(res.equivalent)} | {fmt(res.saving)} | {res.p_reach:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _progress(suite_dir: Path, suite: Suite) -> list[str]:
+    from experiments.suites.compare import is_complete, run_dir
+
+    lines = [
+        "## Progress",
+        "",
+        "| phase | methods | budgets | seeds | finished |",
+        "|---|---|---|---|---|",
+    ]
+    for i, p in enumerate(suite.phases, 1):
+        cells = p.cells()
+        done = sum(is_complete(run_dir(suite_dir, *c)) for c in cells)
+        lines.append(
+            f"| {i} | {', '.join(p.methods)} | {', '.join(f'{b:g}' for b in p.budgets)} "
+            f"| {', '.join(map(str, p.seeds))} | {done} of {len(cells)} |"
+        )
+    return [*lines, ""]
+
+
+def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
+    if not runs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r.method for r in runs}, key=lambda m: (m != "baseline", m != "gcgd", m))
+    colors = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        for b, ls in ((1.0, "-"), (0.8, "--"), (0.6, ":")):
+            cell = list(_cell(runs, m, b).values())
+            if not cell:
+                continue
+            n = min(len(r.epochs) for r in cell)
+            acc = 100 * np.array([[e["val_acc"] for e in r.epochs[:n]] for r in cell])
+            x = np.arange(1, n + 1)
+            ax.plot(x, acc.mean(0), ls=ls, color=colors[m], label=f"{m}@{b:g} (n={len(cell)})")
+            if len(cell) > 1:
+                band = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n)])
+                ax.fill_between(x, band[:, 0], band[:, 1], color=colors[m], alpha=0.12)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Validation accuracy vs epoch (mean, 95% bootstrap band over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "accuracy_vs_epoch.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        budgets = sorted({r.budget for r in runs if r.method == m})
+        means = [100 * np.mean([r.test_acc for r in _cell(runs, m, b).values()]) for b in budgets]
+        style = {"color": "k", "lw": 2} if m == "baseline" else {"color": colors[m]}
+        ax.plot([100 * b for b in budgets], means, marker="o", label=m, **style)
+    ax.set_xlabel("budget (% of the 1,600-step schedule)")
+    ax.set_ylabel("mean final test accuracy (%)")
+    ax.set_title("Accuracy vs budget (baseline curve: the interpolation the budgets read)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "accuracy_vs_budget.png", dpi=110)
+    plt.close(fig)
+    return [
+        "## Plots",
+        "",
+        "![validation accuracy vs epoch](accuracy_vs_epoch.png)",
+        "",
+        "![accuracy vs budget](accuracy_vs_budget.png)",
+        "",
+    ]
+
+
+def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
+    """Writes ``RESULTS.md`` (and the plots, once runs exist) into ``suite_dir``."""
+    suite_dir = Path(suite_dir)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_long_runs(suite_dir)
+    verdict, primary_table = _primary(runs, suite)
+    lines = [f"# Suite {suite.name}", "", *verdict, "", *primary_table, ""]
+    lines += ["## Pre-registration", "", suite.preregistration.strip(), ""]
+    lines += ["## Settings", "", notes.strip(), ""] if notes else []
+    sweep = suite_dir.parent / "lr_sweep" / suite.name / "SWEEP.md"
+    if sweep.exists():
+        chosen = json.loads(sweep.with_name("sweep.json").read_text())["chosen_lr"]
+        lines += [
+            (
+                f"Learning rate {chosen:g}: chosen for the baseline on the validation split, "
+                f"[`../lr_sweep/{suite.name}/SWEEP.md`](../lr_sweep/{suite.name}/SWEEP.md)."
+            ),
+            "",
+        ]
+    lines += _progress(suite_dir, suite)
+    lines += _sanity(runs)
+    table, _ = _accuracy_table(runs, suite)
+    lines += table
+    lines += _time_to_result(runs, suite)
+    lines += _equivalent_budgets(runs)
+    commits = sorted({str(r.info.get("commit")) for r in runs})
+    dirty = [r for r in runs if r.info.get("clean_tree") is False]
+    if runs:
+        lines += [
+            "## Provenance",
+            "",
+            (
+                f"{len(runs)} finished runs from commit(s) {', '.join(f'`{c}`' for c in commits)}; "
+                f"{len(dirty)} from a tree with changes. Each run's `run.json` holds its command, "
+                "machine, date, wall time and peak RSS; `config.toml` its configuration."
+            ),
+            "",
+        ]
+    discussion = suite_dir / "DISCUSSION.md"
+    if discussion.exists():
+        lines += [discussion.read_text().strip(), ""]
+    lines += _plots(suite_dir, runs)
+    text = "\n".join(lines)
+    (suite_dir / "RESULTS.md").write_text(text)
+    return text

@@ -1,0 +1,443 @@
+"""Build a suite's report (RESULTS.md + PNG plots) from its runs' metrics.
+
+Layout read (written by ``experiments.suites.compare``)::
+
+    <suite_dir>/runs/<method>/b<budget>/s<seed>/metrics.jsonl
+    <suite_dir>/runs/<method>/b<budget>/s<seed>/run.json   (command, peak RSS, wall time)
+
+Each ``metrics.jsonl`` holds one JSON record per epoch (``epoch``,
+``test_acc``, ``step_time_median``, ...) and a final record with
+``"kind": "summary"`` (as :mod:`gcgd_jax.train` writes them).
+
+Usage: ``python -m experiments.suites.report experiments/results/<suite>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from experiments.suites.stats import (
+    BudgetReading,
+    PairedComparison,
+    bootstrap_mean_ci,
+    budget_sweep,
+    holm,
+    paired,
+    t_mean_ci,
+)
+
+__all__ = ["Run", "build_report", "load_runs"]
+
+
+@dataclass
+class Run:
+    method: str
+    budget: float
+    seed: int
+    epochs: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def final_acc(self) -> float:
+        return float(self.epochs[-1]["test_acc"])
+
+    @property
+    def step_time(self) -> float:
+        if self.summary and "step_time_median" in self.summary:
+            return float(self.summary["step_time_median"])
+        return float(np.median([e["step_time_median"] for e in self.epochs]))
+
+
+def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
+    epochs, summary = [], None
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        kind = rec.get("kind", rec.get("event", "epoch"))  # the trainer writes "kind"
+        if kind == "summary":
+            summary = rec
+        elif kind == "epoch" and rec.get("test_acc") is not None:
+            epochs.append(rec)
+    return epochs, summary
+
+
+def load_runs(suite_dir: Path) -> list[Run]:
+    runs = []
+    for metrics in sorted(Path(suite_dir, "runs").glob("*/b*/s*/metrics.jsonl")):
+        seed_dir = metrics.parent
+        epochs, summary = read_metrics(metrics)
+        if summary is None or not epochs:
+            continue  # incomplete run: the runner resumes it, the report skips it
+        info_path = seed_dir / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        runs.append(
+            Run(
+                method=seed_dir.parent.parent.name,
+                budget=float(seed_dir.parent.name[1:]),
+                seed=int(seed_dir.name[1:]),
+                epochs=epochs,
+                summary=summary,
+                info=info,
+            )
+        )
+    return runs
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def _fmt_reading(r: BudgetReading) -> str:
+    """A budget statistic with its censoring and interval, e.g. ``≥ 50% [30%, 50%]``."""
+    head = "not reached" if r.value is None else f"{r.censor} {_fmt_pct(r.value)}".strip()
+    return f"{head} [{_fmt_pct(r.low)}, {_fmt_pct(r.high)}]"
+
+
+def _cell(runs: list[Run], method: str, budget: float) -> list[Run]:
+    return [r for r in runs if r.method == method and math.isclose(r.budget, budget)]
+
+
+def _by_seed(runs: list[Run]) -> dict[int, float]:
+    return {r.seed: r.final_acc for r in runs}
+
+
+def _pp(x: float) -> str:
+    return "∞" if not math.isfinite(x) else f"{100 * x:+.2f}"
+
+
+def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") -> str:
+    """Write ``RESULTS.md`` and PNG plots into ``suite_dir``; return the markdown."""
+    suite_dir = Path(suite_dir)
+    runs = load_runs(suite_dir)
+    if not runs:
+        raise FileNotFoundError(f"no complete runs under {suite_dir / 'runs'}")
+    methods = sorted({r.method for r in runs}, key=lambda m: (m != "baseline", m))
+    budgets = sorted({r.budget for r in runs})
+    full = max(budgets)
+    base_full = _cell(runs, "baseline", full)
+    clean = _clean_ratios(suite_dir)
+    step_times = {
+        m: float(np.median([r.step_time for r in runs if r.method == m])) for m in methods
+    }
+    base_step = step_times.get("baseline")
+
+    lines = [f"# {title or suite_dir.name}", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+
+    # Final accuracy at the full budget, paired with the baseline seed by seed.
+    lines += [
+        f"## Final test accuracy at {_fmt_pct(full)} budget",
+        "",
+        (
+            "Accuracy: mean over seeds with its Student-t 95% CI. Δ: the **paired** difference "
+            "from the baseline in percentage points, seed by seed on the seeds both ran "
+            "(n = paired seeds), with its Student-t 95% CI (primary) and a percentile bootstrap "
+            "of the paired differences (cross-check; it under-covers at n = 3-5); p: two-sided "
+            "paired t-test. Verdict `+`/`−` when the Holm-corrected test across this table's "
+            "methods rejects at family-wise 5%, `=` otherwise. "
+            "Step time in suite: median over all of the method's runs (every budget), disturbed by "
+            "whatever else ran on the machine; ratio alone: `overhead.md` (each method's step timed "
+            "alone, used for the wall-clock savings when present). Peak RSS: largest over the "
+            "method's runs (whole training process)."
+        ),
+        "",
+        (
+            "| method | seeds | accuracy mean [95% t-CI] | n paired | Δ vs baseline, pp [95% t-CI] "
+            "| bootstrap CI of Δ | p | verdict (Holm) "
+            "| step time in suite (s) | ratio in suite | ratio alone | peak RSS (MiB) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_mean = float(np.mean([r.final_acc for r in base_full])) if base_full else None
+    comparisons: dict[str, PairedComparison] = {}
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if m != "baseline" and cell and base_full:
+            try:
+                comparisons[m] = paired(_by_seed(cell), _by_seed(base_full))
+            except ValueError:
+                pass  # no seed in common: reported without a difference
+    rejected = holm({m: c.p_value for m, c in comparisons.items()})
+    summary_rows = {}
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if not cell:
+            continue
+        mean, lo, hi = t_mean_ci([r.final_acc for r in cell])
+        step = step_times[m]
+        suite_ratio = step / base_step if base_step else float("nan")
+        ratio = clean.get(m, suite_ratio)
+        rss = [
+            r.info.get("peak_rss_mib") for r in runs if r.method == m and r.info.get("peak_rss_mib")
+        ]
+        comp = comparisons.get(m)
+        n_paired, delta, boot, p_s, verdict = "", "", "", "", ""
+        if comp is not None:
+            n_paired = str(comp.n)
+            if comp.n >= 2:
+                delta = f"{_pp(comp.mean)} [{_pp(comp.t_low)}, {_pp(comp.t_high)}]"
+                boot = f"[{_pp(comp.boot_low)}, {_pp(comp.boot_high)}]"
+                p_s = f"{comp.p_value:.3g}"
+                verdict = ("+" if comp.mean > 0 else "−") if rejected[m] else "="
+            else:
+                delta = f"{_pp(comp.mean)} (n = 1)"
+        acc_ci = f"[{100 * lo:.2f}, {100 * hi:.2f}]" if len(cell) > 1 else "(n = 1)"
+        rss_s = f"{max(rss):.0f}" if rss else "—"
+        lines.append(
+            f"| {m} | {len(cell)} | {100 * mean:.2f}% {acc_ci} | {n_paired} | {delta} | {boot} "
+            f"| {p_s} | {verdict} | {step:.3f} | {suite_ratio:.2f}× "
+            f"| {f'{clean[m]:.2f}×' if m in clean else '—'} | {rss_s} |"
+        )
+        summary_rows[m] = {
+            "mean": mean,
+            "ratio": ratio,
+            "n": len(cell),
+            "comp": comp,
+            "verdict": verdict,
+        }
+    lines.append("")
+
+    # Budget sweep, paired seeds.
+    swept = [
+        m for m in methods if m != "baseline" and len({r.budget for r in runs if r.method == m}) > 1
+    ]
+    sweep_rows, sweeps = {}, {}
+    base_cells = {b: _by_seed(_cell(runs, "baseline", b)) for b in budgets}
+    base_cells = {b: c for b, c in base_cells.items() if c}
+    if base_full and swept:
+        lines += [
+            "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
+            "",
+            (
+                f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
+                "Accuracy-vs-budget curves (means over the seeds common to every cell of the method "
+                "and the baseline) are made monotone and read piecewise-linearly between the "
+                "budgets run. **Epoch saving (primary)** = 1 − b*, b* where the method's curve "
+                "reaches the target (`≥` when it already does at the smallest budget run). "
+                "**Equivalent budget** = where the baseline's curve reaches the method's "
+                f"{_fmt_pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
+                "smallest budget). Grid saving = the coarse reading (smallest budget run whose "
+                "mean reaches). Intervals: 95% paired bootstrap over seeds (— = not reached); "
+                "P(reach) = fraction of resamples that reach; wall-clock saving = 1 − b* × "
+                "step-time ratio."
+            ),
+            "",
+            "| method | n | "
+            + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
+            + " | epoch saving [95% CI] | equivalent budget [95% CI] | grid saving [95% CI] "
+            "| P(reach) | wall-clock saving |",
+            "|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|",
+        ]
+        for m in ["baseline", *swept]:
+            cells = {b: _by_seed(_cell(runs, m, b)) for b in budgets}
+            cells = {b: c for b, c in cells.items() if c}
+            accs = " | ".join(
+                f"{100 * np.mean(list(cells[b].values())):.2f}% (n={len(cells[b])})"
+                if b in cells
+                else "—"
+                for b in budgets
+            )
+            sweep_rows[m] = {b: float(np.mean(list(c.values()))) for b, c in cells.items()}
+            if m == "baseline":
+                lines.append(f"| baseline | {len(base_full)} | {accs} | | | | | |")
+                continue
+            try:
+                res = budget_sweep(cells, base_cells, full=full)
+            except ValueError:
+                lines.append(f"| {m} | 0 | {accs} | (no common seeds) | | | | |")
+                continue
+            ratio = summary_rows.get(m, {}).get("ratio", float("nan"))
+            wall = None
+            if res.saving.value is not None:
+                wall = 1.0 - (1.0 - res.saving.value) * ratio
+            wall_s = "—" if wall is None else f"{res.saving.censor} {100 * wall:+.0f}%".strip()
+            lines.append(
+                f"| {m} | {len(res.seeds)} | {accs} | {_fmt_reading(res.saving)} "
+                f"| {_fmt_reading(res.equivalent)} | {_fmt_reading(res.grid)} "
+                f"| {res.p_reach:.2f} | {wall_s} |"
+            )
+            sweeps[m] = (res, wall)
+        lines.append("")
+
+    lines += _conclusions(summary_rows, sweeps, full)
+    gq = suite_dir.parent / "grad_quality" / suite_dir.name / "GRAD_QUALITY.md"
+    if gq.exists():
+        lines += [
+            "## Gradient quality",
+            "",
+            (
+                f"Cosine of each method's minibatch gradient with a large-batch gradient along a "
+                f"baseline run: [`../grad_quality/{suite_dir.name}/GRAD_QUALITY.md`]"
+                f"(../grad_quality/{suite_dir.name}/GRAD_QUALITY.md)."
+            ),
+            "",
+        ]
+    discussion = suite_dir / "DISCUSSION.md"
+    if discussion.exists():
+        lines += [discussion.read_text().strip(), ""]
+
+    _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean)
+    lines += [
+        "## Plots",
+        "",
+        "![test accuracy vs epoch](accuracy_vs_epoch.png)",
+        "",
+        "![budget sweep](budget_sweep.png)",
+        "",
+        "![overhead](overhead.png)",
+        "",
+    ]
+    text = "\n".join(lines)
+    (suite_dir / "RESULTS.md").write_text(text)
+    return text
+
+
+def _clean_ratios(suite_dir: Path) -> dict[str, float]:
+    """Step-time ratios measured alone (``overhead.json`` of experiments.bench.bench_methods), if any."""
+    path = suite_dir / "overhead.json"
+    if not path.exists():
+        return {}
+    return {m: float(r["ratio"]) for m, r in json.loads(path.read_text())["methods"].items()}
+
+
+def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
+    """Plain statements generated from the tables (no hand-written numbers)."""
+    out = ["## Conclusions (generated from the tables above)", ""]
+    judged = {m: r for m, r in summary_rows.items() if m != "baseline"}
+    few = [m for m, r in judged.items() if not r["verdict"]]
+    better = [m for m, r in judged.items() if r["verdict"] == "+"]
+    worse = [m for m, r in judged.items() if r["verdict"] == "−"]
+    same = [m for m, r in judged.items() if r["verdict"] == "="]
+    f = _fmt_pct(full)
+
+    def _list(ms):
+        parts = []
+        for m in ms:
+            c = summary_rows[m]["comp"]
+            parts.append(
+                f"{m} ({_pp(c.mean)} pp, paired t-CI [{_pp(c.t_low)}, {_pp(c.t_high)}], "
+                f"p = {c.p_value:.2g}, n = {c.n})"
+            )
+        return ", ".join(parts)
+
+    out.append(
+        f"- Higher final accuracy than the baseline at {f} budget (paired t-test, Holm-corrected "
+        f"across the methods, family-wise 5%): {_list(better) if better else 'none'}."
+    )
+    out.append(f"- Lower: {_list(worse) if worse else 'none'}.")
+    out.append(
+        f"- No difference detectable with these seeds: {', '.join(same) if same else 'none'}."
+    )
+    if few:
+        out.append(f"- Too few paired seeds (< 2) to judge: {', '.join(few)}.")
+    for m, (res, wall) in sweeps.items():
+        sav, eq = res.saving, res.equivalent
+        if sav.value is None:
+            out.append(
+                f"- {m}: never reaches the baseline's {f} accuracy at any budget run "
+                f"(reached in {100 * res.p_reach:.0f}% of paired resamples); its {f} run is worth "
+                f"{_fmt_reading(eq)} of the baseline's budget."
+            )
+        else:
+            wall_txt = f"{sav.censor} {100 * wall:+.0f}%".strip()
+            out.append(
+                f"- {m}: epoch saving {_fmt_reading(sav)} (interpolated, paired bootstrap, "
+                f"n = {len(res.seeds)} seeds; reached in {100 * res.p_reach:.0f}% of resamples); "
+                f"wall-clock saving {wall_txt} at its step-time ratio "
+                f"{summary_rows.get(m, {}).get('ratio', float('nan')):.2f}×."
+            )
+    out.append("")
+    return out
+
+
+def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # One colour and line style per method (13+ methods: the default 10-colour cycle repeats).
+    colors = plt.get_cmap("tab20").colors
+    styles = ("-", "--", "-.", ":")
+    style = {
+        m: {"color": "k", "ls": "-", "lw": 2.2}
+        if m == "baseline"
+        else {"color": colors[(2 * i) % 20 + (i // 10) % 2], "ls": styles[i % 4], "lw": 1.4}
+        for i, m in enumerate(methods)
+    }
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        cell = _cell(runs, m, full)
+        if not cell:
+            continue
+        n_ep = min(len(r.epochs) for r in cell)
+        acc = np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
+        x = np.arange(1, n_ep + 1)
+        mean = acc.mean(0)
+        ax.plot(x, 100 * mean, label=f"{m} (n={len(cell)})", **style[m])
+        if len(cell) > 1:
+            bands = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n_ep)])
+            ax.fill_between(
+                x, 100 * bands[:, 0], 100 * bands[:, 1], alpha=0.12, color=style[m]["color"]
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "accuracy_vs_epoch.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, cells in sweep_rows.items():
+        b = sorted(cells)
+        ax.plot([100 * x for x in b], [100 * cells[x] for x in b], marker="o", label=m, **style[m])
+    if base_mean is not None:
+        ax.axhline(100 * base_mean, color="k", ls="--", lw=1, label="baseline @ 100%")
+    ax.set_xlabel("epoch budget (% of baseline)")
+    ax.set_ylabel("mean final test accuracy (%)")
+    ax.set_title("Budget sweep")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "budget_sweep.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(summary_rows)
+    any_clean = (suite_dir / "overhead.json").exists()
+    ratios = [summary_rows[m]["ratio"] for m in names]
+    ax.bar(names, ratios, color=["grey" if m == "baseline" else "tab:blue" for m in names])
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_ylabel("train-step time / baseline")
+    ax.set_title(
+        "Per-step overhead (step timed alone, overhead.md)"
+        if any_clean
+        else "Per-step overhead (median step time in the runs)"
+    )
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(suite_dir / "overhead.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(build_report(args.suite_dir))
+
+
+if __name__ == "__main__":
+    main()
