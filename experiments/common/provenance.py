@@ -8,20 +8,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _git(root: Path | str, *args: str) -> str:
+    """``git -C root args``'s standard output; ``CalledProcessError`` on a non-zero exit."""
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def git_commit(root: Path | str = REPO) -> str | None:
     """The full commit hash of the checkout at ``root``, with ``+dirty`` when
     tracked files differ from it; ``None`` outside a git checkout (or without git)."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "HEAD").strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"],
-            capture_output=True,
-            check=False,
+            ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"], check=False
         ).returncode
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -34,18 +34,8 @@ def tree_state(root: Path | str = REPO) -> dict[str, object]:
     outside ``experiments/results/`` (results being written do not make a tree dirty), and
     the paths that make it dirty."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        head = _git(root, "rev-parse", "HEAD").strip()
+        status = _git(root, "status", "--porcelain", "--untracked-files=all")
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "clean": False, "changed": ["(not a git checkout)"]}
     changed = []
