@@ -81,7 +81,7 @@ if [ ${#DRY[@]} -eq 0 ] && [ ! -e "$DATA/cifar10-jpeg.tar.gz" ] && [ ! -d "$DATA
 else
   # A dry run checks every code path however loaded the CPU: it is not cut at the deadline.
   MAIN_LIMIT=$(( $(left) + 5 ))
-  [ ${#DRY[@]} -gt 0 ] && MAIN_LIMIT=$(( MAIN_LIMIT > 240 ? MAIN_LIMIT : 240 ))
+  [ ${#DRY[@]} -gt 0 ] && MAIN_LIMIT=$(( MAIN_LIMIT > 480 ? MAIN_LIMIT : 480 ))
   timeout "$MAIN_LIMIT" "$PY" -m experiments.gpu_check main --out "$OUTDIR" \
     --deadline "$DEADLINE" --data-dir "$DATA" "${DRY[@]}" >> "$LOG" 2>&1 \
     || say "main event FAILED or timed out (see log; main.json holds the arms that finished)"

@@ -4,6 +4,13 @@
   (:func:`gcgd_jax.cpu_speed.apply_cpu_flags`: only when the user has not
   set ``XLA_FLAGS``, on the CPU, with a jaxlib it was measured on), then two
   fake CPU devices are added for the data-parallel tests.
+* Compiled programs: JAX's persistent compilation cache in one folder of the
+  system's temporary directory (``$JAX_COMPILATION_CACHE_DIR`` if set), shared
+  by the xdist workers and the subprocesses the tests start. Many tests build
+  the same tiny ResNet-20 step (the same program, other seeds or folders); on
+  the CPU most of such a test is XLA's compile, which a cache hit skips. The
+  key covers the program, the compile options and flags and the jax/jaxlib
+  versions: a hit is the executable a fresh compile would build.
 * Home folder: every test gets temporary cache, tensorflow-datasets and
   matplotlib folders through the environment (inherited by the subprocesses
   the tests start), so no test reads or writes ``~/.cache``,
@@ -11,7 +18,12 @@
 """
 
 import os
+import tempfile
 from pathlib import Path
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gcgd_jax_tests_xla_cache")
+)
 
 from gcgd_jax.cpu_speed import apply_cpu_flags
 

@@ -51,7 +51,7 @@ def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert 0.0 <= r.final_acc <= 1.0
     # The budget scales the number of steps: 50% runs take half the steps.
     steps = {(r.method, r.budget): r.summary["step"] for r in runs}
-    for m in suite.core:
+    for m in suite.phases[0].methods:
         assert steps[(m, 0.5)] * 2 == pytest.approx(steps[(m, 1.0)], abs=1)
 
     results = (tmp_path / "RESULTS.md").read_text()
