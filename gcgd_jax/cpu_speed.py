@@ -2,8 +2,9 @@
 
 On CPUs, XLA's default handling of a convolutional network's train step is far
 from what the hardware allows (``docs/cpu_performance.md``). The package ships
-five workarounds, all here, each measured on the project's 2-core CPU machine
-(AMD EPYC, jax/jaxlib 0.10.2), each switchable. The models import them from
+five workarounds, all here, each measured on a 2-core CPU with jax/jaxlib
+0.10.2 (the figures, machines and dates: ``docs/cpu_performance.md``), each
+switchable. The models import them from
 here; nothing else in the package depends on XLA's CPU heuristics.
 
 1. **The XLA convolution flag** (:data:`CPU_CONV_FLAG`, :func:`apply_cpu_flags`).
@@ -12,13 +13,9 @@ here; nothing else in the package depends on XLA's CPU heuristics.
 
    *Buys*: with default flags 58% of a CIFAR ResNet-20 train step (batch 128)
    was YNN weight-gradient convolutions; with the flag the step ran about
-   2.3x faster (first measurement session, Flax linen ResNet-20: 1.59 s ->
-   0.69 s median). Side by side in ``experiments/results/bench_throughput/``
-   (the ``gcgd-train`` loop, median step) on an AMD EPYC machine
-   (2026-11-23, commit b5f9b95's file): 0.370 s without flag and breaker,
-   0.323 s with the flag alone, 0.260 s with both; re-measured on the Intel
-   Xeon machine of 2026-12-01 (after item 5): 0.452 s, 0.419 s, 0.404 s -- the
-   gain depends on the CPU, so measure it on yours.
+   2.3x faster on the first machine measured; side by side in the
+   ``gcgd-train`` loop later, 1.15x on one 2-core CPU and 1.08x on another
+   -- the gain depends on the CPU, so measure it on yours.
    *Costs*: another convolution algorithm, so other rounding: after 5 SGD steps
    at lr 0.1 the parameters differed from the default flags' by relative L2
    4e-3.
@@ -31,10 +28,8 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    is divided by a runtime ``1.0`` (an argument of the jitted step).
 
    *Buys*: stops XLA copying each block's forward BatchNorm/ReLU/residual chain
-   into the weight-gradient transposes: about 1.4x on top of the flag (first
-   session: 0.69 s -> 0.50 s; ``experiments/results/bench_throughput/`` on the AMD
-   EPYC machine: 0.323 s -> 0.260 s), 1.04x on the Intel Xeon machine of
-   2026-12-01 (0.419 s -> 0.404 s).
+   into the weight-gradient transposes: 1.24-1.4x on top of the flag on one
+   2-core CPU, 1.04x on another.
    *Costs*: nothing numerically (``x / 1.0`` is exact; bit-identical, tested).
    It relies on XLA's fusion heuristics, so it is measured, not assumed.
    *Off*: ``--set run.fusion_breaker=off`` (``"auto"``, the default, turns it on
@@ -73,13 +68,13 @@ here; nothing else in the package depends on XLA's CPU heuristics.
    (measured for the 32x32x16 shape: 14.0 ms on two cores, 13.4 ms on one,
    while forward and input-gradient convolutions halve); independent chunks
    run on both (7.1 ms). The whole ResNet-20 train step: 1.09x
-   (``experiments/results/profile_step/profile.md``, 399 -> 367 ms median).
+   (399 -> 367 ms median).
    *Costs*: another summation order of the weight gradient (equal to XLA's
    within float rounding, tested to 1e-5); the first step compiles about 1.5 s
    longer; forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) through
    the model is not available (``jax.custom_vjp``).
    GC-ODE's vector-field convolution does not chunk: inside the solve's loop it
-   bought nothing on the whole step (``experiments/results/HISTORY.md``).
+   bought nothing on the whole step (measured, then removed).
    *Off*: ``gcgd_jax.cpu_speed.CHUNKED_WGRAD = False`` before building the
    model. Only active on the CPU backend with a single device (checked when
    the step is traced: with two fake CPU devices and a batch-sharded GC-ODE

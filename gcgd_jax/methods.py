@@ -10,8 +10,8 @@ reference. Everything that needs to know the methods reads this table:
 * the optimizer builder (:func:`gcgd_jax.train.optim.build_correction`),
 * the train step (the loss and gradient function it calls, the optimizer-state
   metrics it reports),
-* the comparison suites (``experiments/suites/compare.py``) and the gradient-quality
-  diagnostics (``experiments/studies/grad_quality.py``),
+* the comparison suites and the gradient-quality diagnostics (the repository's
+  ``experiments`` package),
 * the conformance tests (``tests/test_methods.py`` checks that every entry is
   exercised and runs from the command line).
 

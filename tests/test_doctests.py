@@ -57,3 +57,21 @@ def test_no_reference_to_files_outside_the_repository():
         f"{f.relative_to(root)}: {word}" for f in files for word in banned if word in f.read_text()
     ]
     assert not offenders, offenders
+
+
+def test_library_code_cites_no_experiment_paths_or_dates():
+    """The installed package explains itself without the repository's experiments: a
+    module names no ``experiments/`` path and no measurement date (figures, machines and
+    dates live in the docs and the results pages, which say when they were measured)."""
+    import re
+    from pathlib import Path
+
+    package = Path(gcgd_jax.__file__).parent
+    pattern = re.compile(r"experiments/|\b20\d\d-\d\d-\d\d\b")
+    offenders = [
+        f"{f.relative_to(package)}:{i}: {line.strip()}"
+        for f in package.rglob("*.py")
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

@@ -205,9 +205,8 @@ class GCODEConfig:
         signal -- costs about ``1/k`` of the full batch's. The extra backward
         path and the gate's fit use the whole batch. 4 (default; the branch's
         training costs a quarter, which brings the default within 1.25x of a
-        plain ResNet-20 step here: ``experiments/results/bench_gc_ode/``;
-        its effect on the branch's fit is measured by
-        ``experiments.studies.gc_ode_matching --compare model.gc_ode_loss_subsample=1,4``);
+        plain ResNet-20 step on a 2-core CPU; its effect on the branch's fit:
+        the results page *GC-ODE branch loss on every 4th example*);
         1: every example.
       adjoint: how the solve is differentiated. ``"auto"`` (default):
         ``"unrolled"`` for fixed steps, ``"recursive_checkpoint"`` when
@@ -215,16 +214,15 @@ class GCODEConfig:
         steps and stages of the solver's Runge-Kutta tableau (diffrax's
         coefficients), differentiated like feed-forward code -- nothing is
         recomputed in the backward pass, memory grows with ``steps``; fastest
-        here (``experiments/results/bench_gc_ode/unrolled.md``).
+        on the CPU (the GC-ODE cost rows of the results pages).
         ``"recursive_checkpoint"``: ``diffeqsolve`` with
         ``diffrax.RecursiveCheckpointAdjoint(checkpoints=steps)`` for fixed
         steps, ``RecursiveCheckpointAdjoint()`` when adaptive (the backward
         recomputes each step's internals). ``"direct"``:
         ``diffrax.DirectAdjoint`` (keeps the internals, more memory).
     The default (gradient mode, one Euler step, ``width=None``) is the cheapest
-    configuration: per pair one 3x3 conv and two GroupNorms forward;
-    ``experiments/bench/bench_gc_ode.py`` measures its cost (see
-    ``experiments/results/bench_gc_ode/``). In the gated modes inference
+    configuration: per pair one 3x3 conv and two GroupNorms forward (its
+    measured cost: the GC-ODE rows of the results pages). In the gated modes inference
     costs the same as the plain model (branch skipped).
     """
 

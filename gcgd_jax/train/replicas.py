@@ -13,7 +13,7 @@ one compiled program:
   (the same kernels as a single run, so the same numbers; compile time grows
   with N);
 - ``"auto"``: ``"unroll"`` on the CPU, ``"vmap"`` elsewhere. Which is faster
-  is measured, not assumed: ``experiments/results/bench_seed_parallel/``.
+  is measured, not assumed: the results page *Seed-parallel training: cost per replica-step*.
 
 Each replica writes ``<out>/s<seed>/`` in exactly the format of a single run
 (``config.toml`` with its own ``run.seed`` and no ``run.seeds``,

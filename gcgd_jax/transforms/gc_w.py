@@ -255,7 +255,7 @@ def gc_w(
     optimizer's learning rate tuned for each method, the speed-up of the
     far-from-optimum regime disappears (a tuned learning rate leaves that
     regime within a few steps) and the raised floor remains
-    (``experiments/results/gc_w_study/``). ``rho < 1`` and the zero start bound
+    (the *GC-W study* results pages). ``rho < 1`` and the zero start bound
     the damage. This is version 1, kept for the ablation; version 2 is
     :func:`gcgd_jax.transforms.gc_w_v2.gc_w_v2`.
 
@@ -273,7 +273,7 @@ def gc_w(
 
     e.g. ResNet-20's three pre-down-sampling kernels with ``h d = 32``: 0.58 M
     words (2.2 MiB); ResNet-18's four: 15.9 M words (60 MiB)
-    (``experiments/results/gc_w_memory/``).
+    (measured: the *GC-W memory* results page).
 
     :func:`gc_w_memory_floats` evaluates it for a parameter tree.
 

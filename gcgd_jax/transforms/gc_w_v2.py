@@ -395,7 +395,7 @@ def gc_w_v2(
     forward/backward pass of the network. During the first ``warmup`` steps
     the predictor trains but is not applied.
 
-    **Status.** Measured in ``experiments/results/gc_w_study/`` with every
+    **Status.** Measured in the *GC-W study* results pages with every
     method's learning rate tuned on separate seeds: on open-loop gradient
     streams it moves the gradient much closer to the true one (it learns a
     near-optimal smoothing filter), but chained before a tuned Adam on noisy
