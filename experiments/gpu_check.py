@@ -566,7 +566,8 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     # Step costs, measured first: a few hundred steps of each method (dry run: a few).
     # The schedule's length is not known yet: a long one, cut at ``calib_steps``. A dry
     # run's schedule is fixed (DRY_STEPS), so its calibration builds the same program as
-    # its budget-1.0 arms and a persistent compilation cache compiles each once.
+    # its budget-1.0 arms: with JAX's persistent compilation cache on (the test suite
+    # turns it on), each is compiled once.
     calib_steps = 4 if dry else 300
     calib_total = DRY_STEPS if dry else 1_000_000
     step_s, compile_s = {}, {}
