@@ -62,7 +62,7 @@ PACKAGES = (
 )  # fmt: skip
 HE_STEPS = 64_000
 BATCH = 128
-GCGD = ("corrections.chain=['gc_w']", "model.gc_ode=gradient")
+GCGD = ("corrections.chain=['gc_w']", "model.gc_ode.mode=gradient")
 METHODS = {"baseline": (), "gcgd": GCGD}
 BUDGETS = (1.0, 0.8)
 DRY_STEPS = 8  # a dry run's schedule at budget 1.0
@@ -412,6 +412,20 @@ def bench(out: Path, dry: bool, replicas: int, deadline: float | None) -> int:
     # The seed-parallel step of the bare setting (GCGD's, with data, is timed by `main`).
     plan.append(("jax", ["resnet20", "baseline", str(replicas)]))
     have_torch = importlib.util.find_spec("torch") is not None
+    record = {
+        "date": _now(),
+        "commit": _commit(),
+        "command": "python -m experiments.gpu_check bench" + (" --dry-run" if dry else ""),
+        "versions": versions(),
+        "timed_steps": steps,
+        "rows": rows,
+    }
+
+    def write() -> None:  # after every case: a stage cut at its limit leaves what finished
+        _write(out, "bench.json", record)
+        (out / "bench.md").write_text(bench_markdown(record))
+
+    write()
     for kind, args in plan:
         if kind == "torch" and not have_torch:
             rows.append({"case": " ".join([kind, *args]), "error": "torch is not installed"})
@@ -427,16 +441,7 @@ def bench(out: Path, dry: bool, replicas: int, deadline: float | None) -> int:
             row.setdefault("case", " ".join([kind, *args]))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    record = {
-        "date": _now(),
-        "commit": _commit(),
-        "command": "python -m experiments.gpu_check bench" + (" --dry-run" if dry else ""),
-        "versions": versions(),
-        "timed_steps": steps,
-        "rows": rows,
-    }
-    _write(out, "bench.json", record)
-    (out / "bench.md").write_text(bench_markdown(record))
+        write()
     return 0
 
 

@@ -6,7 +6,7 @@ overrides), its documented defaults, which parameters it applies to and its
 reference. Everything that needs to know the methods reads this table:
 
 * configuration validation (``corrections.chain``, ``loss.name``,
-  ``loss.penalty`` and ``model.gc_ode`` accept exactly the registered values),
+  ``loss.penalty`` and ``model.gc_ode.mode`` accept exactly the registered values),
 * the optimizer builder (:func:`gcgd_jax.train.optim.build_correction`),
 * the train step (the loss and gradient function it calls, the optimizer-state
   metrics it reports),
@@ -30,7 +30,7 @@ Kinds:
     ``(loss_fn, **options, argnums, has_aux) -> value_and_grad_fn``
     (``loss.penalty = "<name>"``).
 ``"model"``
-    a model option: a GC-ODE mode (``model.gc_ode = "<mode>"``) and its
+    a model option: a GC-ODE mode (``[model.gc_ode] mode = "<mode>"``) and its
     controls, or a graph layer the model places (``model.backward_grad_norm``).
 ``"combination"``
     several methods at once (GCGD = GC-W + GC-ODE).
@@ -78,7 +78,7 @@ _CONFIG_KEY: dict[str, str] = {
     "transform": "corrections.chain",
     "loss": "loss.name",
     "gradient": "loss.penalty",
-    "model": "model.gc_ode",
+    "model": "model.gc_ode.mode",
 }
 
 
@@ -99,7 +99,7 @@ class Method:
         factory: ``"module:attribute"`` of its factory (None for pure configuration
             entries such as the GC-ODE modes and combinations).
         value: the value of its kind's configuration key (``corrections.chain``
-            entry, ``loss.name``, ``loss.penalty``, ``model.gc_ode``); None for
+            entry, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``); None for
             entries that only combine or re-parameterise others.
         fixed: keyword arguments always passed to the factory (not user options).
         options: ``"loss"``/``"gradient"`` kinds: factory keyword -> ``[loss]`` field.
@@ -310,7 +310,7 @@ _ENTRIES: tuple[Method, ...] = (
         "model",
         "control: GC-ODE branch mode with 4 Euler steps (does more integration matter?)",
         "ours",
-        extra=("model.gc_ode=branch", "model.gc_ode_solver=euler", "model.gc_ode_steps=4"),
+        extra=("model.gc_ode.mode=branch", "model.gc_ode.solver=euler", "model.gc_ode.steps=4"),
         control=True,
     ),
     Method(

@@ -33,7 +33,11 @@ def test_docstring_examples(name):
 
 def test_the_package_has_examples():
     # the public entry points carry examples: transforms, models, data, training config
-    for name in ("gcgd_jax.transforms.agr", "gcgd_jax.models.resnet", "gcgd_jax.models.gc_ode"):
+    for name in (
+        "gcgd_jax.transforms.agr",
+        "gcgd_jax.models.resnet",
+        "gcgd_jax.models.gc_ode.module",
+    ):
         assert name in WITH_EXAMPLES
 
 

@@ -96,13 +96,15 @@ def test_every_entry_selects_a_valid_configuration(method):
                 key, value = override.split("=", 1)
                 if key == "corrections.chain":
                     assert value in cfg.corrections.chain
+                elif key.startswith("model.gc_ode."):  # a key of the [model.gc_ode] table
+                    assert str(cfg.model.gc_ode[key.removeprefix("model.gc_ode.")]) == value
                 else:
                     section, field = key.split(".")
                     assert str(getattr(getattr(cfg, section), field)) == value
 
 
 def test_gcgd_is_gc_w_plus_gc_ode_gradient_mode():
-    assert methods.get("gcgd").select == ("corrections.chain=gc_w", "model.gc_ode=gradient")
+    assert methods.get("gcgd").select == ("corrections.chain=gc_w", "model.gc_ode.mode=gradient")
 
 
 @pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
@@ -204,10 +206,11 @@ def test_every_entry_runs_from_the_command_line(method, tmp_path, capsys):
     for part in parts:
         if part.state_metric is not None:
             assert epoch[part.state_metric[0]] is not None
-        if any(o.startswith("model.gc_ode=") for o in part.select):
+        if any(o.startswith("model.gc_ode.mode=") for o in part.select):
             assert epoch["gc_ode_loss"] is not None
             gated = any(
-                o in part.select for o in ("model.gc_ode=gradient", "model.gc_ode=frozen_branch")
+                o in part.select
+                for o in ("model.gc_ode.mode=gradient", "model.gc_ode.mode=frozen_branch")
             )
             if gated:  # the measured gradient ratio (gcgd_jax.models.gc_ode.gradient_ratios)
                 assert 0.0 < epoch["gc_ode_grad_ratio"] < 10.0

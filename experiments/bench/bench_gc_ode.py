@@ -42,7 +42,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.common.provenance import git_commit
+from experiments.common.provenance import describe_machine, git_commit, machine
 from gcgd_jax.models import GCODEConfig, resnet20
 
 RESULTS = RESULTS_ROOT / "bench_gc_ode"
@@ -181,36 +180,9 @@ def _summary(times: dict[str, list[float]], batch: int) -> dict:
     return out
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_avg_at_start": load,
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
 def _markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
-    machine = (
-        f"{m['cpu']} ({m['cpu_count']} cores), backend {m['jax_backend']}, "
-        f"load at start {m['load_avg_at_start']}"
-    )
+    described = f"{describe_machine(m)}, load at start {m['load_avg']}"
     versions = f"jax {v['jax']}, flax {v['flax']}, diffrax {v['diffrax']}, optax {v['optax']}"
     protocol = (
         f"batch {result['batch']}, 32x32x3, SGD momentum; {result['rounds']} alternating "
@@ -221,7 +193,7 @@ def _markdown(result: dict) -> str:
         "",
         f"- command: `{result['command']}`",
         f"- date: {result['date']}; commit {result.get('commit')}",
-        f"- machine: {machine}",
+        f"- machine: {described}",
         f"- {versions}",
         f"- XLA_FLAGS: `{result['xla_flags']}`; fusion breaker: {result['fusion_breaker']}",
         f"- {protocol}",
@@ -300,7 +272,7 @@ def main(argv=None) -> dict:
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "versions": {
             "jax": jax.__version__,
             "flax": flax.__version__,

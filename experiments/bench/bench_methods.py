@@ -25,8 +25,6 @@ import argparse
 import datetime as _dt
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,9 +35,9 @@ from gcgd_jax.cpu_speed import apply_cpu_flags
 
 apply_cpu_flags()
 
-import jax
 import numpy as np
 
+from experiments.common.provenance import describe_machine, machine
 from experiments.suites.compare import RESULTS, SUITES
 from gcgd_jax.train import Trainer, load_config
 
@@ -111,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "suite": args.suite,
         "command": "python -m experiments.bench.bench_methods "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.platform()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-        f"devices {jax.device_count()} x {jax.devices()[0].platform}",
+        "machine": describe_machine(machine()),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "rounds": args.rounds,
         "steps": args.steps,

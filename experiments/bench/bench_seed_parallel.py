@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_seed_parallel"
+from experiments import RESULTS as RESULTS_ROOT
+
+RESULTS = RESULTS_ROOT / "bench_seed_parallel"
 
 
 def _variant(n: int, strategy: str, quick: bool):

@@ -31,7 +31,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_throughput"
+from experiments import REPO
+from experiments import RESULTS as RESULTS_ROOT
+from experiments.common.provenance import describe_machine, machine
+
+RESULTS = RESULTS_ROOT / "bench_throughput"
 PIPELINES = ("loop", "resident", "bare")
 BATCH = 128
 
@@ -167,30 +170,6 @@ def _worker(data_dir: str | None) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-def _machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
-    import jaxlib
-
-    return {
-        "cpu": model or platform.processor(),
-        "cores_available": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,15 +196,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from gcgd_jax.cpu_speed import CPU_CONV_FLAG
 
-    repo = Path(__file__).resolve().parents[1]
     workers = {}
     for flag in (True, False):
         env = dict(os.environ, XLA_FLAGS=CPU_CONV_FLAG if flag else "", JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        cmd = [sys.executable, "-m", "experiments.bench.bench_throughput", "--worker"]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         workers[flag] = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
     configs = [(p, flag, fb) for p in pipelines for flag in (True, False) for fb in (True, False)]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
@@ -279,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     record = {
-        "command": " ".join(["python", "experiments/bench/bench_throughput.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m experiments.bench.bench_throughput", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": machine(),
         "batch_size": BATCH,
         "rounds": rounds,
         "steps_per_round": steps,
@@ -307,8 +285,7 @@ def _markdown(rec: dict) -> str:
         *(["**Smoke run (--quick): too few steps to quote.**", ""] if rec.get("quick") else []),
         f"- command: `{rec['command']}`",
         f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s",
-        f"- machine: {m['cpu']}, {m['cores_available']} cores available; {m['platform']}",
-        f"- python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}",
+        f"- machine: {describe_machine(m)}, jaxlib {m['jaxlib']}",
         (
             f"- batch {rec['batch_size']}, {rec['rounds']} alternating rounds x {rec['steps_per_round']} "
             "timed steps per configuration; per-step times pooled over rounds"

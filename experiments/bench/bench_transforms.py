@@ -43,7 +43,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -66,7 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.common.provenance import git_commit
+from experiments import RESULTS
+from experiments.common.provenance import describe_machine, git_commit, machine
 from gcgd_jax.transforms.agr import agr
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
@@ -76,7 +76,7 @@ from gcgd_jax.transforms.grokfast_ema import grokfast_ema
 from gcgd_jax.transforms.mars_correction import mars_correction
 from gcgd_jax.transforms.znorm import znorm
 
-OUT_DIR = Path(__file__).resolve().parent / "results" / "bench_transforms"
+OUT_DIR = RESULTS / "bench_transforms"
 
 #: name -> (params -> transform). Chained before ``optax.sgd(0.1, momentum=0.9)``.
 TRANSFORMS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
@@ -331,32 +331,14 @@ def bench_resnet20_step(
 
 
 def environment() -> dict:
-    dev = jax.devices()[0]
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or _dist_version("jaxlib"),
+        "machine": machine(),
         "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        "num_devices": jax.device_count(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "commit": git_commit(),
     }
-
-
-def _dist_version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def markdown(result: dict) -> str:
@@ -374,12 +356,9 @@ def markdown(result: dict) -> str:
         f"- command: `{env['command']}`",
         f"- date (UTC): {env['date_utc']}",
         f"- code: commit {env.get('commit') or 'unknown'}",
+        f"- machine: {describe_machine(env['machine'])}",
         (
-            f"- machine: {env['platform']}, {env['cpu_count']} CPUs (`os.cpu_count()`), "
-            f"device {env['device']} x{env['num_devices']}"
-        ),
-        (
-            f"- jax {env['jax']}, jaxlib {env['jaxlib']}, optax {env['optax']}, "
+            f"- jaxlib {env['machine']['jaxlib']}, optax {env['optax']}, "
             f"XLA_FLAGS={env['XLA_FLAGS']!r}"
         ),
         (

@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
+from experiments.common.provenance import describe_machine, machine
 
 RESULTS = RESULTS_ROOT / "bench_vs_torch"
 BATCH = 128
@@ -325,14 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for v, ts in times.items()
     ]
     record = {
-        "command": " ".join(["python", "experiments/bench/bench_vs_torch.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m experiments.bench.bench_vs_torch", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {
-            "platform": platform.platform(),
-            "cores_available": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(),
-            **versions,
-        },
+        "machine": {**machine(with_jax=False), **versions},  # versions: the workers' jax, torch
         "batch_size": BATCH,
         "rounds": rounds,
         "steps_per_round": steps,
@@ -359,8 +354,8 @@ def _markdown(rec: dict) -> str:
         *(["**Smoke run (--quick): too few steps to quote.**", ""] if rec["quick"] else []),
         f"- command: `{rec['command']}`",
         f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s",
-        f"- machine: {m['platform']}, {m['cores_available']} cores available, python {m['python']}",
-        f"- jax {m.get('jax')}, torch {m.get('torch', 'not found')}"
+        f"- machine: {describe_machine(m)}",
+        f"- torch {m.get('torch', 'not found')}"
         + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else ""),
         (
             f"- batch {rec['batch_size']}, SGD lr {LR} momentum {MOMENTUM} wd {WEIGHT_DECAY}; "

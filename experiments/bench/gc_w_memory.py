@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from experiments.common.provenance import describe_machine, machine
 from gcgd_jax.transforms.gc_w import gc_w_memory_floats
 
 NETWORKS = {
@@ -112,8 +112,8 @@ def main(argv=None):
         "# GC-W extra memory (float32 words, from the state's arrays)",
         "",
         (
-            f"Command: `python {' '.join(['experiments/bench/gc_w_memory.py', *(argv or sys.argv[1:])])}`; "
-            f"machine: {platform.machine()} {platform.system()}, jax {jax.__version__}; "
+            f"Command: `python -m {' '.join(['experiments.bench.gc_w_memory', *(argv or sys.argv[1:])])}`; "
+            f"machine: {describe_machine(machine())}; "
             f"date: {datetime.date.today().isoformat()}."
         ),
         "",

@@ -45,7 +45,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from pathlib import Path
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
-from experiments.common.provenance import git_commit
+from experiments.common.provenance import describe_machine, git_commit, machine
 
 RESULTS = RESULTS_ROOT / "profile_step"
 BATCH = 128
@@ -447,7 +446,7 @@ def _markdown(rec: dict) -> str:
         "",
         f"- command: `{rec['command']}`",
         f"- date (UTC): {rec['date_utc']}; code: commit {rec.get('commit') or 'unknown'}",
-        f"- machine: {m['platform']}, {m['cpu_count']} CPUs; jax {rec['jax']}"
+        f"- machine: {describe_machine(m)}; jax {rec['jax']}"
         + (
             f"; PyTorch {rec['torch_ops']['torch']}" if rec.get("torch_ops") else "; PyTorch absent"
         ),
@@ -565,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": machine(with_jax=False),  # the workers' jax: "jax"
         "quick": args.quick, "rounds": args.rounds, "steps": args.steps, "reps": args.reps,
     }  # fmt: skip
     if "ops" in args.parts:

@@ -1,4 +1,4 @@
-"""Where a result came from: the checkout's git commit, for every results file."""
+"""Where a result came from: the checkout's git commit and the machine, for every results file."""
 
 from __future__ import annotations
 
@@ -47,13 +47,15 @@ def tree_state(root: Path | str = REPO) -> dict[str, object]:
     return {"commit": head, "clean": not changed, "changed": changed}
 
 
-def machine() -> dict[str, object]:
-    """The machine a result was measured on: processor model, cores, Python, JAX and its
-    devices (imports JAX)."""
+def machine(*, with_jax: bool = True) -> dict[str, object]:
+    """The machine a result was measured on, the same keys for every results file:
+    ``cpu`` (processor model), ``cores`` (usable by this process), ``platform``,
+    ``python``, ``load_avg`` (1/5/15-minute load when measured, ``None`` where the
+    system has none); with ``with_jax`` (this imports JAX and starts its backend) also
+    ``jax``, ``jaxlib``, ``backend``, ``device`` (the first device's platform and kind)
+    and ``devices`` (their count)."""
     import os
     import platform
-
-    import jax
 
     model = platform.processor()
     try:
@@ -63,12 +65,40 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    device = jax.devices()[0]
-    return {
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, object] = {
         "cpu": model,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": cores,
+        "platform": platform.platform(),
         "python": platform.python_version(),
-        "jax": jax.__version__,
-        "device": f"{device.platform}: {device.device_kind}",
-        "devices": jax.device_count(),
+        "load_avg": load,
     }
+    if with_jax:
+        import jax
+        import jaxlib
+
+        device = jax.devices()[0]
+        info |= {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "backend": jax.default_backend(),
+            "device": f"{device.platform}: {device.device_kind}",
+            "devices": jax.device_count(),
+        }
+    return info
+
+
+def describe_machine(info: dict[str, object] | None = None) -> str:
+    """One line for a report: ``machine()``'s processor, cores, platform, Python and, when
+    recorded, JAX and its devices (``info`` defaults to ``machine(with_jax=False)``)."""
+    m = machine(with_jax=False) if info is None else info
+    text = f"{m['cpu']} ({m['cores']} cores), {m['platform']}, Python {m['python']}"
+    if "jax" in m:
+        text += f", jax {m['jax']}"
+    if "device" in m:
+        text += f" on {m['devices']} x {m['device']}"
+    return text

@@ -5,15 +5,15 @@ Usage::
     python -m experiments.studies.gc_ode_matching --suite cpu-cifar10             # seeds 0,1,2; lambda 0 and 1
     python -m experiments.studies.gc_ode_matching --suite cpu-cifar10 --seeds 0 --steps 8   # smoke
     python -m experiments.studies.gc_ode_matching --suite cpu-cifar10 \
-        --compare model.gc_ode_loss_subsample=1,4 --out experiments/results/gc_ode_matching/subsample
+        --compare model.gc_ode.loss_subsample=1,4 --out experiments/results/gc_ode_matching/subsample
 
 ``--compare KEY=A,B`` names the one setting the two arms differ in (default
-``model.gc_ode_sobolev_weight=0,1``: output matching alone vs with backward
+``model.gc_ode.sobolev_weight=0,1``: output matching alone vs with backward
 matching); anything else is the suite's GC-ODE gradient-mode run.
 
 Protocol (one seed, one arm): the suite's GC-ODE gradient-mode run
 (``gcgd_jax/configs/<base>.toml`` with the suite's overrides,
-``model.gc_ode=gradient`` and ``KEY=value``) is trained
+``model.gc_ode.mode=gradient`` and ``KEY=value``) is trained
 through :class:`gcgd_jax.train.Trainer` (its own data order, loss, optimizer and
 schedule). At the probe steps (quarters of the run), on ``--probe-batches`` fixed
 training batches (no augmentation, train-mode BatchNorm), for every GC-ODE pair
@@ -41,8 +41,6 @@ import argparse
 import datetime as _dt
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,7 +55,7 @@ import optax
 from flax import nnx
 
 from experiments import ROOT as EXPERIMENTS
-from experiments.common.provenance import git_commit
+from experiments.common.provenance import describe_machine, git_commit, machine
 from experiments.suites.compare import SUITES
 from experiments.suites.stats import t_mean_ci
 from gcgd_jax.train import Trainer, load_config
@@ -109,7 +107,7 @@ def arm_config(suite: str, seed: int, setting: tuple[str, str]):
     key, value = setting
     overrides = [
         *s.overrides,
-        "model.gc_ode=gradient",
+        "model.gc_ode.mode=gradient",
         f"{key}={value}",
         f"run.seed={seed}",
         "checkpoint.enabled=false",
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--compare",
-        default="model.gc_ode_sobolev_weight=0,1",
+        default="model.gc_ode.sobolev_weight=0,1",
         help="KEY=A,B: the one setting the two arms differ in",
     )
     parser.add_argument("--steps", type=int, help="training steps (default: the suite's 100%% run)")
@@ -333,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": cfg.data.batch_size,
         "command": "python -m experiments.studies.gc_ode_matching "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.platform()}, {os.cpu_count()} cores, jax {jax.__version__}",
+        "machine": describe_machine(machine()),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "wall_s": time.perf_counter() - t0,

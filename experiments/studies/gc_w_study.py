@@ -55,7 +55,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -70,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common.provenance import describe_machine, machine
 from experiments.suites.stats import t_mean_ci
 from gcgd_jax.transforms.gc_w import gc_w
 from gcgd_jax.transforms.gc_w_v2 import gc_w_v2, gc_w_v2_effective_filter
@@ -606,8 +606,7 @@ def main(argv=None):
     meta = {
         "command": "python "
         + " ".join(["experiments/studies/gc_w_study.py", *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()}-core CPU "
-        f"(shared), jax {jax.__version__} on {jax.default_backend()}, "
+        "machine": f"{describe_machine(machine())} (shared), "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

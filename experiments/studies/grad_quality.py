@@ -319,7 +319,7 @@ class Diagnostics:
             g_large = g if g_large is None else jax.tree.map(jnp.add, g_large, g)
         g_large = jax.tree.map(lambda x: x / len(chunks), g_large)
         fits = jax.tree.leaves(nnx.filter_state(self.ode_fit, GateFit))
-        gate = self.ode_cfg.model.gc_ode_gate_max * float(np.mean(fits))  # the shadow's mean s
+        gate = self.ode_cfg.model.gc_ode["gate_max"] * float(np.mean(fits))  # the shadow's mean s
         out = []
         for p in range(probe_batches):
             pick = self.rng.choice(n, self.bs, replace=False)

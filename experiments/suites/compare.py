@@ -30,7 +30,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments import RESULTS, ROOT
-from experiments.common.provenance import tree_state
+from experiments.common.provenance import describe_machine, tree_state
 from experiments.suites.report import build_report, read_metrics
 from gcgd_jax import methods as registry
 from gcgd_jax.train.config import ConfigError, load_config
@@ -270,7 +269,7 @@ def _train(cmd: list[str], directories: list[Path], resume: bool, note: str | No
         "exit_code": os.waitstatus_to_exitcode(status),
         "wall_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
-        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": TREE["commit"],
         "clean_tree": TREE["clean"],
@@ -297,7 +296,7 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
     matched = ()
     if method in MATCHED_SCALE and not is_complete(directory):
         scale = matched_control_scale(out, MATCHED_SCALE[method], budget, seed)
-        matched = (f"model.gc_ode_control_scale={scale!r}",)
+        matched = (f"model.gc_ode.control_scale={scale!r}",)
     overrides = (
         *suite.overrides_for(method),
         *matched,
@@ -459,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "| method | overrides |\n|---|---|\n"
         f"{settings}\n\n"
         + "".join(
-            f"`{m}` also sets `model.gc_ode_control_scale` to the mean `gc_ode_grad_ratio` of "
+            f"`{m}` also sets `model.gc_ode.control_scale` to the mean `gc_ode_grad_ratio` of "
             f"`{src}` at the same budget and seed (runs made before this was measured used "
             "1.0; each run's `config.toml` says which).\n\n"
             for m, src in MATCHED_SCALE.items()

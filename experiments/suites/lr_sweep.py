@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from experiments.common.provenance import describe_machine
 from experiments.suites.compare import (
     RESULTS,
     SUITES,
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_val_acc": {f"{lr:g}": float(np.mean(v)) for lr, v in val_acc.items()},
         "chosen_lr": chosen,
         "command": command,
-        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     out.mkdir(parents=True, exist_ok=True)

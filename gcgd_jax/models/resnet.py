@@ -46,7 +46,9 @@ from flax import nnx
 from gcgd_jax import cpu_speed
 from gcgd_jax.cpu_speed import fusion_break
 from gcgd_jax.layers.backward_grad_norm import backward_grad_norm as normalize_backward
-from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, resolve_gc_ode
+from gcgd_jax.models.aux import AuxSpec
+from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, probe_metrics, resolve_gc_ode
+from gcgd_jax.models.gc_ode import aux_spec as gc_ode_aux_spec
 
 __all__ = [
     "BasicBlock",
@@ -291,9 +293,10 @@ class ResNet(nnx.Module):
     ``loss = task_loss + aux["gc_ode_loss"]``: the auxiliary loss trains only
     the GC-ODE branches, the task loss only the backbone. ``fusion_breaker``: a
     runtime scalar 1.0 for the CPU (:func:`gcgd_jax.cpu_speed.fusion_break`), or
-    ``None``. ``gc_ode_probe``: ``model.gc_ode.new_probe()`` to differentiate,
-    for the gradient ratio of GC-ODE's gated modes
-    (:func:`gcgd_jax.models.gc_ode.gradient_ratios`; the train step does this).
+    ``None``. ``aux_probe``: :meth:`new_aux_probe`'s array, differentiated with
+    the loss; :meth:`aux_probe_metrics` of its gradient is GC-ODE's measured
+    gradient ratio in the gated modes (the train step does this: the model
+    side of the auxiliary seam, :mod:`gcgd_jax.models.aux`).
     """
 
     def __init__(
@@ -359,15 +362,15 @@ class ResNet(nnx.Module):
         *,
         return_aux: bool = False,
         fusion_breaker: jax.Array | None = None,
-        gc_ode_probe: jax.Array | None = None,
+        aux_probe: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"expected NHWC input with {self.in_channels} channels, got shape {x.shape}."
             )
         h = self.stem(x)  # h_0
-        if gc_ode_probe is not None and self.gc_ode is None:
-            raise ValueError("gc_ode_probe was given, but this model has no GC-ODE.")
+        if aux_probe is not None and self.gc_ode is None:
+            raise ValueError("aux_probe was given, but this model has no GC-ODE.")
         if self.gc_ode is None:
             for stage in self.stages:
                 h = stage(h, fusion_breaker)
@@ -379,7 +382,7 @@ class ResNet(nnx.Module):
                 h,
                 compute_loss=return_aux,
                 stage_kwargs={"fusion_breaker": fusion_breaker},
-                probe=gc_ode_probe,
+                probe=aux_probe,
             )
         logits = self.head(jnp.mean(h, axis=(1, 2)))
         if return_aux:
@@ -388,6 +391,22 @@ class ResNet(nnx.Module):
                 aux["gc_ode_gate"] = gate
             return logits, aux
         return logits
+
+    def aux_spec(self, *, probe: bool = True) -> AuxSpec:
+        """What the train step does with this model's ``aux`` (:mod:`gcgd_jax.models.aux`):
+        nothing without GC-ODE, :func:`gcgd_jax.models.gc_ode.aux_spec` with it."""
+        return (
+            AuxSpec() if self.gc_ode is None else gc_ode_aux_spec(self.gc_ode.config, probe=probe)
+        )
+
+    def new_aux_probe(self) -> jax.Array | None:
+        """The gradient probe to pass as ``aux_probe`` (GC-ODE's gated modes; else ``None``)."""
+        return None if self.gc_ode is None else self.gc_ode.new_probe()
+
+    def aux_probe_metrics(self, probe_grad: jax.Array) -> dict[str, jax.Array]:
+        """Named scalars from the probe's gradient: ``gc_ode_grad_ratio``, the mean over
+        pairs of ``||dL/dh_{i-1}|| / ||J_stage^T g||``."""
+        return probe_metrics(probe_grad)
 
     def stage_outputs(
         self, x: jax.Array, *, fusion_breaker: jax.Array | None = None

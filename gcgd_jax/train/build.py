@@ -12,10 +12,11 @@ import numpy as np
 from flax import nnx
 
 from gcgd_jax import methods
-from gcgd_jax.train.config import CIFAR_MODELS, ConfigError, TrainConfig
+from gcgd_jax.models.aux import AuxSpec
+from gcgd_jax.train.config import CIFAR_MODELS, ConfigError, TrainConfig, gc_ode_config
 from gcgd_jax.train.step import StepOptions
 
-__all__ = ["build_model", "load_data", "step_options"]
+__all__ = ["build_model", "load_data", "model_aux_spec", "step_options"]
 
 # Data sets whose "auto" augmentation is random crop + flip (He et al.'s CIFAR recipe).
 _CROP_FLIP_DATASETS = ("cifar10", "cifar100")
@@ -91,8 +92,7 @@ def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptio
         loss_options=() if loss == "ce" else options_of("loss", loss),
         penalty=penalty,
         penalty_options=() if penalty == "none" else options_of("gradient", penalty),
-        gc_ode=cfg.model.gc_ode != "none",
-        gc_ode_aux_weight=cfg.model.gc_ode_aux_weight,
+        aux=model_aux_spec(cfg),
         state_metrics=tuple(
             name for name in cfg.corrections.chain if methods.get(name).state_metric is not None
         ),
@@ -114,18 +114,22 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
     }
     if m.name not in CIFAR_MODELS:
         kwargs["small_stem"] = m.small_stem
-    if m.gc_ode != "none":
-        try:
-            kwargs["gc_ode"] = models.GCODEConfig(
-                mode=m.gc_ode,
-                solver=m.gc_ode_solver,
-                steps=m.gc_ode_steps,
-                width=m.gc_ode_width,
-                gate_max=m.gc_ode_gate_max,
-                control_scale=m.gc_ode_control_scale,
-                sobolev_weight=m.gc_ode_sobolev_weight,
-                loss_subsample=m.gc_ode_loss_subsample,
-            )
-        except ValueError as err:
-            raise ConfigError(f"model.gc_ode: {err}") from None
+    kwargs["gc_ode"] = _gc_ode(cfg)
     return getattr(models, m.name)(num_classes, **kwargs)
+
+
+def _gc_ode(cfg: TrainConfig):
+    try:
+        return gc_ode_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"model.gc_ode: {err}") from None
+
+
+def model_aux_spec(cfg: TrainConfig) -> AuxSpec:
+    """What the train step does with the model's auxiliary outputs (:mod:`gcgd_jax.models.aux`):
+    GC-ODE's loss, gate and -- without a gradient penalty, which differentiates the loss
+    twice -- its measured gradient ratio; nothing without GC-ODE."""
+    from gcgd_jax.models.gc_ode.module import aux_spec
+
+    config = _gc_ode(cfg)
+    return AuxSpec() if config is None else aux_spec(config, probe=cfg.loss.penalty == "none")

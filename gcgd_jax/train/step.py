@@ -12,7 +12,7 @@ the state can be donated, sharded and checkpointed as one pytree.
 Inside the train step: augmentation (random crop + flip, on device, keyed by
 ``fold_in(rng, step)``) and normalisation of uint8 images, the forward pass in
 training mode (BatchNorm statistics updated), the loss (cross-entropy or
-a registered loss, plus the GC-ODE auxiliary loss times its weight), its
+a registered loss, plus the model's weighted auxiliary losses, e.g. GC-ODE's), its
 gradient (or a registered gradient function's) -- :func:`make_grad_fn` --
 then the optimizer update -- :func:`make_update_fn` -- and the
 non-finite guard: when the loss, any gradient or any updated parameter is
@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 
 from gcgd_jax import methods
+from gcgd_jax.models.aux import AuxSpec
 from gcgd_jax.train.optim import current_lr
 
 __all__ = [
@@ -69,6 +70,8 @@ class StepOptions:
     ``loss``, ``penalty`` and ``state_metrics`` name methods of
     :mod:`gcgd_jax.methods` (``"ce"`` / ``"none"`` / ``()`` for none); their
     keyword arguments are ``(name, value)`` pairs so the options stay hashable.
+    ``aux`` says what the step does with the model's auxiliary outputs
+    (:mod:`gcgd_jax.models.aux`; GC-ODE's loss, gate and gradient ratio).
     """
 
     mean: tuple[float, ...]
@@ -79,8 +82,8 @@ class StepOptions:
     loss_options: tuple[tuple[str, Any], ...] = ()
     penalty: str = "none"  # "none" or the value of a "gradient" method
     penalty_options: tuple[tuple[str, Any], ...] = ()
-    gc_ode: bool = False  # call the model with return_aux=True
-    gc_ode_aux_weight: float = 1.0
+    # the model's auxiliary losses and metrics (gcgd_jax.models.aux; none by default)
+    aux: AuxSpec = dataclasses.field(default_factory=AuxSpec)
     # names of the chain's methods with a state metric (e.g. GC-W's predictor loss)
     state_metrics: tuple[str, ...] = ()
     fusion_breaker: bool = False
@@ -90,15 +93,13 @@ class StepOptions:
 class GradAux(NamedTuple):
     """What the gradient function returns beside the gradients (all device arrays)."""
 
-    total_loss: jax.Array  # () the differentiated loss (data loss + GC-ODE auxiliary term)
+    total_loss: jax.Array  # () the differentiated loss (data loss + weighted auxiliary losses)
     data_loss: jax.Array  # () mean data loss of the batch
     logits: jax.Array  # (batch, classes)
     rest: Any  # the model's non-parameter state after the forward pass (BatchNorm statistics)
-    gc_ode_loss: jax.Array  # () GC-ODE auxiliary loss (0 without GC-ODE)
-    gc_ode_gate: jax.Array  # () mean GC-ODE gate (0 without GC-ODE)
-    # () mean over pairs of ||dL/dh_{i-1}|| / ||J_stage^T g|| (GC-ODE's gated modes
-    # without a gradient penalty; None otherwise): see gcgd_jax.models.gc_ode.gradient_ratios
-    gc_ode_grad_ratio: jax.Array | None = None
+    # the model's auxiliary metrics named by StepOptions.aux.metrics, probe metrics
+    # included (e.g. gc_ode_loss, gc_ode_gate, gc_ode_grad_ratio); {} without any
+    model_aux: dict[str, jax.Array]
 
 
 def preprocess(images: jax.Array, opts: StepOptions, key: jax.Array | None) -> jax.Array:
@@ -130,31 +131,36 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
     Exactly what :func:`make_train_step` differentiates: augmentation keyed by
     ``fold_in(state.rng, state.step)``, normalisation, the training-mode
     forward pass, the loss of ``opts`` (cross-entropy or a registered loss, plus
-    the GC-ODE auxiliary loss times its weight) and its gradient with respect
-    to ``state.params`` (through ``jax.value_and_grad`` or the registered
-    gradient function of ``opts.penalty``). Diagnostics call it to see the
-    gradient a run's optimizer receives at a given state and batch.
+    the model's auxiliary losses weighted by ``opts.aux.loss_weights``) and its
+    gradient with respect to ``state.params`` (through ``jax.value_and_grad``
+    or the registered gradient function of ``opts.penalty``). Diagnostics call
+    it to see the gradient a run's optimizer receives at a given state and
+    batch.
 
-    In GC-ODE's gated modes (without a penalty) the model's gradient probe
-    (:meth:`gcgd_jax.models.GCODE.new_probe`) is differentiated too, and
-    ``GradAux.gc_ode_grad_ratio`` is the mean over pairs of its gradient ratio.
+    With ``opts.aux.probe`` the model's gradient probe (``model.new_aux_probe()``)
+    is differentiated too, and ``model.aux_probe_metrics`` of its gradient joins
+    ``GradAux.model_aux`` (GC-ODE's gated modes: ``gc_ode_grad_ratio``).
     """
     per_example_loss = _per_example_loss_fn(opts)
+
+    aux_spec = opts.aux
+    metric_names = tuple(name for name, _ in aux_spec.metrics)
 
     def loss_fn(params, rest, images, labels, fusion_breaker, probe=None):
         model = nnx.merge(graphdef, params, rest, copy=True)
         fb = fusion_breaker if opts.fusion_breaker else None
-        if opts.gc_ode:
-            kwargs = {} if probe is None else {"gc_ode_probe": probe}
+        if aux_spec.active:
+            kwargs = {} if probe is None else {"aux_probe": probe}
             logits, aux = model(images, return_aux=True, fusion_breaker=fb, **kwargs)
-            aux_loss, gate = aux["gc_ode_loss"], aux.get("gc_ode_gate", jnp.float32(0.0))
         else:
-            logits = model(images, fusion_breaker=fb)
-            aux_loss = gate = jnp.float32(0.0)
+            logits, aux = model(images, fusion_breaker=fb), {}
         data_loss = jnp.mean(per_example_loss(logits, labels))
-        total = data_loss + opts.gc_ode_aux_weight * aux_loss
+        total = data_loss
+        for name, weight in aux_spec.loss_weights:
+            total = total + weight * aux[name]
+        logged = {name: aux[name] for name in metric_names if name in aux}
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return total, (data_loss, logits, new_rest, (aux_loss, gate))
+        return total, (data_loss, logits, new_rest, logged)
 
     if opts.penalty == "none":
         value_and_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
@@ -165,31 +171,29 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
         lambda diff, *args: loss_fn(diff[0], *args, probe=diff[1]), argnums=0, has_aux=True
     )
 
-    def new_probe(state: TrainState) -> jax.Array | None:
-        if not opts.gc_ode or opts.penalty != "none":
-            return None
-        # Python only (at trace time): which GC-ODE the graph has.
-        gc_ode = getattr(nnx.merge(graphdef, state.params, state.rest, copy=True), "gc_ode", None)
-        return None if gc_ode is None else gc_ode.new_probe()
+    def model_of(state: TrainState) -> nnx.Module:
+        # Python only (at trace time): the model's probe methods, not its values.
+        return nnx.merge(graphdef, state.params, state.rest, copy=True)
 
     def grad_fn(state: TrainState, images, labels, fusion_breaker):
-        from gcgd_jax.models.gc_ode import gradient_ratios
-
         key = jax.random.fold_in(state.rng, state.step)
         x = preprocess(images, opts, key)
-        probe = new_probe(state)
         args = (state.rest, x, labels, fusion_breaker)
+        model = model_of(state) if aux_spec.probe else None
+        probe = None if model is None else model.new_aux_probe()
         if probe is None:
-            (total, (data_loss, logits, new_rest, (aux_loss, gate))), grads = value_and_grad(
+            (total, (data_loss, logits, new_rest, logged)), grads = value_and_grad(
                 state.params, *args
             )
-            ratio = None
         else:
-            (total, (data_loss, logits, new_rest, (aux_loss, gate))), (grads, probe_grad) = (
-                with_probe((state.params, probe), *args)
+            (total, (data_loss, logits, new_rest, logged)), (grads, probe_grad) = with_probe(
+                (state.params, probe), *args
             )
-            ratio = jnp.mean(gradient_ratios(probe_grad))
-        return grads, GradAux(total, data_loss, logits, new_rest, aux_loss, gate, ratio)
+            logged = {**logged, **model.aux_probe_metrics(probe_grad)}
+        model_aux = {
+            name: jnp.asarray(logged[name], jnp.float32) for name in metric_names if name in logged
+        }
+        return grads, GradAux(total, data_loss, logits, new_rest, model_aux)
 
     return grad_fn
 
@@ -234,11 +238,7 @@ def make_update_fn(
             "finite": finite,
             "lr": jnp.asarray(current_lr(new_opt_state), jnp.float32),
         }
-        if opts.gc_ode:
-            metrics["gc_ode_loss"] = jnp.asarray(aux.gc_ode_loss, jnp.float32)
-            metrics["gc_ode_gate"] = jnp.asarray(aux.gc_ode_gate, jnp.float32)
-            if aux.gc_ode_grad_ratio is not None:
-                metrics["gc_ode_grad_ratio"] = jnp.asarray(aux.gc_ode_grad_ratio, jnp.float32)
+        metrics.update(aux.model_aux)
         for method in metric_methods:
             value = method.read_state_metric(new_state.opt_state)
             metrics[method.state_metric[0]] = jnp.asarray(value, jnp.float32)
@@ -256,9 +256,10 @@ def make_train_step(
     NHWC, ``labels`` int32, ``fusion_breaker`` a float32 scalar 1.0 passed at
     run time (ignored unless ``opts.fusion_breaker``). Metrics (float32/int32
     scalars): ``loss`` (the data loss, mean over the batch), ``correct``
-    (count), ``finite``, ``lr``; with GC-ODE ``gc_ode_loss`` and
-    ``gc_ode_gate`` (the mean gate ``s_t`` of its pairs at this step), in the
-    gated modes ``gc_ode_grad_ratio`` (:class:`GradAux`); and the
+    (count), ``finite``, ``lr``; the model's auxiliary metrics by name
+    (``opts.aux``; with GC-ODE ``gc_ode_loss``, ``gc_ode_gate``, the mean gate
+    ``s_t`` of its pairs at this step, and in the gated modes
+    ``gc_ode_grad_ratio``: :func:`gcgd_jax.models.gc_ode.aux_spec`); and the
     state metric of every method in ``opts.state_metrics`` under its record
     key (GC-W: ``gc_w_predictor_loss``, GC-W v2: ``gc_w_v2_objective``).
     """

@@ -124,11 +124,10 @@ class EpochSums:
     examples: int = 0
     steps: int = 0
     skipped: int = 0
-    gc_ode_loss: float = 0.0
-    gc_ode_gate: float | None = None
-    # sum over the epoch's steps of gc_ode_grad_ratio (gated GC-ODE modes; None: not measured)
-    gc_ode_grad_ratio: float | None = None
     lr: float | None = None
+    # the model's auxiliary metrics (StepOptions.aux): the sum over the epoch's steps of
+    # each "mean" metric, the last step's value of each "last" one (e.g. gc_ode_gate)
+    model_aux: dict[str, float] = dataclasses.field(default_factory=dict)
     # last value of each optimizer-state metric (record key -> value), e.g. gc_w_predictor_loss
     state_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -143,7 +142,8 @@ class EpochSums:
                 f"the checkpoint's epoch sums hold keys this version does not know: {unknown} "
                 "(written by another version of gcgd_jax); start the run again with --overwrite"
             )
-        return cls(**{**saved, "state_metrics": dict(saved.get("state_metrics") or {})})
+        dicts = {key: dict(saved.get(key) or {}) for key in ("state_metrics", "model_aux")}
+        return cls(**{**saved, **dicts})
 
 
 @dataclasses.dataclass
@@ -205,12 +205,12 @@ class EpochAccount:
         sums.examples += bs
         sums.steps += 1
         sums.lr = float(m["lr"])
-        if "gc_ode_loss" in m:
-            sums.gc_ode_loss += float(m["gc_ode_loss"])
-            sums.gc_ode_gate = float(m["gc_ode_gate"])
-        if "gc_ode_grad_ratio" in m:
-            ratio = float(m["gc_ode_grad_ratio"])
-            sums.gc_ode_grad_ratio = (sums.gc_ode_grad_ratio or 0.0) + ratio
+        for key, reduction in trainer.step_options.aux.metrics:
+            if key in m:
+                value = float(m[key])
+                if reduction == "mean":
+                    value += sums.model_aux.get(key, 0.0)
+                sums.model_aux[key] = value
         for key in trainer._state_metric_keys:
             sums.state_metrics[key] = float(m[key])
         done = done_step - self.epoch * trainer.steps_per_epoch
@@ -894,11 +894,11 @@ class Trainer:
             "images_per_s": bs / median if median else None,
             "skipped_steps": sums.skipped,
         }
-        if self.step_options.gc_ode:
-            record["gc_ode_loss"] = sums.gc_ode_loss / sums.steps if sums.steps else None
-            record["gc_ode_gate"] = sums.gc_ode_gate  # the mean gate s_t at the epoch's last step
-            if sums.gc_ode_grad_ratio is not None and sums.steps:  # mean over the epoch's steps
-                record["gc_ode_grad_ratio"] = sums.gc_ode_grad_ratio / sums.steps
+        for key, reduction in self.step_options.aux.metrics:  # e.g. gc_ode_loss, gc_ode_gate
+            value = sums.model_aux.get(key)
+            if reduction == "mean":
+                value = value / sums.steps if value is not None and sums.steps else None
+            record[key] = value
         for key in self._state_metric_keys:  # last step's value (e.g. gc_w_predictor_loss)
             record[key] = sums.state_metrics.get(key)
         return record

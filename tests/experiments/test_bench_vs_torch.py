@@ -22,7 +22,7 @@ def test_report_without_torch_has_no_ratio():
         "command": "python -m experiments.bench.bench_vs_torch",
         "date": "2026-12-01",
         "wall_s": 1.0,
-        "machine": {"platform": "x", "cores_available": 2, "python": "3.11", "jax": "0.10.2"},
+        "machine": {"cpu": "c", "cores": 2, "platform": "x", "python": "3.11", "jax": "0.10.2"},
         "batch_size": 128,
         "rounds": 1,
         "steps_per_round": 1,
@@ -36,3 +36,4 @@ def test_report_without_torch_has_no_ratio():
     text = bench._markdown(rec)
     assert "| jax_best | 269,722 |" in text and "| n/a |" in text
     assert "PyTorch was not found" in text
+    assert "- machine: c (2 cores), x, Python 3.11, jax 0.10.2" in text

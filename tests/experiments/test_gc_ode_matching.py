@@ -27,18 +27,18 @@ def test_summary_pairs_seeds_and_reports_the_difference(tmp_path):
     assert paired_t([0.5])["lo"] is None  # one seed: no interval
     meta = {"suite": "cpu-fmnist", "command": "x", "machine": "m", "date": "d", "commit": "c",
             "wall_s": 1.0, "seeds": [0, 1], "probe_batches": 2, "batch_size": 8,
-            "compare": "model.gc_ode_sobolev_weight", "arms": ["0", "1"]}  # fmt: skip
+            "compare": "model.gc_ode.sobolev_weight", "arms": ["0", "1"]}  # fmt: skip
     write_outputs(tmp_path, runs, [row], meta)
     text = (tmp_path / "GC_ODE_MATCHING.md").read_text()
     assert "| 4 | 0 | 0.155 | 0.405 | +0.250 [" in text
     assert row["gate_diff"]["mean"] == pytest.approx(0.0)
     # accuracy: +1.0 and 0.0 pp
-    assert "model.gc_ode_sobolev_weight = 1 minus 0: +0.500 [" in text
+    assert "model.gc_ode.sobolev_weight = 1 minus 0: +0.500 [" in text
     assert "seed 0: 30.00% / 31.00%" in text
 
 
 @pytest.mark.parametrize(
-    "compare", ["model.gc_ode_sobolev_weight", "x=1", "x=1,1", "model.no_such_key=0,1"]
+    "compare", ["model.gc_ode.sobolev_weight", "x=1", "x=1,1", "model.no_such_key=0,1"]
 )
 def test_bad_compare_is_a_clear_error(compare, capsys):
     with pytest.raises(SystemExit):

@@ -10,14 +10,10 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import gcgd_jax.models.gc_ode as gc_ode_module
+import gcgd_jax.models.gc_ode.module as gc_ode_modules  # where ODEBranch.solve looks up odeint
 from gcgd_jax.models import GCODE, GCODEConfig, resnet18, resnet20, resnet50
-from gcgd_jax.models.gc_ode import (
-    ODEBranch,
-    TimeConv,
-    _routed_branch,
-    _solve_pure,
-    resolve_gc_ode,
-)
+from gcgd_jax.models.gc_ode import ODEBranch, TimeConv, resolve_gc_ode
+from gcgd_jax.models.gc_ode.routing import _routed_branch, _solve_pure
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -567,7 +563,7 @@ def test_eval_mode_and_views_toggle_the_branch(monkeypatch):
     gc = GCODE((4, 4), (1,), "gradient", rngs=nnx.Rngs(0))
     calls = []
     real = gc_ode_module.odeint
-    monkeypatch.setattr(gc_ode_module, "odeint", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gc_ode_modules, "odeint", lambda *a: calls.append(1) or real(*a))
     h = _x((1, 4, 4, 4))
     gc(0, h, h)
     assert calls == [1, 1]  # training: the extra path's solve and the sub-sampled loss's
@@ -699,6 +695,6 @@ def test_gradient_mode_aux_loss_trains_only_the_branches(grads):
 
 
 def test_gradient_mode_eval_skips_branches(models, monkeypatch):
-    monkeypatch.setattr(gc_ode_module, "odeint", lambda *a: pytest.fail("branch ran in eval"))
+    monkeypatch.setattr(gc_ode_modules, "odeint", lambda *a: pytest.fail("branch ran in eval"))
     logits, aux = _forward(models["gradient"], train=False)
     assert logits.shape == (4, 10) and float(aux["gc_ode_loss"]) == 0.0

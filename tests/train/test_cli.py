@@ -25,7 +25,7 @@ def test_trains_a_tiny_model(tmp_path, capsys):
         [
             *TINY,
             "--set",
-            "model.gc_ode=gradient",
+            "model.gc_ode.mode=gradient",
             "--set",
             "loss.name=powergrad",
             "--set",
@@ -67,8 +67,24 @@ def test_trains_a_tiny_model(tmp_path, capsys):
             "corrections.znorm: unknown option 'epsilon'",
         ),
         (
-            ["--set", "model.gc_ode=branch", "--set", "model.gc_ode_sobolev_weight=1"],
+            ["--set", "model.gc_ode.mode=branch", "--set", "model.gc_ode.sobolev_weight=1"],
             "model.gc_ode: GCODEConfig.sobolev_weight trains the branch of 'gradient' mode",
+        ),
+        (
+            ["--set", "model.gc_ode=gradient"],
+            (
+                "model.gc_ode: is a table of GC-ODE settings, got 'gradient': write "
+                '[model.gc_ode] mode = "gradient" in a file, model.gc_ode.mode=gradient on the '
+                "command line"
+            ),
+        ),
+        (
+            ["--set", "model.gc_ode_steps=2"],
+            "model.gc_ode_steps: GC-ODE's settings are the [model.gc_ode] table's keys now",
+        ),
+        (
+            ["--set", "model.gc_ode.mode=gradient", "--set", "model.gc_ode.stepz=2"],
+            "unknown key model.gc_ode.stepz (a GCODEConfig field) (did you mean 'steps'?)",
         ),
     ],
 )

@@ -19,11 +19,15 @@ def test_shipped_configs_load_and_validate():
     assert (paper.optim.name, paper.optim.lr, paper.optim.momentum) == ("sgd", 0.1, 0.9)
     assert paper.optim.weight_decay == 1e-4 and paper.data.batch_size == 128
     assert paper.train.total_steps == 64000 and paper.optim.milestones == (0.5, 0.75)
-    assert paper.corrections.chain == () and paper.model.gc_ode == "none"
+    assert paper.corrections.chain == () and paper.model.gc_ode_mode == "none"
 
     gcgd = load_config("cifar10_resnet20_gcgd")  # extends the paper setting
     assert gcgd.train.total_steps == 64000 and gcgd.optim.weight_decay == 1e-4
-    assert gcgd.corrections.chain == ("gc_w",) and gcgd.model.gc_ode == "gradient"
+    assert gcgd.corrections.chain == ("gc_w",) and gcgd.model.gc_ode_mode == "gradient"
+    # [model.gc_ode] is GCODEConfig's keyword arguments, its defaults filled in (one source)
+    from gcgd_jax.models import GCODEConfig
+
+    assert GCODEConfig(**gcgd.model.gc_ode) == GCODEConfig(mode="gradient")
 
 
 def test_overrides_are_typed():
@@ -36,8 +40,10 @@ def test_overrides_are_typed():
             "corrections.centralize.conv_only=true",
             "corrections.gc_w.rho=0.3",
             "optim.milestones=[0.3, 0.6]",
-            "model.gc_ode_width=16",
-            "model.gc_ode_width=none",
+            "model.gc_ode.mode=gradient",
+            "model.gc_ode.width=16",
+            "model.gc_ode.width=none",
+            "model.gc_ode.steps=2.0",
             "data.name=cifar10",
             "run.fusion_breaker=off",
         ],
@@ -50,7 +56,8 @@ def test_overrides_are_typed():
         "centralize": {"conv_only": True},
     }
     assert cfg.optim.milestones == (0.3, 0.6)
-    assert cfg.model.gc_ode_width is None
+    assert cfg.model.gc_ode["width"] is None and cfg.model.gc_ode["steps"] == 2
+    assert isinstance(cfg.model.gc_ode["steps"], int)
     assert cfg.data.name == "cifar10" and cfg.run.fusion_breaker == "off"
     # An integer where a float is expected is accepted and converted.
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
@@ -85,7 +92,9 @@ def test_overrides_are_typed():
             "corrections.gcw: options given for an unknown correction 'gcw' (did you mean 'gc_w'?)",
         ),
         ("train.nan_policy=ignore", "train.nan_policy: unknown value 'ignore'"),
-        ("model.gc_ode=branches", "model.gc_ode: unknown value 'branches'"),
+        ("model.gc_ode.mode=branches", "model.gc_ode.mode: unknown value 'branches'"),
+        ("model.gc_ode.steps=two", "model.gc_ode.steps: expected an integer, got 'two'"),
+        ("model.gc_ode.mode.x=1", "too many dots in the key"),
         ("corrections.gc_w.mask=some", "corrections.gc_w.mask: unknown value 'some'"),
         ("optim.lr", "is not of the form section.key=value"),
         ("lr=0.1", "the key must be section.key"),
@@ -120,7 +129,8 @@ def test_missing_or_broken_files(tmp_path):
 
 def test_toml_round_trip(tmp_path):
     cfg = load_config(
-        "cifar10_resnet20_gcgd", ["corrections.gc_w.rho=0.25", "data.train_subset=100"]
+        "cifar10_resnet20_gcgd",
+        ["corrections.gc_w.rho=0.25", "data.train_subset=100", "model.gc_ode.width=16"],
     )
     path = tmp_path / "config.toml"
     path.write_text(C.to_toml(cfg))

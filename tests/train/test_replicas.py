@@ -28,7 +28,7 @@ TINY = [
     "train.epochs=2",
 ]
 # GC-W (seeded predictor, per-replica state) + GC-ODE gradient mode (per-replica gates).
-GCGD = ["corrections.chain=['gc_w']", "corrections.gc_w.warmup=2", "model.gc_ode=gradient"]
+GCGD = ["corrections.chain=['gc_w']", "corrections.gc_w.warmup=2", "model.gc_ode.mode=gradient"]
 COMPARED = ("train_loss", "test_loss", "gc_ode_loss", "gc_ode_gate", "gc_w_predictor_loss")
 EXAMPLE = 1 / 16
 

@@ -62,7 +62,7 @@ from gcgd_jax.train.config.schema import (
     config_to_dict,
     flat_config,
 )
-from gcgd_jax.train.config.validate import ignored_options_note, validate
+from gcgd_jax.train.config.validate import gc_ode_config, ignored_options_note, validate
 
 __all__ = [
     "CIFAR_MODELS",
@@ -94,6 +94,7 @@ __all__ = [
     "config_to_dict",
     "find_config",
     "flat_config",
+    "gc_ode_config",
     "ignored_options_note",
     "load_config",
     "read_toml",

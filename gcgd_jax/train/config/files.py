@@ -101,13 +101,20 @@ def to_toml(cfg: TrainConfig) -> str:
     lines: list[str] = []
     for section, values in config_to_dict(cfg).items():
         lines.append(f"[{section}]")
-        options = values.pop("options", None) if section == "corrections" else None
+        # sub-tables: [corrections.<name>] options, [model.gc_ode]
+        tables = {}
+        if section == "corrections":
+            tables = {f"corrections.{k}": v for k, v in values.pop("options").items()}
+        elif section == "model" and values["gc_ode"]:
+            tables = {"model.gc_ode": values.pop("gc_ode")}
+        else:
+            values.pop("gc_ode", None)
         for key, value in values.items():
             if value is not None:
                 lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
-        for name, kwargs in (options or {}).items():
-            lines.append(f"[corrections.{name}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in kwargs.items())
+        for name, kwargs in tables.items():
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in kwargs.items() if v is not None)
             lines.append("")
     return "\n".join(lines)

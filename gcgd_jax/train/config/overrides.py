@@ -35,7 +35,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 f"override {item!r}: unknown section {parts[0]!r}"
                 + _suggest(parts[0], list(SECTIONS))
             )
-        if len(parts) > (3 if parts[0] == "corrections" else 2):
+        # sub-tables: corrections.<name>.<option>, model.gc_ode.<setting>
+        tables = parts[0] == "corrections" or parts[:2] == ["model", "gc_ode"]
+        if len(parts) > (3 if tables else 2):
             raise ConfigError(f"override {item!r}: too many dots in the key")
         node = data.setdefault(parts[0], {})
         for part in parts[1:-1]:

@@ -4,8 +4,11 @@ Each section is a frozen dataclass whose fields are the keys of its TOML
 table; a field's annotation is its type (``Literal`` for fixed choices, checked
 by :func:`gcgd_jax.train.config.validate`), its default the documented
 default. Options whose values come from the method registry
-(``corrections.chain``, ``loss.name``, ``loss.penalty``, ``model.gc_ode``)
-are plain strings checked against :mod:`gcgd_jax.methods`.
+(``corrections.chain``, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``)
+are plain strings checked against :mod:`gcgd_jax.methods`. Two fields are
+tables of another object's keyword arguments: ``[corrections.<name>]``
+(the correction's options) and ``[model.gc_ode]``
+(:class:`gcgd_jax.models.GCODEConfig`'s fields, its defaults the only ones).
 """
 
 from __future__ import annotations
@@ -100,17 +103,15 @@ class ModelConfig:
     zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
     # per-sample normalised backward gradient at every residual block output (Cabana et al.)
     backward_grad_norm: bool = False
-    gc_ode: str = "none"  # "none" or a model method of gcgd_jax.methods ("gradient", "branch", ...)
-    gc_ode_solver: Literal["euler", "heun", "tsit5"] = "euler"  # fixed-step diffrax solver
-    gc_ode_steps: int = 1  # fixed solver steps over t in [0, 1]
-    gc_ode_width: int | None = None  # None = the model's default
-    gc_ode_aux_weight: float = 1.0  # weight of the GC-ODE auxiliary loss (gradient mode)
-    gc_ode_gate_max: float = 0.5  # largest share of the branch in the mixed gradient
-    gc_ode_control_scale: float = 1.0  # "scale_only": factor of the stage-input gradient
-    # "gradient": weight of the branch's backward-matching (Sobolev) term; 0 = output loss only
-    gc_ode_sobolev_weight: float = 0.0
-    # gated modes: the branch's output loss on every k-th example of the batch (1 = all)
-    gc_ode_loss_subsample: int = 4
+    # [model.gc_ode]: keyword arguments of gcgd_jax.models.GCODEConfig (mode, solver, steps,
+    # width, gate_max, aux_weight, ...; its defaults); GC-ODE is on when `mode` names a model
+    # method of gcgd_jax.methods ("gradient", "branch", ...), off when absent or "none"
+    gc_ode: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def gc_ode_mode(self) -> str:
+        """``model.gc_ode.mode``, ``"none"`` when GC-ODE is off."""
+        return str(self.gc_ode.get("mode", "none"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,10 +282,61 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
 
 
+#: The flat ``model.gc_ode_*`` keys of earlier versions (now keys of ``[model.gc_ode]``).
+_OLD_GC_ODE_KEYS = (
+    "gc_ode_solver",
+    "gc_ode_steps",
+    "gc_ode_width",
+    "gc_ode_aux_weight",
+    "gc_ode_gate_max",
+    "gc_ode_control_scale",
+    "gc_ode_sobolev_weight",
+    "gc_ode_loss_subsample",
+)
+
+
+def _gc_ode_table(value: Any) -> dict[str, Any]:
+    """``[model.gc_ode]`` typed by :class:`gcgd_jax.models.GCODEConfig`'s fields (its
+    values are checked by constructing it, in :func:`gcgd_jax.train.config.validate`)."""
+    from gcgd_jax.models.gc_ode.config import GCODEConfig
+
+    if isinstance(value, str):
+        raise ConfigError(
+            f"model.gc_ode: is a table of GC-ODE settings, got {value!r}: write "
+            f'[model.gc_ode] mode = "{value}" in a file, model.gc_ode.mode={value} on the '
+            "command line"
+        )
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"model.gc_ode: expected a table of GC-ODE settings, got {value!r}")
+    hints = typing.get_type_hints(GCODEConfig)
+    table: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key model.gc_ode.{key} (a GCODEConfig field)" + _suggest(key, list(hints))
+            )
+        tp = str if key == "mode" else hints[key]  # "none" (off) is not a GCODEConfig mode
+        table[key] = _coerce(item, tp, f"model.gc_ode.{key}")
+    if table.get("mode", "none") != "none":  # on: every setting, GCODEConfig's defaults filled in
+        defaults = {f.name: f.default for f in dataclasses.fields(GCODEConfig)}
+        table = {**defaults, **table}
+    return table
+
+
 def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
     hints = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if cls is ModelConfig and key in _OLD_GC_ODE_KEYS:
+            new_key = key.removeprefix("gc_ode_")
+            raise ConfigError(
+                f"model.{key}: GC-ODE's settings are the [model.gc_ode] table's keys now: "
+                f"write {new_key} = ... under [model.gc_ode] (command line: "
+                f"model.gc_ode.{new_key}=...)"
+            )
+        if cls is ModelConfig and key == "gc_ode":
+            kwargs[key] = _gc_ode_table(value)
+            continue
         if cls is CorrectionsConfig and key not in hints:
             # [corrections.<name>] sub-tables are keyword arguments of that correction.
             if not isinstance(value, Mapping):
@@ -322,8 +374,8 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
             value = getattr(section, f.name)
             if isinstance(value, tuple):
                 value = list(value)
-            elif isinstance(value, Mapping):
-                value = {k: dict(v) for k, v in value.items()}
+            elif isinstance(value, Mapping):  # [corrections.<name>] tables, [model.gc_ode]
+                value = {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
             values[f.name] = value
         out[name] = values
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Sequence
+from typing import Any
 
 from gcgd_jax import methods
 from gcgd_jax.train.config.schema import (
@@ -19,7 +20,17 @@ from gcgd_jax.train.config.schema import (
     _suggest,
 )
 
-__all__ = ["ignored_options_note", "validate"]
+__all__ = ["gc_ode_config", "ignored_options_note", "validate"]
+
+
+def gc_ode_config(cfg: TrainConfig) -> Any:
+    """``GCODEConfig(**cfg.model.gc_ode)``, or ``None`` when GC-ODE is off (``mode``
+    absent or ``"none"``); ``ValueError`` from GCODEConfig for invalid settings."""
+    from gcgd_jax.models.gc_ode.config import GCODEConfig
+
+    if cfg.model.gc_ode_mode == "none":
+        return None
+    return GCODEConfig(**cfg.model.gc_ode)
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -115,14 +126,12 @@ def validate(cfg: TrainConfig) -> None:
         not model.small_stem or model.name not in CIFAR_MODELS,
         f"model.small_stem: only for resnet18/34/50, not {model.name}",
     )
-    _choice(p, "model.gc_ode", model.gc_ode, GC_ODE_MODES)
-    _check(
-        p, model.gc_ode_steps >= 1, f"model.gc_ode_steps: must be >= 1, got {model.gc_ode_steps}"
-    )
-    _check(
-        p, model.gc_ode_width is None or model.gc_ode_width >= 1, "model.gc_ode_width: must be >= 1"
-    )
-    _check(p, model.gc_ode_aux_weight >= 0.0, "model.gc_ode_aux_weight: must be >= 0")
+    _choice(p, "model.gc_ode.mode", model.gc_ode_mode, GC_ODE_MODES)
+    if model.gc_ode_mode in GC_ODE_MODES[1:]:
+        try:
+            gc_ode_config(cfg)
+        except ValueError as err:  # GCODEConfig names the field and the problem
+            p.append(f"model.gc_ode: {err}")
 
     _check(p, optim.lr > 0.0, f"optim.lr: must be > 0, got {optim.lr}")
     _check(
