@@ -21,16 +21,12 @@ from pathlib import Path
 import pytest
 
 from gcgd_jax.train.report import read_metrics
+from tests.train.test_cli import TINY
 
 pytestmark = pytest.mark.slow
 
 ARGS = [
-    "--set", "data.name=synthetic",
-    "--set", "data.synthetic_image_shape=[8, 8, 3]",
-    "--set", "data.synthetic_train_size=32",
-    "--set", "data.synthetic_test_size=16",
-    "--set", "data.batch_size=8",
-    "--set", "optim.lr=0.05",
+    *TINY,  # the CLI tests' tiny synthetic run
     "--set", "train.epochs=6",  # 24 steps
     "--set", "checkpoint.every_steps=1",  # a checkpoint write after every step
     "--set", "checkpoint.keep=2",
