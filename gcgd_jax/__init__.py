@@ -11,6 +11,7 @@ Where things are, by what they are:
 * :mod:`gcgd_jax.layers` -- graph layers (``backward_grad_norm``);
 * :mod:`gcgd_jax.models` -- the Flax NNX ResNets and GC-ODE;
 * :mod:`gcgd_jax.methods` -- the registry of every method above;
+* :mod:`gcgd_jax.ops` -- the operations that make XLA's CPU backend fast;
 * :mod:`gcgd_jax.train` and :mod:`gcgd_jax.data` -- the training system.
 
 Every public name below is importable from ``gcgd_jax`` directly; the
@@ -56,7 +57,17 @@ _EXPORTS: dict[str, str] = {
     "GCODE": "gcgd_jax.models",
     "GCODEConfig": "gcgd_jax.models",
 }
-_SUBMODULES = ("data", "gradients", "layers", "losses", "methods", "models", "train", "transforms")
+_SUBMODULES = (
+    "data",
+    "gradients",
+    "layers",
+    "losses",
+    "methods",
+    "models",
+    "ops",
+    "train",
+    "transforms",
+)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -77,7 +88,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports
-    from gcgd_jax import data, gradients, layers, losses, methods, models, train, transforms
+    from gcgd_jax import data, gradients, layers, losses, methods, models, ops, train, transforms
     from gcgd_jax.gradients import gradient_norm_penalty
     from gcgd_jax.layers import BackwardGradNorm, backward_grad_norm
     from gcgd_jax.losses import powergrad_cross_entropy

@@ -1,7 +1,7 @@
 """Test-session settings, set before JAX starts.
 
 * XLA flags: the CPU convolution flag goes through the library's own guard
-  (:func:`gcgd_jax.cpu_speed.apply_cpu_flags`: only when the user has not
+  (:func:`gcgd_jax.ops.apply_cpu_flags`: only when the user has not
   set ``XLA_FLAGS``, on the CPU, with a jaxlib it was measured on), then two
   fake CPU devices are added for the data-parallel tests.
 * Compiled programs: JAX's persistent compilation cache in one folder of the
@@ -25,7 +25,7 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gcgd_jax_tests_xla_cache")
 )
 
-from gcgd_jax.cpu_speed import apply_cpu_flags
+from gcgd_jax.ops import apply_cpu_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # None: not set by the user

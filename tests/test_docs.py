@@ -36,7 +36,7 @@ DOCUMENTED_MODULES = (
     "gcgd_jax.data",
     "gcgd_jax.train",
     "gcgd_jax.methods",
-    "gcgd_jax.cpu_speed",
+    "gcgd_jax.ops",
 )
 
 

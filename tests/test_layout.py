@@ -127,10 +127,22 @@ def test_importing_the_package_and_the_cli_is_light():
     heavy = ("jax", "flax", "optax", "diffrax")
     loaded = _run(
         "import sys, gcgd_jax, gcgd_jax.methods, gcgd_jax.train.cli, gcgd_jax.train.config, "
-        "gcgd_jax.models, gcgd_jax.models.gc_ode.config; "
+        "gcgd_jax.models, gcgd_jax.models.gc_ode.config, gcgd_jax.ops.xla_flags; "
+        "from gcgd_jax.ops import apply_cpu_flags; "
         f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
     )
     assert loaded == "", f"import gcgd_jax / its CLI / its config loaded {loaded}"
+
+
+def test_nothing_but_its_own_test_uses_the_deprecated_cpu_speed_alias():
+    users = [
+        str(path.relative_to(ROOT))
+        for folder in ("gcgd_jax", "experiments", "tests")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name not in ("cpu_speed.py", "test_ops.py", "test_layout.py")
+        and "cpu_speed" in path.read_text()
+    ]
+    assert not users, f"use gcgd_jax.ops instead of gcgd_jax.cpu_speed: {users}"
 
 
 def test_public_names_resolve_lazily():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gcgd_jax.cpu_speed import CPU_CONV_FLAG
+from gcgd_jax.ops import CPU_CONV_FLAG
 from tests import conftest
 
 

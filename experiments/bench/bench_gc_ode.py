@@ -34,13 +34,12 @@ from __future__ import annotations
 import os
 
 from experiments import RESULTS as RESULTS_ROOT
-from gcgd_jax.cpu_speed import apply_cpu_flags
+from gcgd_jax.ops import apply_cpu_flags
 
 apply_cpu_flags()  # the CLI's CPU flag, before JAX starts (unless XLA_FLAGS is set)
 
 import argparse
 import datetime
-import json
 import pathlib
 import statistics
 import sys
@@ -53,6 +52,7 @@ import optax
 from flax import nnx
 
 from experiments.common.provenance import describe_machine, git_commit, machine
+from experiments.common.results import write
 from gcgd_jax.models import GCODEConfig, resnet20
 
 RESULTS = RESULTS_ROOT / "bench_gc_ode"
@@ -290,10 +290,8 @@ def main(argv=None) -> dict:
         "inference": _summary(infer_times, args.batch),
         "raw_times_s": {"train": train_times, "inference": infer_times},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("gc_ode_overhead_quick" if args.quick else "bench_gc_ode")
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(_markdown(result))
+    write(args.out, name, result, _markdown(result))
     print(_markdown(result))
     return result
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gcgd_jax.cpu_speed import apply_cpu_flags
+from gcgd_jax.ops import apply_cpu_flags
 
 apply_cpu_flags()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -77,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny images, 2 rounds x 2 steps")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    from gcgd_jax.cpu_speed import apply_cpu_flags
+    from gcgd_jax.ops import apply_cpu_flags
 
     apply_cpu_flags()  # as gcgd-train does, before JAX starts
     import jax
 
     from experiments.common.provenance import git_commit, machine
+    from experiments.common.results import write
 
     rounds, steps = (2, 2) if a.quick else (a.rounds, a.steps)
     ns = [int(v) for v in a.replicas.split(",")]
@@ -121,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_round": steps,
         "rows": rows,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench_seed_parallel.json").write_text(json.dumps(record, indent=2) + "\n")
     m = record["machine"]
     lines = [
         "# Seed-parallel training: cost per replica-step (ResNet-20, batch 128)",
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['replicas']} | {r['strategy']} | {r['first_step_s']:.1f} | "
             f"{r['step_s_median']:.3f} | {r['per_replica_s']:.3f} | {rel} |"
         )
-    (a.out / "bench_seed_parallel.md").write_text("\n".join(lines) + "\n")
+    write(a.out, "bench_seed_parallel", record, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -12,7 +12,7 @@ Pipelines (batch 128, SGD momentum 0.9, weight decay 1e-4, one device):
   batch already on the device, cross-entropy, ``optax.sgd`` + weight decay, no
   augmentation, guard or metrics.
 
-Each pipeline runs with the XLA CPU flag (``gcgd_jax.cpu_speed``) on or off
+Each pipeline runs with the XLA CPU flag (``gcgd_jax.ops``) on or off
 and the fusion breaker on or off. XLA reads its flags once per process, so two
 worker processes (flag on / off) each build every pipeline, and the parent asks
 them for measurements in alternating rounds (configuration order rotated each
@@ -27,20 +27,18 @@ command, machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
 from experiments.common.provenance import describe_machine, machine
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import Worker, rounds, serve, summary
 
 RESULTS = RESULTS_ROOT / "bench_throughput"
 PIPELINES = ("loop", "resident", "bare")
@@ -157,14 +155,12 @@ def _worker(data_dir: str | None) -> None:
         entry["step"] = step + steps + 1
         return times
 
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        warm = cmd.get("warmup", 0)
-        if warm:
-            measure(cmd["pipeline"], cmd["fusion_breaker"], warm)  # compile + settle
-        times = measure(cmd["pipeline"], cmd["fusion_breaker"], cmd["steps"])
-        sys.stdout.write(json.dumps({"times": times}) + "\n")
-        sys.stdout.flush()
+    def answer(cmd: dict) -> dict:
+        if cmd.get("warmup", 0):
+            measure(cmd["pipeline"], cmd["fusion_breaker"], cmd["warmup"])  # compile + settle
+        return {"times": measure(cmd["pipeline"], cmd["fusion_breaker"], cmd["steps"])}
+
+    serve(answer)
 
 
 # --------------------------------------------------------------------------- parent
@@ -182,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_used)
     if args.worker:
         _worker(args.data_dir)
         return 0
-    rounds = args.rounds or (2 if args.quick else 4)
+    n_rounds = args.rounds or (2 if args.quick else 4)
     steps = args.steps or (3 if args.quick else 12)
     warmup = 1 if args.quick else args.warmup
     pipelines = [p for p in args.pipelines.split(",") if p]
@@ -194,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown pipeline(s) {sorted(unknown)}; known: {', '.join(PIPELINES)}")
 
-    from gcgd_jax.cpu_speed import CPU_CONV_FLAG
+    from gcgd_jax.ops import CPU_CONV_FLAG
 
     workers = {}
     for flag in (True, False):
@@ -202,77 +199,44 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "experiments.bench.bench_throughput", "--worker"]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
-        workers[flag] = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        workers[flag] = Worker(f"flag {'on' if flag else 'off'}", cmd, cwd=REPO, env=env)
     configs = [(p, flag, fb) for p in pipelines for flag in (True, False) for fb in (True, False)]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
     started = time.time()
     try:
-        for r in range(rounds):
-            order = configs[r % len(configs) :] + configs[: r % len(configs)]
-            for pipeline, flag, fb in order:
-                w = workers[flag]
-                w.stdin.write(
-                    json.dumps(
-                        {
-                            "pipeline": pipeline,
-                            "fusion_breaker": fb,
-                            "steps": steps,
-                            "warmup": warmup if r == 0 else 0,
-                        }
-                    )
-                    + "\n"
-                )
-                w.stdin.flush()
-                line = w.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"worker (flag {'on' if flag else 'off'}) died")
-                times[(pipeline, flag, fb)].extend(json.loads(line)["times"])
-                med = statistics.median(times[(pipeline, flag, fb)])
-                print(
-                    f"round {r + 1}/{rounds} {pipeline:8s} flag={'on ' if flag else 'off'} "
-                    f"fb={'on ' if fb else 'off'} median {med:.3f} s ({BATCH / med:.0f} img/s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        for r, (pipeline, flag, fb) in rounds(configs, n_rounds):
+            request = {"pipeline": pipeline, "fusion_breaker": fb, "steps": steps}
+            answer = workers[flag].ask({**request, "warmup": warmup if r == 0 else 0})
+            times[(pipeline, flag, fb)].extend(answer["times"])
+            med = statistics.median(times[(pipeline, flag, fb)])
+            print(
+                f"round {r + 1}/{n_rounds} {pipeline:8s} flag={'on ' if flag else 'off'} "
+                f"fb={'on ' if fb else 'off'} median {med:.3f} s ({BATCH / med:.0f} img/s)",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         for w in workers.values():
-            w.stdin.close()
-            w.wait(timeout=60)
+            w.close()
 
-    rows = []
-    for (pipeline, flag, fb), ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            {
-                "pipeline": pipeline,
-                "xla_flag": flag,
-                "fusion_breaker": fb,
-                "n": len(ts),
-                "step_s_min": min(ts),
-                "step_s_median": med,
-                "step_s_max": max(ts),
-                "images_per_s": BATCH / med,
-            }
-        )
+    rows = [
+        {"pipeline": pipeline, "xla_flag": flag, "fusion_breaker": fb, **summary(ts, BATCH)}
+        for (pipeline, flag, fb), ts in times.items()
+    ]
     record = {
-        "command": " ".join(["python -m experiments.bench.bench_throughput", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command("experiments.bench.bench_throughput", argv_used),
+        "date": utc_now(),
         "machine": machine(),
         "batch_size": BATCH,
-        "rounds": rounds,
+        "rounds": n_rounds,
         "steps_per_round": steps,
         "wall_s": time.time() - started,
         "xla_flag": CPU_CONV_FLAG,
         "quick": args.quick,
         "results": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "throughput_quick" if args.quick else "bench_throughput"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(record))
+    write(args.out, stem, record, _markdown(record))
     print(_markdown(record))
     return 0
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import shlex
@@ -54,7 +53,7 @@ from typing import Any
 
 if __name__ == "__main__":  # the CPU convolution flag, before JAX starts
     try:
-        from gcgd_jax.cpu_speed import apply_cpu_flags
+        from gcgd_jax.ops import apply_cpu_flags
 
         apply_cpu_flags()
     except ImportError:  # pragma: no cover - training package not there
@@ -67,6 +66,7 @@ import optax
 
 from experiments import RESULTS
 from experiments.common.provenance import describe_machine, git_commit, machine
+from experiments.common.results import write
 from gcgd_jax.transforms.agr import agr
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
@@ -473,10 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
     result["resnet20_step"] = full
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("quick" if q else "full")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result) + "\n")
+    write(args.out, stem, result, markdown(result))
     print(markdown(result))
     print(f"[bench] wrote {args.out / (stem + '.json')} and .md")
     return result

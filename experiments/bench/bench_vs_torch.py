@@ -11,7 +11,7 @@ backward, update):
 * ``jax_default``         -- our ``gcgd-train`` step (config ``cifar10_resnet20``): augmentation,
   normalisation, non-finite guard and metrics inside the jitted step, batch already on the device;
 * ``jax_best``            -- our fastest plain step: a bare ``jax.jit`` step of the same model
-  (XLA CPU flag + fusion breaker, ``gcgd_jax.cpu_speed``).
+  (XLA CPU flag + fusion breaker, ``gcgd_jax.ops``).
 
 PyTorch is never a dependency of this package: it runs in its own virtual
 environment, named by ``--torch-python`` or ``$GCGD_TORCH_PYTHON`` (e.g. ``python3 -m
@@ -29,8 +29,6 @@ per-step times and reports medians and the ratio PyTorch-channels_last step time
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -42,6 +40,8 @@ from pathlib import Path
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
 from experiments.common.provenance import describe_machine, machine
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import Worker, rounds, serve, summary, timed
 
 RESULTS = RESULTS_ROOT / "bench_vs_torch"
 BATCH = 128
@@ -59,21 +59,11 @@ def _batch():
     return images, labels
 
 
-def _timed(run_one, steps: int) -> list[float]:
-    """Per-step wall times; ``run_one`` must block until its step is done."""
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run_one()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 # --------------------------------------------------------------------------- JAX worker
 
 
 def _jax_worker() -> None:
-    from gcgd_jax.cpu_speed import apply_cpu_flags
+    from gcgd_jax.ops import apply_cpu_flags
 
     apply_cpu_flags()
     import io
@@ -213,16 +203,14 @@ def _torch_worker() -> None:
 
 
 def _serve(get_runner, versions: dict, built: dict) -> None:
-    """Answers ``{"variant", "steps", "warmup"}`` lines with ``{"times": [...], "params": n}``."""
-    sys.stdout.write(json.dumps({"ready": True, **versions}) + "\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        cmd = json.loads(line)
+    """Answers ``{"variant", "steps", "warmup"}`` requests with ``{"times": [...], "params": n}``."""
+
+    def answer(cmd: dict) -> dict:
         run = get_runner(cmd["variant"])
-        _timed(run, cmd["warmup"])
-        answer = {"times": _timed(run, cmd["steps"]), "params": built.get("params")}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        timed(run, cmd["warmup"])
+        return {"times": timed(run, cmd["steps"]), "params": built.get("params")}
+
+    serve(answer, hello={"ready": True, **versions})
 
 
 # --------------------------------------------------------------------------- parent
@@ -252,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_used)
     if args.worker == "jax":
         _jax_worker()
         return 0
     if args.worker == "torch":
         _torch_worker()
         return 0
-    rounds = args.rounds or (2 if args.quick else 6)
+    n_rounds = args.rounds or (2 if args.quick else 6)
     steps = args.steps or (3 if args.quick else 10)
     warmup = 1 if args.quick else args.warmup
 
@@ -271,76 +260,50 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     me = str(Path(__file__).resolve())
-    repo = REPO
     specs = {"jax": [sys.executable, me, "--worker", "jax"]}
     if torch_python:
         specs["torch"] = [torch_python, me, "--worker", "torch"]
-    workers, versions = {}, {}
-    for kind, cmd in specs.items():
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
-        w = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        versions.update(json.loads(w.stdout.readline()))
-        workers[kind] = w
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    workers = {
+        kind: Worker(kind, cmd, cwd=REPO, env=env, hello=True) for kind, cmd in specs.items()
+    }
+    versions = {k: v for w in workers.values() for k, v in w.hello.items() if k != "ready"}
     variants = [*(TORCH_VARIANTS if torch_python else ()), *JAX_VARIANTS]
     times: dict[str, list[float]] = {v: [] for v in variants}
     params: dict[str, int | None] = {}
     started = time.time()
     try:
-        for r in range(rounds):
-            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                w = workers["torch" if v.startswith("torch") else "jax"]
-                w.stdin.write(
-                    json.dumps({"variant": v, "steps": steps, "warmup": warmup if r == 0 else 1})
-                    + "\n"
-                )
-                w.stdin.flush()
-                line = w.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"the worker for {v} died")
-                answer = json.loads(line)
-                times[v].extend(answer["times"])
-                params[v] = answer["params"]
-                print(
-                    f"round {r + 1}/{rounds} {v:20s} median {statistics.median(times[v]):.3f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        for r, v in rounds(variants, n_rounds):
+            worker = workers["torch" if v.startswith("torch") else "jax"]
+            answer = worker.ask({"variant": v, "steps": steps, "warmup": warmup if r == 0 else 1})
+            times[v].extend(answer["times"])
+            params[v] = answer["params"]
+            print(
+                f"round {r + 1}/{n_rounds} {v:20s} median {statistics.median(times[v]):.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         for w in workers.values():
-            w.stdin.close()
-            w.wait(timeout=60)
+            w.close()
 
     rows = [
-        {
-            "variant": v,
-            "parameters": params.get(v),
-            "n": len(ts),
-            "step_s_min": min(ts),
-            "step_s_median": statistics.median(ts),
-            "step_s_max": max(ts),
-            "images_per_s": BATCH / statistics.median(ts),
-        }
-        for v, ts in times.items()
+        {"variant": v, "parameters": params.get(v), **summary(ts, BATCH)} for v, ts in times.items()
     ]
     record = {
-        "command": " ".join(["python -m experiments.bench.bench_vs_torch", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command("experiments.bench.bench_vs_torch", argv_used),
+        "date": utc_now(),
         "machine": {**machine(with_jax=False), **versions},  # versions: the workers' jax, torch
         "batch_size": BATCH,
-        "rounds": rounds,
+        "rounds": n_rounds,
         "steps_per_round": steps,
         "wall_s": time.time() - started,
         "quick": args.quick,
         "torch_found": torch_python is not None,
         "results": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "vs_torch_quick" if args.quick else "bench_vs_torch"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(record))
+    write(args.out, stem, record, _markdown(record))
     print(_markdown(record))
     return 0
 

@@ -22,7 +22,7 @@ flags once per process):
 * ``step``    -- the whole step with each candidate, in alternating rounds (order
   rotated each round), median per step over the pooled rounds:
   ``base`` (what we ship: XLA flag + fusion breaker + every convolution's
-  weight gradient in 8 batch chunks, ``gcgd_jax.cpu_speed.chunked_wgrad_conv``),
+  weight gradient in 8 batch chunks, ``gcgd_jax.ops.chunked_wgrad_conv``),
   ``plain_wgrad`` (the same without the chunks: XLA's own VJP), ``custom_bn``
   (BatchNorm with a hand-written backward and one-pass statistics),
   ``split_batch`` (instead of the chunked VJP, every convolution run as 8 batch
@@ -54,6 +54,7 @@ from pathlib import Path
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
 from experiments.common.provenance import describe_machine, git_commit, machine
+from experiments.common.results import write
 
 RESULTS = RESULTS_ROOT / "profile_step"
 BATCH = 128
@@ -166,7 +167,7 @@ def _wgrad_transposed_conv(x, w, dy):
 def _wgrad_split(x, w, dy):
     import jax
 
-    from gcgd_jax.cpu_speed import chunked_wgrad_conv
+    from gcgd_jax.ops import chunked_wgrad_conv
 
     def conv(w):
         return chunked_wgrad_conv(
@@ -295,11 +296,11 @@ def _build_step(variant: str):
     from flax import nnx
 
     from experiments.common.bare_step import make_bare_step
-    from gcgd_jax import cpu_speed
     from gcgd_jax.models import resnet20
+    from gcgd_jax.ops import conv as conv_ops
 
     if variant in ("plain_wgrad", "split_batch"):
-        cpu_speed.CHUNKED_WGRAD = False
+        conv_ops.CHUNKED_WGRAD = False
     if "custom_bn" in variant:
         nnx.BatchNorm.__call__ = _custom_batch_norm_call
     elif variant == "no_bn":
@@ -616,10 +617,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             for n, t in pooled.items()
         }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "profile_quick" if args.quick else "profile"
-    (args.out / f"{stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(_markdown(rec))
+    write(args.out, stem, rec, _markdown(rec))
     print(f"[profile_step] wrote {args.out / stem}.json and .md", flush=True)
     return 0
 

@@ -33,7 +33,7 @@ test accuracy comes from the trainer's evaluation. Writes ``gc_ode_matching.json
 
 from __future__ import annotations
 
-from gcgd_jax.cpu_speed import apply_cpu_flags
+from gcgd_jax.ops import apply_cpu_flags
 
 apply_cpu_flags()
 

@@ -13,7 +13,7 @@ centred over units, 1500 steps):
   (B = 8, x ~ N(0, I), label noise 3ξ1 + 0.3η); its population gradient is
   W − W*.
 
-Methods: ``baseline`` (Adam alone), ``gc_w_v1`` (``gc_w()`` defaults),
+Methods (registry names): ``baseline`` (Adam alone), ``gc_w`` (v1, ``gc_w()`` defaults),
 ``gc_w_v2`` (``gc_w_v2(rho=ρ)``, ρ chosen below), ``mars_correction`` and
 ``grokfast_ema`` (paper defaults), each chained before ``optax.adam(lr)``.
 
@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # the library's CPU XLA flag, before JAX starts
-    from gcgd_jax.cpu_speed import apply_cpu_flags
+    from gcgd_jax.ops import apply_cpu_flags
 
     apply_cpu_flags()
 
@@ -71,10 +71,8 @@ import optax
 
 from experiments.common.provenance import describe_machine, machine
 from experiments.suites.stats import t_mean_ci
-from gcgd_jax.transforms.gc_w import gc_w
-from gcgd_jax.transforms.gc_w_v2 import gc_w_v2, gc_w_v2_effective_filter
-from gcgd_jax.transforms.grokfast_ema import grokfast_ema
-from gcgd_jax.transforms.mars_correction import mars_correction
+from gcgd_jax import methods as registry
+from gcgd_jax.transforms.gc_w_v2 import gc_w_v2_effective_filter
 
 N_IN, N_OUT, BATCH = 16, 32, 8
 STEPS = 1500
@@ -87,21 +85,21 @@ DECAYS = (0.5, 0.9, 0.99)  # gc_w_v2's defaults (the effective-filter unrolling 
 OUT = Path("experiments/results/gc_w_study")
 
 
-def make_tx(method: str, rho: float = 1.0) -> optax.GradientTransformation:
+# Registry names (``gcgd_jax.methods``): ``gc_w`` is GC-W v1. Result files written before
+# the study used the registry's names label it ``gc_w_v1``.
+METHODS = ("baseline", "gc_w", "gc_w_v2", "mars_correction", "grokfast_ema")
+STUDY_OPTIONS = {"gc_w_v2": {"decays": DECAYS}}  # besides ρ; everything else at defaults
+
+
+def make_tx(method: str, rho: float = 1.0, **options) -> optax.GradientTransformation:
+    """The method's registered factory at its defaults (plus ``options``; ρ for v2)."""
     if method == "baseline":
         return optax.identity()
-    if method == "gc_w_v1":
-        return gc_w()
+    entry = registry.get(method)
+    kwargs = {**entry.fixed, **STUDY_OPTIONS.get(method, {}), **options}
     if method == "gc_w_v2":
-        return gc_w_v2(rho=rho, decays=DECAYS)
-    if method == "mars_correction":
-        return mars_correction()
-    if method == "grokfast_ema":
-        return grokfast_ema()
-    raise ValueError(method)
-
-
-METHODS = ("baseline", "gc_w_v1", "gc_w_v2", "mars_correction", "grokfast_ema")
+        kwargs["rho"] = rho
+    return entry.load()(**kwargs)
 
 
 def simulate(problem: str, method: str, lrs, seeds, *, rho: float = 1.0, steps: int = STEPS):
@@ -298,10 +296,10 @@ def resnet_study(seeds, tune_seeds, lrs, steps, log, batch=128, subset=4096):
     compiled = {}
 
     def make_tx_for(method, rho, key=0):
-        if method == "gc_w_v1":  # the suites' short-run settings (its warm-up is 100)
-            corr = optax.masked(gc_w(warmup=24, window=4, key=key), mask)
+        if method == "gc_w":  # v1 at the suites' short-run settings (its warm-up is 100)
+            corr = optax.masked(make_tx(method, warmup=24, window=4, key=key), mask)
         elif method == "gc_w_v2":
-            corr = optax.masked(gc_w_v2(rho=rho, key=key), mask)
+            corr = optax.masked(make_tx(method, rho, key=key), mask)
         else:
             corr = make_tx(method)
         return optax.chain(corr, optax.trace(decay=0.9))

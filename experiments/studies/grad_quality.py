@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gcgd_jax.cpu_speed import apply_cpu_flags
+from gcgd_jax.ops import apply_cpu_flags
 
 apply_cpu_flags()
 

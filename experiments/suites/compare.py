@@ -281,7 +281,19 @@ def _train(cmd: list[str], directories: list[Path], resume: bool, note: str | No
     return record
 
 
-def _command(suite: Suite, directory: Path, overrides: tuple[str, ...]) -> list[str]:
+def _command(
+    suite: Suite, directory: Path, method: str, budget: float, name: str, seeding: tuple[str, ...]
+) -> list[str]:
+    """The ``gcgd-train`` command of one cell (or seed-parallel group): the method's
+    overrides, then ``seeding`` (the seed or seeds, a matched control scale), then the
+    run's name and budget."""
+    overrides = (
+        *suite.overrides_for(method),
+        *seeding,
+        f"run.name={name}",
+        f"train.budget={budget}",
+        "log.progress=false",
+    )
     cmd = [sys.executable, "-m", "gcgd_jax.train", "--config", suite.base_config]
     cmd += ["--out", str(directory)]
     for o in overrides:
@@ -297,15 +309,8 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
     if method in MATCHED_SCALE and not is_complete(directory):
         scale = matched_control_scale(out, MATCHED_SCALE[method], budget, seed)
         matched = (f"model.gc_ode.control_scale={scale!r}",)
-    overrides = (
-        *suite.overrides_for(method),
-        *matched,
-        f"run.seed={seed}",
-        f"run.name={suite.name}/{method}/b{budget:g}/s{seed}",
-        f"train.budget={budget}",
-        "log.progress=false",
-    )
-    cmd = _command(suite, directory, overrides)
+    name = f"{suite.name}/{method}/b{budget:g}/s{seed}"
+    cmd = _command(suite, directory, method, budget, name, (*matched, f"run.seed={seed}"))
     return _train(cmd, [directory], (directory / "checkpoints").exists(), None)
 
 
@@ -319,14 +324,8 @@ def run_seeds(suite: Suite, method: str, budget: float, seeds: list[int], out: P
     directories = [run_dir(out, method, budget, s) for s in seeds]
     for d in directories:
         d.mkdir(parents=True, exist_ok=True)
-    overrides = (
-        *suite.overrides_for(method),
-        f"run.seeds={list(seeds)}",
-        f"run.name={suite.name}/{method}/b{budget:g}",
-        f"train.budget={budget}",
-        "log.progress=false",
-    )
-    cmd = _command(suite, group, overrides)
+    name = f"{suite.name}/{method}/b{budget:g}"
+    cmd = _command(suite, group, method, budget, name, (f"run.seeds={list(seeds)}",))
     resume = any((d / "checkpoints").exists() for d in directories)
     note = (
         f"seed-parallel group of seeds {', '.join(map(str, seeds))} (one process, one jitted "

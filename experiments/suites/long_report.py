@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from experiments.suites.plots import finish, mean_with_band, pyplot
 from experiments.suites.stats import (
     PairedComparison,
-    bootstrap_mean_ci,
     budget_sweep,
     holm,
     paired,
@@ -361,11 +361,7 @@ def _progress(suite_dir: Path, suite: Suite) -> list[str]:
 def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
     if not runs:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = sorted({r.method for r in runs}, key=lambda m: (m != "baseline", m != "gcgd", m))
     colors = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -376,19 +372,17 @@ def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
                 continue
             n = min(len(r.epochs) for r in cell)
             acc = 100 * np.array([[e["val_acc"] for e in r.epochs[:n]] for r in cell])
-            x = np.arange(1, n + 1)
-            ax.plot(x, acc.mean(0), ls=ls, color=colors[m], label=f"{m}@{b:g} (n={len(cell)})")
-            if len(cell) > 1:
-                band = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n)])
-                ax.fill_between(x, band[:, 0], band[:, 1], color=colors[m], alpha=0.12)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Validation accuracy vs epoch (mean, 95% bootstrap band over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(suite_dir / "accuracy_vs_epoch.png", dpi=110)
-    plt.close(fig)
+            mean_with_band(ax, acc, ls=ls, color=colors[m], label=f"{m}@{b:g} (n={len(cell)})")
+    finish(
+        fig,
+        ax,
+        suite_dir / "accuracy_vs_epoch.png",
+        xlabel="epoch",
+        ylabel="validation accuracy (%)",
+        title="Validation accuracy vs epoch (mean, 95% bootstrap band over seeds)",
+        legend_size=7,
+        legend_cols=2,
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -396,14 +390,14 @@ def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
         means = [100 * np.mean([r.test_acc for r in _cell(runs, m, b).values()]) for b in budgets]
         style = {"color": "k", "lw": 2} if m == "baseline" else {"color": colors[m]}
         ax.plot([100 * b for b in budgets], means, marker="o", label=m, **style)
-    ax.set_xlabel("budget (% of the 1,600-step schedule)")
-    ax.set_ylabel("mean final test accuracy (%)")
-    ax.set_title("Accuracy vs budget (baseline curve: the interpolation the budgets read)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(suite_dir / "accuracy_vs_budget.png", dpi=110)
-    plt.close(fig)
+    finish(
+        fig,
+        ax,
+        suite_dir / "accuracy_vs_budget.png",
+        xlabel="budget (% of the 1,600-step schedule)",
+        ylabel="mean final test accuracy (%)",
+        title="Accuracy vs budget (baseline curve: the interpolation the budgets read)",
+    )
     return [
         "## Plots",
         "",

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.suites.plots import finish, mean_with_band, pyplot
 from experiments.suites.stats import (
     BudgetReading,
     PairedComparison,
-    bootstrap_mean_ci,
     budget_sweep,
     holm,
     paired,
@@ -360,11 +360,7 @@ def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
 
 
 def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     # One colour and line style per method (13+ methods: the default 10-colour cycle repeats).
     colors = plt.get_cmap("tab20").colors
     styles = ("-", "--", "-.", ":")
@@ -381,23 +377,18 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
         if not cell:
             continue
         n_ep = min(len(r.epochs) for r in cell)
-        acc = np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
-        x = np.arange(1, n_ep + 1)
-        mean = acc.mean(0)
-        ax.plot(x, 100 * mean, label=f"{m} (n={len(cell)})", **style[m])
-        if len(cell) > 1:
-            bands = np.array([bootstrap_mean_ci(acc[:, j], n_boot=1000)[1:] for j in range(n_ep)])
-            ax.fill_between(
-                x, 100 * bands[:, 0], 100 * bands[:, 1], alpha=0.12, color=style[m]["color"]
-            )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(suite_dir / "accuracy_vs_epoch.png", dpi=110)
-    plt.close(fig)
+        acc = 100 * np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
+        mean_with_band(ax, acc, label=f"{m} (n={len(cell)})", **style[m])
+    finish(
+        fig,
+        ax,
+        suite_dir / "accuracy_vs_epoch.png",
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+        title=f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)",
+        legend_size=7,
+        legend_cols=2,
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, cells in sweep_rows.items():
@@ -405,14 +396,14 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
         ax.plot([100 * x for x in b], [100 * cells[x] for x in b], marker="o", label=m, **style[m])
     if base_mean is not None:
         ax.axhline(100 * base_mean, color="k", ls="--", lw=1, label="baseline @ 100%")
-    ax.set_xlabel("epoch budget (% of baseline)")
-    ax.set_ylabel("mean final test accuracy (%)")
-    ax.set_title("Budget sweep")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(suite_dir / "budget_sweep.png", dpi=110)
-    plt.close(fig)
+    finish(
+        fig,
+        ax,
+        suite_dir / "budget_sweep.png",
+        xlabel="epoch budget (% of baseline)",
+        ylabel="mean final test accuracy (%)",
+        title="Budget sweep",
+    )
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(summary_rows)
@@ -420,16 +411,18 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
     ratios = [summary_rows[m]["ratio"] for m in names]
     ax.bar(names, ratios, color=["grey" if m == "baseline" else "tab:blue" for m in names])
     ax.axhline(1.0, color="k", lw=1)
-    ax.set_ylabel("train-step time / baseline")
-    ax.set_title(
-        "Per-step overhead (step timed alone, overhead.md)"
-        if any_clean
-        else "Per-step overhead (median step time in the runs)"
-    )
     ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(suite_dir / "overhead.png", dpi=110)
-    plt.close(fig)
+    finish(
+        fig,
+        ax,
+        suite_dir / "overhead.png",
+        ylabel="train-step time / baseline",
+        title="Per-step overhead (step timed alone, overhead.md)"
+        if any_clean
+        else "Per-step overhead (median step time in the runs)",
+        legend_size=None,
+        grid=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

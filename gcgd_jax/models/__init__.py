@@ -5,7 +5,7 @@ Factories: :func:`resnet20`, :func:`resnet32`, :func:`resnet56` (CIFAR) and
 for 32x32 inputs). :func:`pre_downsampling_mask` selects the kernels before
 down-sampling (for ``optax.masked``). The CPU-speed workarounds the models use
 (fusion breaker, GC-ODE's conv3x3 VJP and GroupNorm) live in
-:mod:`gcgd_jax.cpu_speed`. :class:`AuxSpec` is how a model's auxiliary outputs
+:mod:`gcgd_jax.ops`. :class:`AuxSpec` is how a model's auxiliary outputs
 (GC-ODE's loss, gate and gradient ratio) reach the train step (:mod:`gcgd_jax.models.aux`).
 """
 

@@ -43,12 +43,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gcgd_jax import cpu_speed
-from gcgd_jax.cpu_speed import fusion_break
 from gcgd_jax.layers.backward_grad_norm import backward_grad_norm as normalize_backward
 from gcgd_jax.models.aux import AuxSpec
 from gcgd_jax.models.gc_ode import GCODE, GCODEConfig, GCODEMode, probe_metrics, resolve_gc_ode
 from gcgd_jax.models.gc_ode import aux_spec as gc_ode_aux_spec
+from gcgd_jax.ops import conv as conv_ops
+from gcgd_jax.ops.fusion import fusion_break
 
 __all__ = [
     "BasicBlock",
@@ -86,7 +86,7 @@ def _conv(
 ) -> nnx.Conv:
     pad = (kernel - 1) // 2
     conv_fn = (
-        cpu_speed.chunked_wgrad_conv if cpu_speed.CHUNKED_WGRAD else jax.lax.conv_general_dilated
+        conv_ops.chunked_wgrad_conv if conv_ops.CHUNKED_WGRAD else jax.lax.conv_general_dilated
     )
     return nnx.Conv(
         in_features,
@@ -292,7 +292,7 @@ class ResNet(nnx.Module):
     gate ``s_t`` over the pairs) with GC-ODE. In gradient mode, train with
     ``loss = task_loss + aux["gc_ode_loss"]``: the auxiliary loss trains only
     the GC-ODE branches, the task loss only the backbone. ``fusion_breaker``: a
-    runtime scalar 1.0 for the CPU (:func:`gcgd_jax.cpu_speed.fusion_break`), or
+    runtime scalar 1.0 for the CPU (:func:`gcgd_jax.ops.fusion_break`), or
     ``None``. ``aux_probe``: :meth:`new_aux_probe`'s array, differentiated with
     the loss; :meth:`aux_probe_metrics` of its gradient is GC-ODE's measured
     gradient ratio in the gated modes (the train step does this: the model

@@ -56,7 +56,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ("SeedParallelTrainer", "replica_config", "replica_dir"), "gcgd_jax.train.replicas"
     ),
-    **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.cpu_speed"),
+    **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.ops.xla_flags"),
 }
 
 __all__ = sorted(_EXPORTS)

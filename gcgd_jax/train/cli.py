@@ -85,7 +85,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (the console script exits with it)."""
     args = _parser().parse_args(argv)  # --help answers here, before JAX is imported
-    from gcgd_jax.cpu_speed import apply_cpu_flags
+    from gcgd_jax.ops.xla_flags import apply_cpu_flags
 
     apply_cpu_flags()  # before anything initialises JAX's backends
 

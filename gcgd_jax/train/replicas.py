@@ -67,6 +67,7 @@ from gcgd_jax.train.trainer import (
     NonFiniteLossError,
     Trainer,
     host_metrics,
+    run_steps,
 )
 
 __all__ = ["SeedParallelTrainer", "replica_config", "replica_dir"]
@@ -435,8 +436,7 @@ class SeedParallelTrainer:
         def failed_all() -> bool:
             return all(a.failed is not None for a in accounts.values())
 
-        pending = None
-        while step < epoch_end and not failed_all():
+        def dispatch():
             batch = [next(iters[r.index]) for r in self.replicas]
             images = jax.device_put(np.stack([b[0] for b in batch]), self.replica_batch)
             labels = jax.device_put(np.stack([b[1] for b in batch]), self.replica_batch)
@@ -457,22 +457,24 @@ class SeedParallelTrainer:
                 self._note(f"train step compiled; first step done in {self.first_step_s:.1f} s")
                 for account in accounts.values():
                     account.restart_clock()
-            step += 1
-            if pending is not None:
-                complete(*pending)
-            pending = (step_metrics, step)
-            every = cfg.checkpoint.every_steps
-            if every and step % every == 0 and step < epoch_end:
-                complete(*pending)
-                pending = None
-                for r, account in accounts.items():
-                    if account.failed is None:
-                        self._sync(r)
-                        r.trainer._save(r.ckpt, step, r.sums)
-            if stop_at_step is not None and step >= stop_at_step:
-                break
-        if pending is not None:
-            complete(*pending)
+            return step_metrics
+
+        def save(at: int) -> None:
+            for r, account in accounts.items():
+                if account.failed is None:
+                    self._sync(r)
+                    r.trainer._save(r.ckpt, at, r.sums)
+
+        step = run_steps(
+            step,
+            epoch_end,
+            dispatch=dispatch,
+            complete=complete,
+            failed=failed_all,
+            save=save,
+            every=cfg.checkpoint.every_steps,
+            stop_at_step=stop_at_step,
+        )
         bar.close()
         return step, accounts
 

@@ -51,6 +51,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -223,6 +224,44 @@ class EpochAccount:
                 done_step,
                 {"loss": float(m["loss"]), "lr": float(m["lr"]), "images_per_s": speed},
             )
+
+
+def run_steps(
+    step: int,
+    end: int,
+    *,
+    dispatch: Callable[[], Any],
+    complete: Callable[[Any, int], None],
+    failed: Callable[[], bool],
+    save: Callable[[int], None],
+    every: int,
+    stop_at_step: int | None,
+) -> int:
+    """The step loop of an epoch, shared by single and seed-parallel runs.
+
+    ``dispatch()`` launches one step and returns its metrics (device arrays) without
+    waiting; they are handed to ``complete(metrics, step_reached)`` only after the next
+    step is launched, so the host's bookkeeping overlaps the device's work. Every
+    ``every`` steps (not at ``end``, where the epoch's record is written) the pending
+    metrics are completed first and ``save(step)`` writes a checkpoint. The loop stops
+    at ``end``, at ``stop_at_step``, or as soon as ``failed()``; returns the step reached.
+    """
+    pending = None  # (metrics, step) of the step dispatched last, not yet completed
+    while step < end and not failed():
+        metrics = dispatch()
+        step += 1
+        if pending is not None:
+            complete(*pending)
+        pending = (metrics, step)
+        if every and step % every == 0 and step < end:
+            complete(*pending)  # the checkpoint's sums include it
+            pending = None
+            save(step)
+        if stop_at_step is not None and step >= stop_at_step:
+            break
+    if pending is not None:
+        complete(*pending)
+    return step
 
 
 # --------------------------------------------------------------------------- trainer
@@ -807,8 +846,8 @@ class Trainer:
             stream=self.stream,
         )
         account = EpochAccount(self, epoch, start_batch, sums, bar, writer, on_step)
-        pending = None  # (metrics, step) of the step dispatched last, not yet read
-        while step < epoch_end and account.failed is None:
+
+        def dispatch():
             images, labels = next(batches)
             first = not self._train_compiled
             if first:
@@ -827,20 +866,22 @@ class Trainer:
                     f"train step compiled; first step done in {time.perf_counter() - t_compile:.1f} s"
                 )
                 account.restart_clock()  # speeds exclude the compilation
-            step += 1
-            if pending is not None:
-                account.complete(host_metrics(pending[0]), pending[1])
-            pending = (step_metrics, step)
-            every = cfg.checkpoint.every_steps
-            if every and step % every == 0 and step < epoch_end:
-                account.complete(host_metrics(pending[0]), pending[1])  # sums include it
-                pending = None
-                if account.failed is None:
-                    self._save(ckpt, step, sums)
-            if stop_at_step is not None and step >= stop_at_step:
-                break
-        if pending is not None:
-            account.complete(host_metrics(pending[0]), pending[1])
+            return step_metrics
+
+        def save(at: int) -> None:
+            if account.failed is None:
+                self._save(ckpt, at, sums)
+
+        step = run_steps(
+            step,
+            epoch_end,
+            dispatch=dispatch,
+            complete=lambda metrics, done: account.complete(host_metrics(metrics), done),
+            failed=lambda: account.failed is not None,
+            save=save,
+            every=cfg.checkpoint.every_steps,
+            stop_at_step=stop_at_step,
+        )
         bar.close()
         return EpochResult(step, sums, account.times, account.failed)
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gcgd_jax.cpu_speed import fusion_break
 from gcgd_jax.models import (
     ResNet,
     resnet18,
@@ -18,6 +17,7 @@ from gcgd_jax.models import (
     resnet50,
     resnet56,
 )
+from gcgd_jax.ops import fusion_break
 
 
 def _count(model) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gcgd_jax.cpu_speed import CPU_CONV_FLAG
+from gcgd_jax.ops import CPU_CONV_FLAG
 from gcgd_jax.train.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

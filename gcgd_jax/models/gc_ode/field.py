@@ -4,8 +4,8 @@
 conv3x3 on ``[., t]``) -> GroupNorm; the time input is the constant channel
 ``1 + t``, so that it contributes (and is trained) at every evaluation,
 ``t = 0`` included (a one-step Euler solve evaluates only there). The
-convolution and GroupNorm are :mod:`gcgd_jax.cpu_speed`'s (hand-written VJP,
-switchable).
+convolution and GroupNorm are :mod:`gcgd_jax.ops`' (hand-written VJP, two-stage
+reduction; switchable).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gcgd_jax import cpu_speed
-from gcgd_jax.cpu_speed import conv3x3, group_norm
+from gcgd_jax.ops import conv as conv_ops
+from gcgd_jax.ops.conv import conv3x3
+from gcgd_jax.ops.norm import group_norm
 
 __all__ = ["ODEVectorField", "TimeConv"]
 
@@ -40,14 +41,14 @@ class TimeConv(nnx.Module):
     ``conv(a, K[..., :C_in, :]) + (1 + t) * conv(1, K[..., C_in:, :])`` -- identical
     values (zero padding included), but the big convolution keeps ``C_in``
     input channels instead of ``C_in + 1`` and no concatenated copy is made.
-    Both use :func:`gcgd_jax.cpu_speed.conv3x3` (its hand-written VJP unless
-    ``cpu_speed.CUSTOM_CONV_VJP`` was off when the module was built).
+    Both use :func:`gcgd_jax.ops.conv3x3` (its hand-written VJP unless
+    ``gcgd_jax.ops.conv.CUSTOM_CONV_VJP`` was off when the module was built).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         self.in_features = in_features
         self.out_features = out_features
-        self.custom_vjp = cpu_speed.CUSTOM_CONV_VJP
+        self.custom_vjp = conv_ops.CUSTOM_CONV_VJP
         init = nnx.initializers.he_normal()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_features + 1, out_features)))
 

@@ -1,7 +1,10 @@
-"""gcgd_jax.cpu_speed: the XLA CPU flag, the fusion breaker, conv3x3's VJP, GroupNorm."""
+"""gcgd_jax.ops: the XLA CPU flag, the fusion breaker, conv3x3's VJP, GroupNorm, chunked
+weight gradients; the deprecated alias of their old module."""
 
+import importlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gcgd_jax import cpu_speed
-from gcgd_jax.cpu_speed import CPU_CONV_FLAG, GroupNorm, apply_cpu_flags, conv3x3, fusion_break
+from gcgd_jax.ops import CPU_CONV_FLAG, GroupNorm, apply_cpu_flags, conv3x3, fusion_break, xla_flags
+from gcgd_jax.ops import conv as conv_ops
+from gcgd_jax.ops import norm as norm_ops
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -21,7 +25,7 @@ def _x(shape, seed=0, dtype=jnp.float32):
 
 
 def test_xla_flag_helper(monkeypatch):
-    monkeypatch.setattr(cpu_speed, "_backends_initialised", lambda: False)
+    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: False)
     env = {}
     assert apply_cpu_flags(env) is True and env["XLA_FLAGS"] == CPU_CONV_FLAG
     env = {"JAX_PLATFORMS": "cpu"}
@@ -32,13 +36,13 @@ def test_xla_flag_helper(monkeypatch):
     assert apply_cpu_flags({"XLA_FLAGS": ""}) is False
     # Not for accelerators, not for jaxlib versions it was not measured on, not once JAX runs.
     assert apply_cpu_flags({"JAX_PLATFORMS": "cuda"}) is False
-    monkeypatch.setattr(cpu_speed, "_accelerator_plugin_installed", lambda: True)
+    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: True)
     assert apply_cpu_flags({}) is False
-    monkeypatch.setattr(cpu_speed, "_accelerator_plugin_installed", lambda: False)
-    monkeypatch.setattr(cpu_speed, "_jaxlib_version", lambda: (0, 9))
+    monkeypatch.setattr(xla_flags, "_accelerator_plugin_installed", lambda: False)
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 9))
     assert apply_cpu_flags({}) is False
-    monkeypatch.setattr(cpu_speed, "_jaxlib_version", lambda: (0, 10))
-    monkeypatch.setattr(cpu_speed, "_backends_initialised", lambda: True)
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10))
+    monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: True)
     env = {}
     assert apply_cpu_flags(env) is False and env == {}
     assert CPU_CONV_FLAG == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -48,8 +52,9 @@ _FRESH_PROCESS = """
 import sys
 import gcgd_jax
 jax_before = "jax" in sys.modules
-import gcgd_jax.cpu_speed as c
-assert ("jax" in sys.modules) == jax_before  # the module itself imports no JAX
+from gcgd_jax.ops import apply_cpu_flags
+import gcgd_jax.ops.xla_flags as c
+assert ("jax" in sys.modules) == jax_before  # the flag helper imports no JAX
 c._accelerator_plugin_installed = lambda: False  # whatever this machine has
 c._jaxlib_version = lambda: (0, 10)
 import jax, jax.numpy as jnp
@@ -125,8 +130,8 @@ def test_group_norm_matches_flax():
 @pytest.mark.parametrize("zero_scale", [False, True])
 def test_group_norm_factory_builds_either_with_the_same_parameters(zero_scale):
     rngs = nnx.Rngs(0)
-    fast = cpu_speed.group_norm(12, 4, zero_scale=zero_scale, rngs=rngs)
-    plain = cpu_speed.group_norm(12, 4, zero_scale=zero_scale, fast=False, rngs=rngs)
+    fast = norm_ops.group_norm(12, 4, zero_scale=zero_scale, rngs=rngs)
+    plain = norm_ops.group_norm(12, 4, zero_scale=zero_scale, fast=False, rngs=rngs)
     assert type(fast) is GroupNorm and type(plain) is nnx.GroupNorm
     # Neither drew a key: the parameters built after them initialise as they would anyway.
     same = jax.random.key_data(rngs.params()) == jax.random.key_data(nnx.Rngs(0).params())
@@ -166,8 +171,8 @@ def test_gc_ode_without_the_cpu_workarounds_computes_the_same(monkeypatch):
         return model
 
     fast = build()
-    monkeypatch.setattr(cpu_speed, "CUSTOM_CONV_VJP", False)
-    monkeypatch.setattr(cpu_speed, "FAST_GROUP_NORM", False)
+    monkeypatch.setattr(conv_ops, "CUSTOM_CONV_VJP", False)
+    monkeypatch.setattr(norm_ops, "FAST_GROUP_NORM", False)
     plain = build()
     field = plain.gc_ode.branches[0].field
     assert type(field.norm_in) is nnx.GroupNorm and field.conv1.custom_vjp is False
@@ -204,10 +209,10 @@ def _conv_args(stride):
     ("batch", "stride", "chunks"), [(16, 1, 8), (12, 2, 6), (7, 1, 7), (11, 1, 1)]
 )
 def test_chunked_wgrad_conv_matches_lax_values_and_gradients(batch, stride, chunks, monkeypatch):
-    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
-    assert cpu_speed._chunks(batch) == chunks  # the largest divisor <= WGRAD_CHUNKS (8)
+    monkeypatch.setattr(conv_ops, "_chunking_applies", lambda: True)
+    assert conv_ops._chunks(batch) == chunks  # the largest divisor <= WGRAD_CHUNKS (8)
     x, k = _x((batch, 6, 6, 3)), _x((3, 3, 3, 4), 1)
-    ours = lambda x, k: cpu_speed.chunked_wgrad_conv(x, k, **_conv_args(stride))
+    ours = lambda x, k: conv_ops.chunked_wgrad_conv(x, k, **_conv_args(stride))
     ref = lambda x, k: jax.lax.conv_general_dilated(x, k, **_conv_args(stride))
     ct = _x(ref(x, k).shape, 2)
     np.testing.assert_array_equal(ours(x, k), ref(x, k))  # the forward is XLA's own
@@ -222,17 +227,17 @@ def test_chunked_wgrad_conv_matches_lax_values_and_gradients(batch, stride, chun
 
 def test_chunking_needs_a_single_cpu_device():
     assert jax.device_count() == 2  # conftest's two fake CPU devices
-    assert cpu_speed._chunking_applies() is False
+    assert conv_ops._chunking_applies() is False
     x, k = _x((16, 6, 6, 3)), _x((3, 3, 3, 4), 1)
     args = _conv_args(1)
-    hlo = jax.jit(jax.grad(lambda k: jnp.sum(cpu_speed.chunked_wgrad_conv(x, k, **args))))
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv_ops.chunked_wgrad_conv(x, k, **args))))
     assert hlo.lower(k).as_text().count("stablehlo.convolution") == 1
 
 
 def test_resnet_convs_chunk_their_weight_gradient_unless_switched_off(monkeypatch):
     from gcgd_jax.models import resnet20
 
-    monkeypatch.setattr(cpu_speed, "_chunking_applies", lambda: True)
+    monkeypatch.setattr(conv_ops, "_chunking_applies", lambda: True)
 
     x, y = _x((16, 8, 8, 3)), jnp.arange(16) % 10
 
@@ -246,8 +251,8 @@ def test_resnet_convs_chunk_their_weight_gradient_unless_switched_off(monkeypatc
         return jax.jit(jax.value_and_grad(loss))(params)
 
     chunked = resnet20(10, in_channels=3, rngs=nnx.Rngs(0))
-    assert chunked.stem.conv.conv_general_dilated is cpu_speed.chunked_wgrad_conv
-    monkeypatch.setattr(cpu_speed, "CHUNKED_WGRAD", False)
+    assert chunked.stem.conv.conv_general_dilated is conv_ops.chunked_wgrad_conv
+    monkeypatch.setattr(conv_ops, "CHUNKED_WGRAD", False)
     plain = resnet20(10, in_channels=3, rngs=nnx.Rngs(0))
     assert plain.stem.conv.conv_general_dilated is jax.lax.conv_general_dilated
     (la, ga), (lb, gb) = grads(chunked), grads(plain)
@@ -255,3 +260,21 @@ def test_resnet_convs_chunk_their_weight_gradient_unless_switched_off(monkeypatc
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
+
+
+# ----------------------------------------------------------------------------- old module name
+
+
+def test_the_old_cpu_speed_module_warns_and_forwards_reads_and_writes(monkeypatch):
+    sys.modules.pop("gcgd_jax.cpu_speed", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("gcgd_jax.cpu_speed")
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert old.apply_cpu_flags is apply_cpu_flags and old.conv3x3 is conv3x3
+    assert old.CHUNKED_WGRAD is conv_ops.CHUNKED_WGRAD
+    monkeypatch.setattr(conv_ops, "CHUNKED_WGRAD", conv_ops.CHUNKED_WGRAD)  # restored after
+    old.CHUNKED_WGRAD = False  # a user's old switch still reaches the module the models read
+    assert conv_ops.CHUNKED_WGRAD is False
+    with pytest.raises(AttributeError, match="chunk_wgrad"):
+        old.chunk_wgrad
