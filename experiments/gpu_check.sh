@@ -22,11 +22,12 @@
 # (gpu_check.log, preflight.json, tests.txt, bench.json, bench.md, main.json, main.md).
 #
 #   bash experiments/gpu_check.sh             # on the GPU machine
-#   bash experiments/gpu_check.sh --dry-run   # the same code on the CPU, tiny (~3-6 min)
+#   bash experiments/gpu_check.sh --dry-run   # the same code on the CPU, tiny (~2-4 min)
 #
 # Settings (environment): GCGD_PYTHON (default python3), GCGD_GPU_BUDGET_S (seconds for the
 # whole command, default 540), GCGD_DATA_DIR (default .gpu_data), GCGD_COMMIT (recorded in
-# the results when the checkout has no .git).
+# the results when the checkout has no .git), JAX_COMPILATION_CACHE_DIR (default
+# $TMPDIR/gcgd_jax_xla_cache).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=()
@@ -44,6 +45,9 @@ LOG="$OUTDIR/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # peak memory is each process's own
 export GCGD_CACHE_DIR="${GCGD_CACHE_DIR:-${TMPDIR:-/tmp}/gcgd_cache}"
+# JAX's persistent compilation cache: a program compiled once (preflight, calibration)
+# is not compiled again by a later stage or process that builds the same one.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/gcgd_jax_xla_cache}"
 T0=$(date +%s)
 DEADLINE=$(( T0 + BUDGET ))
 say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
