@@ -17,7 +17,6 @@ relative to the single run. Results: ``experiments/results/bench_seed_parallel/`
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from experiments import RESULTS as RESULTS_ROOT
+from experiments.common.results import utc_now
 
 RESULTS = RESULTS_ROOT / "bench_seed_parallel"
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python -m experiments.bench.bench_seed_parallel "
         + " ".join(argv or sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "commit": git_commit(),
         "machine": machine(),
         "rounds": rounds,
