@@ -8,7 +8,8 @@ of the grid, the sanity checks, the final test accuracies beside the baseline's 
 same seeds** (Holm across the secondary comparisons), time to result in MLCommons
 AlgoPerf's sense (the first evaluated step and wall-clock at which validation accuracy
 reaches the baseline@1.0's median final validation accuracy), each method's equivalent
-budget against the interpolated baseline curve, and the plots. Everything is rebuilt from
+budget against the interpolated baseline curve, the same in wall-clock from the step costs
+measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), and the plots. Everything is rebuilt from
 the runs' ``metrics.jsonl`` and ``run.json``; a suite's ``DISCUSSION.md`` is appended.
 
 Usage: ``python -m experiments.suites.compare --suite cpu-cifar10-long --report-only``.
@@ -24,8 +25,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from experiments.suites.plots import finish, mean_with_band, pyplot
+from experiments.suites.report import clean_step_costs
 from experiments.suites.stats import (
+    BudgetReading,
     PairedComparison,
+    SweepResult,
     budget_sweep,
     holm,
     paired,
@@ -251,7 +255,7 @@ def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
     return [*lines, ""], comps
 
 
-def _time_to_result(runs, suite: Suite) -> list[str]:
+def _time_to_result(runs, suite: Suite, costs: dict[str, dict]) -> list[str]:
     full = _cell(runs, "baseline", 1.0)
     lines = ["## Time to result (validation, every epoch)", ""]
     if not full:
@@ -262,11 +266,16 @@ def _time_to_result(runs, suite: Suite) -> list[str]:
             f"Target: the baseline@1.0's median final validation accuracy, {_pct(target)} "
             f"({len(full)} seeds). Per run: the first evaluated step at which validation accuracy "
             "reaches it, and the wall-clock to that epoch's end (training + evaluation time as "
-            "logged in the run, so disturbed by whatever else ran on the machine)."
+            "logged in the run, so disturbed by whatever else ran on the machine), and the same "
+            "first step times the method's training-step cost measured alone (`overhead.md`; "
+            "training steps only, no evaluation)."
         ),
         "",
-        "| method | budget | runs | reach the target | median first step | median wall-clock (s) |",
-        "|---|---|---|---|---|---|",
+        (
+            "| method | budget | runs | reach the target | median first step | median wall-clock (s) "
+            "| at the step cost measured alone (s) |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
     for m, b in dict.fromkeys((m, b) for m, b, _ in suite.grid()):
         cell = _cell(runs, m, b)
@@ -284,37 +293,44 @@ def _time_to_result(runs, suite: Suite) -> list[str]:
         reached = f"{len(steps)} of {len(cell)} ({100 * len(steps) / len(cell):.0f}%)"
         med_step = f"{np.median(steps):.0f}" if steps else "—"
         med_wall = f"{np.median(walls):.0f}" if walls else "—"
-        lines.append(f"| {m} | {b:g} | {len(cell)} | {reached} | {med_step} | {med_wall} |")
+        alone = "—"
+        if steps and m in costs:
+            alone = f"{np.median(steps) * float(costs[m]['step_s_median']):.0f}"
+        elif steps:
+            alone = "(not measured)"
+        lines.append(
+            f"| {m} | {b:g} | {len(cell)} | {reached} | {med_step} | {med_wall} | {alone} |"
+        )
     return [*lines, ""]
 
 
-def _equivalent_budgets(runs) -> list[str]:
+def _equivalent_budgets(runs) -> tuple[list[str], dict[str, SweepResult]]:
     base = {
         b: {s: r.test_acc for s, r in _cell(runs, "baseline", b).items()} for b in (0.6, 0.8, 1.0)
     }
     base = {b: c for b, c in base.items() if c}
     lines = ["## Equivalent budget", ""]
     methods = sorted({r.method for r in runs if r.method != "baseline"})
-    swept = [m for m in methods if len({r.budget for r in runs if r.method == m}) > 1]
-    if len(base) < 2 or 1.0 not in base or not swept:
-        return [
-            *lines,
-            "Pending: needs the baseline at two or more budgets and a method at 0.8 and 1.0.",
-            "",
-        ]
+    at_full = [m for m in methods if _cell(runs, m, 1.0)]
+    if len(base) < 2 or 1.0 not in base or not at_full:
+        pending = "Pending: needs the baseline at two or more budgets and a method at 1.0."
+        return [*lines, pending, ""], {}
     lines += [
         (
             "Read on the mean final test accuracy curves (made monotone, piecewise linear between "
             f"the budgets run; baseline at {', '.join(f'{b:g}' for b in sorted(base))}) on the "
             "seeds common to every cell: **equivalent budget** = where the baseline's curve reaches "
             "the method's 100% accuracy; **epoch saving** = 1 − the budget at which the method's "
-            "curve reaches the baseline's 100% accuracy. Intervals: 95% paired bootstrap over seeds."
+            "curve reaches the baseline's 100% accuracy (a method run at 100% only has no curve: "
+            "its saving reads ≥0% when its 100% run reaches the baseline's, not reached otherwise). "
+            "Intervals: 95% paired bootstrap over seeds."
         ),
         "",
         "| method | seeds | equivalent budget [95% CI] | epoch saving [95% CI] | P(reach) |",
         "|---|---|---|---|---|",
     ]
-    for m in swept:
+    readings: dict[str, SweepResult] = {}
+    for m in at_full:
         cells = {
             b: {r.seed: r.test_acc for r in runs if r.method == m and r.budget == b}
             for b in (0.6, 0.8, 1.0)
@@ -325,16 +341,73 @@ def _equivalent_budgets(runs) -> list[str]:
         except ValueError as err:
             lines.append(f"| {m} | 0 | ({err}) | | |")
             continue
-
-        def fmt(r) -> str:
-            if r.value is None:
-                return "not reached"
-            lo = "—" if r.low is None else f"{100 * r.low:.0f}%"
-            hi = "—" if r.high is None else f"{100 * r.high:.0f}%"
-            return f"{r.censor}{100 * r.value:.0f}% [{lo}, {hi}]"
-
+        readings[m] = res
         lines.append(
-            f"| {m} | {len(res.seeds)} | {fmt(res.equivalent)} | {fmt(res.saving)} | {res.p_reach:.2f} |"
+            f"| {m} | {len(res.seeds)} | {_fmt_reading(res.equivalent)} "
+            f"| {_fmt_reading(res.saving)} | {res.p_reach:.2f} |"
+        )
+    return [*lines, ""], readings
+
+
+def _fmt_reading(r: BudgetReading) -> str:
+    if r.value is None:
+        return "not reached"
+    lo = "—" if r.low is None else f"{100 * r.low:.0f}%"
+    hi = "—" if r.high is None else f"{100 * r.high:.0f}%"
+    return f"{r.censor}{100 * r.value:.0f}% [{lo}, {hi}]"
+
+
+def _in_wall_clock(r: BudgetReading, to_clock) -> BudgetReading:
+    """A budget reading carried into wall-clock by ``to_clock``, an increasing map; bounds
+    that are not reached stay so."""
+    if r.value is None:
+        return r
+    low = None if r.low is None else to_clock(r.low)
+    high = None if r.high is None else to_clock(r.high)
+    return BudgetReading(to_clock(r.value), r.censor, low, high)
+
+
+def _wall_clock(readings: dict[str, SweepResult], costs: dict[str, dict]) -> list[str]:
+    """The equivalent budget and the epoch saving in wall-clock, from the step costs measured
+    alone: a method whose step costs ``r`` times the baseline's reaches the baseline@1.0's
+    accuracy at ``(1 - saving) * r`` of the baseline's wall-clock (wall-clock saving
+    ``1 - (1 - saving) * r``), and its full run, ``r`` of the baseline's wall-clock, buys what
+    the baseline reaches at ``equivalent`` of its budget (per unit of wall-clock:
+    ``equivalent / r``)."""
+    lines = ["## Equivalent budget in wall-clock (step costs measured alone)", ""]
+    if not readings:
+        return []
+    if not costs or "baseline" not in costs:
+        command = "python -m experiments.bench.bench_methods --suite <suite>"
+        return [*lines, f"Pending: no step costs measured alone yet (`{command}`).", ""]
+    lines += [
+        (
+            f"Step cost: each method's median training-step time measured alone, as a ratio "
+            f"to the baseline's ({float(costs['baseline']['step_s_median']):.3f} s; "
+            "[`overhead.md`](overhead.md), its command, machine and date). **Wall-clock "
+            "saving** = 1 − (1 − epoch saving) × ratio: the share of the baseline@1.0's training "
+            "time saved in reaching its accuracy. **Wall-clock equivalent** = equivalent budget / "
+            "ratio: the baseline's training time that one unit of the method's training time "
+            "buys. Intervals: the bootstrap intervals of the table above carried through; the "
+            "step-cost ratio is taken as exact (its spread is in `overhead.md`). Training steps "
+            "only: evaluation is the same for every method."
+        ),
+        "",
+        (
+            "| method | step cost vs baseline | wall-clock equivalent [95% CI] "
+            "| wall-clock saving [95% CI] |"
+        ),
+        "|---|---|---|---|",
+    ]
+    for m, res in readings.items():
+        if m not in costs:
+            lines.append(f"| {m} | (not measured) | | |")
+            continue
+        ratio = float(costs[m]["ratio"])
+        equivalent = _in_wall_clock(res.equivalent, lambda e, r=ratio: e / r)
+        saving = _in_wall_clock(res.saving, lambda s, r=ratio: 1.0 - (1.0 - s) * r)
+        lines.append(
+            f"| {m} | {ratio:.3f}× | {_fmt_reading(equivalent)} | {_fmt_reading(saving)} |"
         )
     return [*lines, ""]
 
@@ -431,8 +504,11 @@ def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
     lines += _sanity(runs)
     table, _ = _accuracy_table(runs, suite)
     lines += table
-    lines += _time_to_result(runs, suite)
-    lines += _equivalent_budgets(runs)
+    costs = clean_step_costs(suite_dir)
+    lines += _time_to_result(runs, suite, costs)
+    equivalent, readings = _equivalent_budgets(runs)
+    lines += equivalent
+    lines += _wall_clock(readings, costs)
     commits = sorted({str(r.info.get("commit")) for r in runs})
     dirty = [r for r in runs if r.info.get("clean_tree") is False]
     if runs:

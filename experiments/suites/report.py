@@ -301,12 +301,18 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
     return text
 
 
-def _clean_ratios(suite_dir: Path) -> dict[str, float]:
-    """Step-time ratios measured alone (``overhead.json`` of experiments.bench.bench_methods), if any."""
-    path = suite_dir / "overhead.json"
+def clean_step_costs(suite_dir: Path) -> dict[str, dict]:
+    """Per-method step costs measured alone (``overhead.json`` of
+    ``experiments.bench.bench_methods``): method -> its record (``ratio`` to the baseline,
+    ``step_s_median``, ...); empty when the suite has none yet."""
+    path = Path(suite_dir) / "overhead.json"
     if not path.exists():
         return {}
-    return {m: float(r["ratio"]) for m, r in json.loads(path.read_text())["methods"].items()}
+    return dict(json.loads(path.read_text())["methods"])
+
+
+def _clean_ratios(suite_dir: Path) -> dict[str, float]:
+    return {m: float(r["ratio"]) for m, r in clean_step_costs(suite_dir).items()}
 
 
 def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
