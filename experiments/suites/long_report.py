@@ -389,8 +389,9 @@ def _wall_clock(readings: dict[str, SweepResult], costs: dict[str, dict]) -> lis
             "time saved in reaching its accuracy. **Wall-clock equivalent** = equivalent budget / "
             "ratio: the baseline's training time that one unit of the method's training time "
             "buys. Intervals: the bootstrap intervals of the table above carried through; the "
-            "step-cost ratio is taken as exact (its spread is in `overhead.md`). Training steps "
-            "only: evaluation is the same for every method."
+            "step-cost ratio is taken as exact (`overhead.md` gives each method's median and "
+            "fastest step, and how it was measured). Training steps only: evaluation is the same "
+            "for every method."
         ),
         "",
         (
