@@ -9,8 +9,9 @@ same seeds** (Holm across the secondary comparisons), time to result in MLCommon
 AlgoPerf's sense (the first evaluated step and wall-clock at which validation accuracy
 reaches the baseline@1.0's median final validation accuracy), each method's equivalent
 budget against the interpolated baseline curve, the same in wall-clock from the step costs
-measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), and the plots. Everything is rebuilt from
-the runs' ``metrics.jsonl`` and ``run.json``; a suite's ``DISCUSSION.md`` is appended.
+measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), and the plots.
+Everything is rebuilt from the runs' ``metrics.jsonl`` and ``run.json`` (and
+``overhead.json``); a suite's ``DISCUSSION.md`` is appended.
 
 Usage: ``python -m experiments.suites.compare --suite cpu-cifar10-long --report-only``.
 """
