@@ -375,9 +375,9 @@ def _wall_clock(readings: dict[str, SweepResult], costs: dict[str, dict]) -> lis
     ``1 - (1 - saving) * r``), and its full run, ``r`` of the baseline's wall-clock, buys what
     the baseline reaches at ``equivalent`` of its budget (per unit of wall-clock:
     ``equivalent / r``)."""
-    lines = ["## Equivalent budget in wall-clock (step costs measured alone)", ""]
     if not readings:
         return []
+    lines = ["## Equivalent budget in wall-clock (step costs measured alone)", ""]
     if not costs or "baseline" not in costs:
         command = "python -m experiments.bench.bench_methods --suite <suite>"
         return [*lines, f"Pending: no step costs measured alone yet (`{command}`).", ""]

@@ -308,7 +308,16 @@ def clean_step_costs(suite_dir: Path) -> dict[str, dict]:
     path = Path(suite_dir) / "overhead.json"
     if not path.exists():
         return {}
-    return dict(json.loads(path.read_text())["methods"])
+    methods = json.loads(path.read_text()).get("methods")
+    bad = not isinstance(methods, dict) or any(
+        not isinstance(r, dict) or "ratio" not in r for r in methods.values()
+    )
+    if bad:
+        raise ValueError(
+            f"{path}: expected a 'methods' table of records with a 'ratio' "
+            "(as experiments.bench.bench_methods writes it)"
+        )
+    return dict(methods)
 
 
 def _clean_ratios(suite_dir: Path) -> dict[str, float]:

@@ -235,3 +235,12 @@ def test_long_report_carries_the_budget_readings_into_wall_clock(tmp_path):
     # on 3 of 5 seeds (its seeds 2-4 reach it at step 160: 160 x 0.4 s).
     assert "| centralize | 0.8 | 5 | 5 of 5 (100%) | 160 | 20 | 80 |" in text
     assert "| baseline | 1 | 5 | 3 of 5 (60%) | 160 | 20 | 64 |" in text
+
+
+@pytest.mark.parametrize(
+    "content", ['{"meta": {}}', '{"methods": {"baseline": {"step_s_median": 0.4}}}']
+)
+def test_a_malformed_overhead_file_is_named_in_the_error(tmp_path, content):
+    (tmp_path / "overhead.json").write_text(content)
+    with pytest.raises(ValueError, match=r"overhead\.json: expected a 'methods' table"):
+        long_report.build_long_report(tmp_path, LONG)
