@@ -9,7 +9,8 @@ same seeds** (Holm across the secondary comparisons), time to result in MLCommon
 AlgoPerf's sense (the first evaluated step and wall-clock at which validation accuracy
 reaches the baseline@1.0's median final validation accuracy), each method's equivalent
 budget against the interpolated baseline curve, the same in wall-clock from the step costs
-measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), and the plots.
+measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), the methods' own
+diagnostics (e.g. GC-ODE's gates) after the first and the last epoch, and the plots.
 Everything is rebuilt from the runs' ``metrics.jsonl`` and ``run.json`` (and
 ``overhead.json``); a suite's ``DISCUSSION.md`` is appended.
 
@@ -414,6 +415,63 @@ def _wall_clock(readings: dict[str, SweepResult], costs: dict[str, dict]) -> lis
     return [*lines, ""]
 
 
+# Epoch-record keys every run logs; any other numeric key is a method's own diagnostic.
+_COMMON_KEYS = frozenset(
+    {
+        "kind", "epoch", "step", "lr", "train_loss", "train_acc", "train_time", "epoch_time",
+        "eval_time", "step_time_median", "images_per_s", "skipped_steps", "val_loss", "val_acc",
+    }
+)  # fmt: skip
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _range(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g} – {hi:.3g}"
+
+
+def _diagnostics(runs: list[LongRun], suite: Suite) -> list[str]:
+    """The methods' own diagnostics (e.g. GC-ODE's gate and gradient ratio, GC-W's predictor
+    loss): their range over a cell's runs after the first and after the last epoch."""
+    rows = []
+    for m, b in dict.fromkeys((m, b) for m, b, _ in suite.grid()):
+        cell = sorted(_cell(runs, m, b).values(), key=lambda r: r.seed)
+        if not cell:
+            continue
+        first_epoch = cell[0].epochs[0] if cell[0].epochs else {}
+        keys = [k for k, v in first_epoch.items() if k not in _COMMON_KEYS and _number(v)]
+        for k in keys:
+            first = [r.epochs[0].get(k) for r in cell]
+            last = [r.epochs[-1].get(k) for r in cell]
+            if any(v is None for v in first + last):
+                continue
+            rows.append(f"| {m} | {b:g} | {len(cell)} | `{k}` | {_range(first)} | {_range(last)} |")
+    if not rows:
+        return []
+    return [
+        "## Method diagnostics (epoch records)",
+        "",
+        (
+            "Each method's own metrics as its runs' epoch records log them (`metrics.jsonl`; "
+            "the reductions are `gcgd_jax.models.gc_ode.aux_spec`'s and the trainer's): "
+            "GC-ODE's `gc_ode_loss` (its auxiliary loss) and `gc_ode_grad_ratio` (the gradient "
+            "norm reaching the paired stages' inputs relative to the plain path's, mean over "
+            "pairs) are epoch means, `gc_ode_gate` (the pairs' mean gate) and the "
+            "optimizer-state metrics (`gc_w_predictor_loss`, `gc_w_v2_objective`) the epoch's "
+            "last step's. Range (lowest – highest) over the cell's runs, after the first and "
+            "after the last epoch."
+        ),
+        "",
+        "| method | budget | runs | metric | after epoch 1 | after the last epoch |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _progress(suite_dir: Path, suite: Suite) -> list[str]:
     from experiments.suites.compare import is_complete, run_dir
 
@@ -511,6 +569,7 @@ def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
     equivalent, readings = _equivalent_budgets(runs)
     lines += equivalent
     lines += _wall_clock(readings, costs)
+    lines += _diagnostics(runs, suite)
     commits = sorted({str(r.info.get("commit")) for r in runs})
     dirty = [r for r in runs if r.info.get("clean_tree") is False]
     if runs:

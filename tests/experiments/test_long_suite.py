@@ -244,3 +244,20 @@ def test_a_malformed_overhead_file_is_named_in_the_error(tmp_path, content):
     (tmp_path / "overhead.json").write_text(content)
     with pytest.raises(ValueError, match=r"overhead\.json: expected a 'methods' table"):
         long_report.build_long_report(tmp_path, LONG)
+
+
+def test_long_report_ranges_the_methods_diagnostics_over_runs(tmp_path):
+    for s in range(3):
+        _write_run(tmp_path, "baseline", 1.0, s, BASE_1[s], [0.5, 0.7])
+        _write_run(tmp_path, "gc_ode_gradient", 1.0, s, BASE_1[s], [0.5, 0.7])
+        path = compare.run_dir(tmp_path, "gc_ode_gradient", 1.0, s) / "metrics.jsonl"
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        records[0] |= {"gc_ode_gate": 0.15 + 0.01 * s, "gc_ode_grad_ratio": 0.95}
+        records[1] |= {"gc_ode_gate": 0.30 + 0.005 * s, "gc_ode_grad_ratio": 0.8 + 0.02 * s}
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = long_report.build_long_report(tmp_path, LONG)
+    assert "## Method diagnostics (epoch records)" in text
+    assert "| gc_ode_gradient | 1 | 3 | `gc_ode_gate` | 0.15 – 0.17 | 0.3 – 0.31 |" in text
+    assert "| gc_ode_gradient | 1 | 3 | `gc_ode_grad_ratio` | 0.95 | 0.8 – 0.84 |" in text
+    # The common epoch keys (val_acc, epoch_time, ...) are no method's diagnostics.
+    assert "`val_acc`" not in text and "| baseline | 1 | 3 | `" not in text
