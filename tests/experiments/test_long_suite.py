@@ -261,3 +261,25 @@ def test_long_report_ranges_the_methods_diagnostics_over_runs(tmp_path):
     assert "| gc_ode_gradient | 1 | 3 | `gc_ode_grad_ratio` | 0.95 | 0.8 – 0.84 |" in text
     # The common epoch keys (val_acc, epoch_time, ...) are no method's diagnostics.
     assert "`val_acc`" not in text and "| baseline | 1 | 3 | `" not in text
+
+
+def test_long_report_reads_gcgd_against_its_parts_as_exploratory(tmp_path):
+    # Per seed: baseline b, GC-W b - 0.5 pp, GC-ODE b + 0.2 pp, GCGD b - 1.0 pp + seed x 0.1 pp:
+    # the parts add up to -0.3 pp, so the interaction is -0.7, -0.6, -0.5 pp.
+    for s in range(3):
+        b = BASE_1[s]
+        for m, acc in (
+            ("baseline", b),
+            ("gc_w", b - 0.005),
+            ("gc_ode_gradient", b + 0.002),
+            ("gcgd", b - 0.010 + 0.001 * s),
+        ):
+            _write_run(tmp_path, m, 1.0, s, acc, [0.5, 0.7])
+    text = long_report.build_long_report(tmp_path, LONG)
+    assert "## Exploratory: GCGD against its parts (not pre-registered)" in text
+    assert "| GCGD − GC-W v1 alone | 0, 1, 2 | -0.40 [" in text
+    assert "| -0.50, -0.40, -0.30 |" in text
+    row = next(x for x in text.splitlines() if x.startswith("| interaction"))
+    assert "| -0.60 [" in row and "| -0.70, -0.60, -0.50 |" in row
+    # A row whose terms have not run (the scale-only control, GC-W v2) is left out.
+    assert "scale-only control |" not in text and "GC-W v2 − GC-W v1 |" not in text
