@@ -85,6 +85,11 @@ def load_long_runs(suite_dir: Path) -> list[LongRun]:
         d = metrics.parent
         info = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
         epochs = [r for r in records if r.get("kind") == "epoch" and r.get("val_acc") is not None]
+        if not epochs:
+            raise ValueError(
+                f"{metrics}: a finished run with no evaluated epoch (no epoch record with "
+                "val_acc); the long report reads validation accuracy every epoch"
+            )
         runs.append(
             LongRun(
                 d.parent.parent.name,
@@ -495,8 +500,7 @@ def _diagnostics(runs: list[LongRun], suite: Suite) -> list[str]:
         cell = sorted(_cell(runs, m, b).values(), key=lambda r: r.seed)
         if not cell:
             continue
-        first_epoch = cell[0].epochs[0] if cell[0].epochs else {}
-        keys = [k for k, v in first_epoch.items() if k not in _COMMON_KEYS and _number(v)]
+        keys = [k for k, v in cell[0].epochs[0].items() if k not in _COMMON_KEYS and _number(v)]
         for k in keys:
             first = [r.epochs[0].get(k) for r in cell]
             last = [r.epochs[-1].get(k) for r in cell]

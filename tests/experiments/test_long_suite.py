@@ -283,3 +283,11 @@ def test_long_report_reads_gcgd_against_its_parts_as_exploratory(tmp_path):
     assert "| -0.60 [" in row and "| -0.70, -0.60, -0.50 |" in row
     # A row whose terms have not run (the scale-only control, GC-W v2) is left out.
     assert "scale-only control |" not in text and "GC-W v2 − GC-W v1 |" not in text
+
+
+def test_a_finished_run_without_evaluated_epochs_is_named_in_the_error(tmp_path):
+    _write_run(tmp_path, "baseline", 1.0, 0, BASE_1[0], [0.7])
+    path = compare.run_dir(tmp_path, "baseline", 1.0, 0) / "metrics.jsonl"
+    path.write_text(path.read_text().splitlines()[-1] + "\n")  # the summary record only
+    with pytest.raises(ValueError, match=r"b1/s0/metrics\.jsonl: a finished run with no evaluated"):
+        long_report.build_long_report(tmp_path, LONG)
