@@ -1,10 +1,8 @@
 """gcgd_jax.ops: the XLA CPU flag, the fusion breaker, conv3x3's VJP, GroupNorm, chunked
-weight gradients; the deprecated alias of their old module."""
+weight gradients."""
 
-import importlib
 import subprocess
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -260,21 +258,3 @@ def test_resnet_convs_chunk_their_weight_gradient_unless_switched_off(monkeypatc
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
-
-
-# ----------------------------------------------------------------------------- old module name
-
-
-def test_the_old_cpu_speed_module_warns_and_forwards_reads_and_writes(monkeypatch):
-    sys.modules.pop("gcgd_jax.cpu_speed", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = importlib.import_module("gcgd_jax.cpu_speed")
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
-    assert old.apply_cpu_flags is apply_cpu_flags and old.conv3x3 is conv3x3
-    assert old.CHUNKED_WGRAD is conv_ops.CHUNKED_WGRAD
-    monkeypatch.setattr(conv_ops, "CHUNKED_WGRAD", conv_ops.CHUNKED_WGRAD)  # restored after
-    old.CHUNKED_WGRAD = False  # a user's old switch still reaches the module the models read
-    assert conv_ops.CHUNKED_WGRAD is False
-    with pytest.raises(AttributeError, match="chunk_wgrad"):
-        old.chunk_wgrad

@@ -23,13 +23,14 @@ from .dataset import (
     take,
 )
 from .formats import DataFormatError, read_idx, write_idx
-from .loading import DatasetNotFoundError, default_search_roots, load_dataset
+from .loading import BUNDLED_SAMPLE, DatasetNotFoundError, default_search_roots, load_dataset
 from .prefetch import prefetch_to_device
 
 #: The canonical names :func:`load_dataset` accepts, sorted.
 DATASETS = tuple(sorted(SPECS))
 
 __all__ = [
+    "BUNDLED_SAMPLE",
     "DATASETS",
     "SPECS",
     "DataFormatError",

@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+#: The Fashion-MNIST sample shipped inside the package (12,000 train / 2,000 test
+#: images, IDX files): ``load_dataset("fashion_mnist", data_dir=BUNDLED_SAMPLE)`` reads it
+#: whatever other copy the machine has.
 BUNDLED_SAMPLE = Path(__file__).resolve().parent / "sample"
 _told_about_sample = False
 SPLITS = ("train", "test")

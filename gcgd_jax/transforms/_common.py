@@ -15,11 +15,12 @@ Conventions every transform here follows:
   they are validated only when their value is known at construction time.
 
 Tree arithmetic uses :mod:`optax.tree` (``where``, ``zeros_like``, ``cast``,
-``size``, ``add_scale``, ``bias_correction``, ``norm``). What stays here has no
+``add_scale``, ``bias_correction``, ``norm``). What stays here has no
 optax counterpart: the float-leaves-only map with its at-least-float32
 promotion (:func:`map_float_leaves`), zeros in each leaf's accumulation dtype
 (:func:`acc_zeros_like`: ``optax.tree.zeros_like`` takes one dtype for the whole
-tree), the NaN-free division, argument checks and byte counts. The EMAs stay
+tree), the NaN-free division, argument checks and the element and byte counts of
+abstract states (``optax.tree.size`` takes arrays only on jax >= 0.12). The EMAs stay
 written out (``beta * m + (1 - beta) * g``) rather than
 ``optax.tree.update_moment``, which adds the two terms in the other order: under
 ``jax.jit`` XLA's CPU backend contracts the sum into a fused multiply-add, so
@@ -36,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 def concrete_value(value: Any) -> float | None:
@@ -153,9 +153,10 @@ def memory_parts(state: Any, parts: dict[str, Any]) -> dict[str, int]:
     Returns ``parts``' counts, their ``"total"`` and ``"bytes"`` (the whole
     ``state``'s size); leaves may be arrays or ``jax.ShapeDtypeStruct``.
     """
-    out = {name: optax.tree.size(tree) for name, tree in parts.items()}
+    # Shapes are read directly: jax (>= 0.12) deprecates handing ShapeDtypeStructs to
+    # jnp.size, which optax.tree.size calls.
+    leaves = jax.tree.leaves
+    out = {name: sum(math.prod(x.shape) for x in leaves(tree)) for name, tree in parts.items()}
     out["total"] = sum(out.values())
-    out["bytes"] = sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
-    )
+    out["bytes"] = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves(state))
     return out

@@ -262,7 +262,10 @@ def gc_w(
     **Non-finite gradients.** If any selected gradient is not finite, the
     gradients are passed on *unchanged* (so an outer ``optax.apply_if_finite``
     sees them and skips the step) and the state is returned unchanged (no
-    counter, history, window or predictor change).
+    counter, history, window or predictor change). A finite gradient whose
+    correction would overflow its leaf's dtype (``|G + ΔG|`` above the largest
+    finite value: gradients within ``ρ`` of the dtype's limit, most likely in
+    float16) is passed on unchanged in that leaf; the state still advances.
 
     **Memory.** In float32 words, with ``N`` the number of selected
     parameters and ``n_l`` the fan-in size of selected leaf ``l``::
@@ -489,7 +492,8 @@ def gc_w(
             delta = (dx.T * s_safe).reshape(g.shape)
             cd = jnp.promote_types(g.dtype, jnp.float32)
             corrected = (g.astype(cd) + delta.astype(cd)).astype(g.dtype)
-            out_leaves.append(jnp.where(applied & finite, corrected, g))
+            fits = jnp.all(jnp.isfinite(corrected))  # no overflow of g's dtype
+            out_leaves.append(jnp.where(applied & finite & fits, corrected, g))
 
         new_stored_g = [jnp.where(is_start, g, o) for g, o in zip(g32, stored_g)]
         new_stored_m = [jnp.where(is_start, m, o) for m, o in zip(ema_hat, stored_m)]

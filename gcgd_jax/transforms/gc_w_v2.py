@@ -411,7 +411,10 @@ def gc_w_v2(
 
     **Non-finite gradients.** If any kernel gradient is not finite the
     gradients pass unchanged (an outer :func:`optax.apply_if_finite` then
-    skips the step) and the state is returned unchanged.
+    skips the step) and the state is returned unchanged. A finite gradient
+    whose correction would overflow its leaf's dtype (within ``ρ`` of the
+    largest finite value, most likely in float16) passes unchanged in that
+    leaf; the state still advances.
 
     **Memory** (float32 words, ``N`` selected kernel entries):
     ``(K + 2 + (k - 1) T) N + k`` per kernel set of buffers (EMAs, previous
@@ -614,7 +617,8 @@ def gc_w_v2(
             x, s = feats[i]
             delta = (s * gc_w_v2_offset(ps[i], x, rho)).reshape(leaves[i].shape)
             corrected = (g32[i] + delta).astype(leaves[i].dtype)
-            out[i] = jnp.where(applied, corrected, leaves[i])
+            fits = jnp.all(jnp.isfinite(corrected))  # no overflow of the leaf's dtype
+            out[i] = jnp.where(applied & fits, corrected, leaves[i])
             emas_l[i], prev_l[i], diff_l[i], pscale_l[i] = emas[i], g32[i], diff[i], s
             if k > 1:  # step t-1's features replace step t-k's
                 slot = jnp.mod(count - 1, k - 1)

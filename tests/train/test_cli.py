@@ -235,3 +235,32 @@ def test_out_naming_a_file_and_resume_with_nothing_to_resume_exit_2(tmp_path, ca
     err = capsys.readouterr().err
     assert f"nothing to resume in {empty}" in err and "Traceback" not in err
     assert not empty.exists()
+
+
+def test_no_arguments_trains_nothing(tmp_path, monkeypatch, capsys):
+    """A bare ``gcgd-train`` prints its usage and the quickstart command (exit 2), and writes
+    nothing: no run folder, no data cache."""
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: gcgd-train"), captured.err
+    assert "gcgd-train --config quickstart --out runs/quickstart" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_help_say_what_a_user_needs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    import jax
+
+    import gcgd_jax
+
+    assert out.startswith(f"gcgd-train {gcgd_jax.__version__} (jax {jax.__version__}, ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for needle in ("exit codes:", "130  interrupted", "--print-config", "docs/guides/cli.md"):
+        assert needle in out, needle
