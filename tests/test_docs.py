@@ -107,10 +107,17 @@ def test_every_committed_report_and_plot_is_on_the_site():
         page = DOCS / "results" / rel
         assert page.is_file(), f"{rel}: no page docs/results/{rel} (include the report there)"
         assert f"experiments/results/{rel.as_posix()}" in page.read_text()
-    # a suite's DISCUSSION.md is part of its RESULTS.md
+    # a suite's DISCUSSION.md is on the site once: copied into its RESULTS.md (the short
+    # suites), or a page of its own that its RESULTS.md links to and does not copy
     for discussion in RESULTS.glob("*/DISCUSSION.md"):
         results = (discussion.parent / "RESULTS.md").read_text()
-        assert discussion.read_text().strip()[:200] in results, discussion
+        copied = discussion.read_text().strip()[:200] in results
+        page = DOCS / "results" / discussion.relative_to(RESULTS)
+        if page.is_file():
+            assert not copied, f"{discussion} is on the site twice: its page and RESULTS.md"
+            assert "(DISCUSSION.md)" in results, f"{discussion.parent}/RESULTS.md: no link to it"
+        else:
+            assert copied, discussion
     # every plot is shown: by an included report, or by a page of its own
     shown = "\n".join(p.read_text() for p in [*DOCS.rglob("*.md"), *reports])
     plots = [p for p in RESULTS.rglob("*.png") if "runs" not in p.parts]

@@ -36,6 +36,9 @@ def test_caches_and_data_folders_are_not_in_the_home_folder():
 
 
 def test_ci_script_builds_a_clean_venv_and_runs_the_readme_test_command():
+    """``.ci/run`` runs the README's install and test commands twice, each leg in a fresh
+    virtual environment: the machine's python3 with the floors (.ci/oldest.txt as pip's
+    constraints), then Python 3.13 with the newest releases."""
     import re
 
     root = Path(__file__).resolve().parents[1]
@@ -43,6 +46,19 @@ def test_ci_script_builds_a_clean_venv_and_runs_the_readme_test_command():
     (block,) = re.findall(r"Run the tests:\s*```sh\n(.*?)\n```", readme, flags=re.DOTALL)
     commands = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     commands = [c for c in commands if c and not c.startswith("#")]
-    assert "python3 -m venv --clear .venv" in commands
-    assert commands[-1] == block.strip() == ".venv/bin/python -m pytest -q -n 2"
     assert 'export CI="${CI:-true}"' in commands
+    # The one function both legs run; $1 the interpreter, $2 the venv folder.
+    assert '"$1" -m venv --clear "$2"' in commands
+    assert '"$2/bin/python" -m pip install --quiet -e ".[data,dev]"' in commands
+    assert '"$2/bin/python" -m pytest -q -n 2' in commands
+    legs = [c for c in commands if "install_and_test " in c]
+    assert legs == [
+        'PIP_CONSTRAINT="$PWD/.ci/oldest.txt" install_and_test python3 .venv',
+        'install_and_test "$PY313" .venv313',
+    ]
+    # With $2 = .venv, the test line is the README's test command, word for word.
+    assert (
+        '"$2/bin/python" -m pytest -q -n 2'.replace('"$2', ".venv").replace('"', "")
+        == block.strip()
+        == ".venv/bin/python -m pytest -q -n 2"
+    )

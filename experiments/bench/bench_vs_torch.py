@@ -22,7 +22,14 @@ the workers for measurements in alternating rounds (order rotated each round), p
 per-step times and reports medians and the ratio PyTorch-channels_last step time / ours
 (>= 1.0: we are at least as fast).
 
+Several JAX versions side by side: ``--jax-python`` (repeatable) names the Python of each
+environment to measure (each with this checkout's dependencies installed; the checkout is
+put on its ``PYTHONPATH``); every JAX variant is then reported per jaxlib, all in the same
+alternating rounds as PyTorch, so each ratio comes from one run.
+
     python -m experiments.bench.bench_vs_torch --torch-python /work/torchvenv/bin/python
+    python -m experiments.bench.bench_vs_torch --torch-python /work/torchvenv/bin/python \
+        --jax-python .venv/bin/python --jax-python .venv313/bin/python   # two jaxlibs
     python -m experiments.bench.bench_vs_torch --quick          # a smoke run
 """
 
@@ -108,8 +115,11 @@ def _jax_worker() -> None:
             built["params"] = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         return built["best"]
 
+    import jaxlib
+
     runners = {"jax_default": default, "jax_best": best}
-    _serve(lambda name: runners[name](), {"jax": jax.__version__}, built)
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    _serve(lambda name: runners[name](), {**versions, "python": sys.version.split()[0]}, built)
 
 
 # --------------------------------------------------------------------------- PyTorch worker
@@ -234,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--torch-python", help="a Python with torch installed (or $GCGD_TORCH_PYTHON)"
     )
+    parser.add_argument(
+        "--jax-python",
+        action="append",
+        help="the Python of a JAX environment to measure (repeatable; default: this one)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps: a smoke run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
@@ -260,26 +275,41 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     me = str(Path(__file__).resolve())
-    specs = {"jax": [sys.executable, me, "--worker", "jax"]}
-    if torch_python:
-        specs["torch"] = [torch_python, me, "--worker", "torch"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    workers = {
-        kind: Worker(kind, cmd, cwd=REPO, env=env, hello=True) for kind, cmd in specs.items()
-    }
-    versions = {k: v for w in workers.values() for k, v in w.hello.items() if k != "ready"}
-    variants = [*(TORCH_VARIANTS if torch_python else ()), *JAX_VARIANTS]
+    workers: dict[str, Worker] = {}
+    jax_pythons = args.jax_python or [sys.executable]
+    for i, py in enumerate(jax_pythons):
+        workers[f"jax{i}"] = Worker(
+            f"jax ({py})", [py, me, "--worker", "jax"], cwd=REPO, env=env, hello=True
+        )
+    if torch_python:
+        cmd = [torch_python, me, "--worker", "torch"]
+        workers["torch"] = Worker("torch", cmd, cwd=REPO, env=env, hello=True)
+    # variant name -> (worker key, the worker's own variant name)
+    plan = {v: ("torch", v) for v in (TORCH_VARIANTS if torch_python else ())}
+    jax_workers = []
+    for i in range(len(jax_pythons)):
+        hello = workers[f"jax{i}"].hello
+        jax_workers.append({k: hello[k] for k in ("jax", "jaxlib", "python")})
+        for v in JAX_VARIANTS:
+            name = v if len(jax_pythons) == 1 else f"{v} (jaxlib {hello['jaxlib']})"
+            plan[name] = (f"jax{i}", v)
+    torch_hello = workers["torch"].hello if torch_python else {}
+    versions = {k: v for k, v in torch_hello.items() if k.startswith("torch")}
+    versions["jax"] = ", ".join(w["jax"] for w in jax_workers)
+    variants = list(plan)
     times: dict[str, list[float]] = {v: [] for v in variants}
     params: dict[str, int | None] = {}
     started = time.time()
     try:
         for r, v in rounds(variants, n_rounds):
-            worker = workers["torch" if v.startswith("torch") else "jax"]
-            answer = worker.ask({"variant": v, "steps": steps, "warmup": warmup if r == 0 else 1})
+            key, own = plan[v]
+            request = {"variant": own, "steps": steps, "warmup": warmup if r == 0 else 1}
+            answer = workers[key].ask(request)
             times[v].extend(answer["times"])
             params[v] = answer["params"]
             print(
-                f"round {r + 1}/{n_rounds} {v:20s} median {statistics.median(times[v]):.3f} s",
+                f"round {r + 1}/{n_rounds} {v:34s} median {statistics.median(times[v]):.3f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -294,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command("experiments.bench.bench_vs_torch", argv_used),
         "date": utc_now(),
         "machine": {**machine(with_jax=False), **versions},  # versions: the workers' jax, torch
+        "jax_workers": jax_workers,  # each JAX environment measured: jax, jaxlib, its Python
         "batch_size": BATCH,
         "rounds": n_rounds,
         "steps_per_round": steps,
@@ -303,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
     }
     stem = "vs_torch_quick" if args.quick else "bench_vs_torch"
+    if len(jax_pythons) > 1 and not args.quick:
+        stem = "vs_torch_jaxlibs"
     write(args.out, stem, record, _markdown(record))
     print(_markdown(record))
     return 0
@@ -318,6 +351,11 @@ def _markdown(rec: dict) -> str:
         f"- command: `{rec['command']}`",
         f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s",
         f"- machine: {describe_machine(m)}",
+        *(
+            [f"- JAX environments: {_environments(rec['jax_workers'])}"]
+            if len(rec.get("jax_workers", ())) > 1
+            else []
+        ),
         f"- torch {m.get('torch', 'not found')}"
         + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else ""),
         (
@@ -339,6 +377,12 @@ def _markdown(rec: dict) -> str:
     if not rec["torch_found"]:
         lines += ["", "PyTorch was not found, so there is no ratio to report."]
     return "\n".join(lines) + "\n"
+
+
+def _environments(jax_workers: list[dict]) -> str:
+    return "; ".join(
+        f"jax {w['jax']} / jaxlib {w['jaxlib']} on Python {w['python']}" for w in jax_workers
+    )
 
 
 if __name__ == "__main__":

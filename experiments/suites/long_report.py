@@ -13,7 +13,8 @@ measured alone (``overhead.json`` of ``experiments.bench.bench_methods``), explo
 comparisons of GCGD with its parts (labelled as not pre-registered), the methods' own
 diagnostics (e.g. GC-ODE's gates) after the first and the last epoch, and the plots.
 Everything is rebuilt from the runs' ``metrics.jsonl`` and ``run.json`` (and
-``overhead.json``); a suite's ``DISCUSSION.md`` is appended.
+``overhead.json``); a suite's hand-written ``DISCUSSION.md`` stays its own page, linked
+from the report (the short suites' report copies theirs in instead: a section, not a page).
 
 Usage: ``python -m experiments.suites.compare --suite cpu-cifar10-long --report-only``.
 """
@@ -642,9 +643,13 @@ def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
             ),
             "",
         ]
-    discussion = suite_dir / "DISCUSSION.md"
-    if discussion.exists():
-        lines += [discussion.read_text().strip(), ""]
+    if (suite_dir / "DISCUSSION.md").exists():  # its own page: linked, not copied in
+        lines += [
+            "## Discussion",
+            "",
+            "What these tables say, written by hand: [`DISCUSSION.md`](DISCUSSION.md).",
+            "",
+        ]
     lines += _plots(suite_dir, runs)
     text = "\n".join(lines)
     (suite_dir / "RESULTS.md").write_text(text)

@@ -173,6 +173,11 @@ def test_long_report_draws_the_preregistered_verdict_from_the_runs(tmp_path):
     assert "| gcgd | 0.8 | 5 | 5 of 5 (100%) | 160 | 20 |" in text
     assert "| baseline | 0.8 | 5 | 0 of 5 (0%) | — | — |" in text
     assert (tmp_path / "accuracy_vs_epoch.png").stat().st_size > 0
+    assert "DISCUSSION" not in text  # no discussion written: none linked
+    # A hand-written discussion is linked, not copied in: the docs site shows it once.
+    (tmp_path / "DISCUSSION.md").write_text("# the discussion\n\nA sentence only it has.\n")
+    text = long_report.build_long_report(tmp_path, LONG)
+    assert "[`DISCUSSION.md`](DISCUSSION.md)" in text and "A sentence only it has" not in text
     # A worse GCGD fails (b): the verdict turns, from the same code.
     for s in range(5):
         shutil.rmtree(compare.run_dir(tmp_path, "gcgd", 0.8, s))
