@@ -160,8 +160,14 @@ def test_the_readme_training_loop_runs_as_written(tmp_path):
     assert readme == page, "README.md and docs/getting_started.md show different chain examples"
     script = tmp_path / "chain.py"
     script.write_text(readme)
+    # As in the in-process tests, a deprecation warning is an error here too.
+    warn = ["-W", "error::DeprecationWarning", "-W", "error::FutureWarning"]
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, *warn, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(r"step 40: loss [0-9.]+, test accuracy ([0-9.]+)%", result.stdout)

@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ("SeedParallelTrainer", "replica_config", "replica_dir"), "gcgd_jax.train.replicas"
     ),
+    **dict.fromkeys(("RunFolderBusy", "RunLock"), "gcgd_jax.train.lock"),
     **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.ops.xla_flags"),
 }
 

@@ -35,8 +35,9 @@ with its value: --print-config; what each key means: the docs' CLI guide
 
 exit codes:
   0    done
-  2    bad input: no arguments, configuration, data, an occupied output folder,
-       --resume with no readable checkpoint (one line naming the problem)
+  2    bad input: no arguments, configuration, data, an occupied output folder
+       (an earlier run, or a live one writing it), --resume with no readable
+       checkpoint (one line naming the problem)
   3    stopped on a non-finite loss (the last good state is checkpointed)
   130  interrupted
 """

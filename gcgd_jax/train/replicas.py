@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gcgd_jax.train.config import ConfigError, TrainConfig, to_toml
+from gcgd_jax.train.lock import RunLock
 from gcgd_jax.train.report import ProgressBar, read_metrics, summary_table
 from gcgd_jax.train.step import TrainState, make_eval_step, make_train_step
 from gcgd_jax.train.trainer import (
@@ -162,6 +163,24 @@ class SeedParallelTrainer:
                 f"output folder {self.out} holds a single run; a seed-parallel run writes "
                 f"{self.out}/s<seed>/ and its own config.toml there: choose another --out"
             )
+        # The group's folder is locked first (each replica then locks its own s<seed>/), so
+        # a second process on the same --out stops before any replica's --overwrite deletes.
+        self._lock = RunLock(self.out) if jax.process_index() == 0 else None
+        try:
+            self._setup_replicas(cfg, resume, overwrite, datasets)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the folders' locks (the group's and each replica's); :meth:`run` does
+        this when it ends, and so does the process exiting."""
+        for r in getattr(self, "replicas", ()):
+            r.trainer.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup_replicas(self, cfg, resume, overwrite, datasets) -> None:
         self.finished: dict[int, str] = {}  # seed -> status of a replica that already ended
         if resume:
             for seed in cfg.run.seeds:
@@ -272,7 +291,8 @@ class SeedParallelTrainer:
 
     def run(self, *, stop_at_step: int | None = None) -> dict[int, dict[str, Any]]:
         """Trains every unfinished replica to the end (or to ``stop_at_step``, without
-        saving, as if killed there) and returns the summary record of each seed.
+        saving, as if killed there) and returns the summary record of each seed; the
+        folders' locks are released when it returns or raises (:meth:`close`).
 
         Raises:
             NonFiniteLossError: after the others finished, when a replica stopped on a
@@ -280,6 +300,12 @@ class SeedParallelTrainer:
                 last good state).
             KeyboardInterrupt: re-raised after naming the newest checkpoint.
         """
+        try:
+            return self._run(stop_at_step)
+        finally:
+            self.close()
+
+    def _run(self, stop_at_step: int | None) -> dict[int, dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(to_toml(self.cfg))
         summaries: dict[int, dict[str, Any]] = {}

@@ -74,6 +74,7 @@ from gcgd_jax.train.config import (
     to_toml,
 )
 from gcgd_jax.train.devices import DataParallel, host_value
+from gcgd_jax.train.lock import RunLock
 from gcgd_jax.train.optim import build_optimizer
 from gcgd_jax.train.report import (
     TENSORBOARD_MISSING,
@@ -285,6 +286,7 @@ class Trainer:
     Raises:
         ConfigError: invalid settings found while building (data, model,
             correction options, batch size vs devices, resuming a different config).
+        RunFolderBusy: another live process is writing ``out_dir`` (a ``ConfigError``).
     """
 
     resumed_from: int | None = None  # the checkpoint step run() continued from
@@ -309,10 +311,23 @@ class Trainer:
             raise ConfigError(TENSORBOARD_MISSING)
         self._train_compiled = self._eval_compiled = False
         self._setup_devices()  # first: jax.distributed decides which process writes
-        self._check_out_dir(overwrite)
-        self._setup_data(datasets)
-        self._setup_model_and_optimizer()
-        self._build_steps()
+        # One writer per run folder, from before anything in it is touched (--overwrite
+        # deletes) until the run ends: a second live process gets RunFolderBusy.
+        self._lock = RunLock(self.out) if self.is_main else None
+        try:
+            self._check_out_dir(overwrite)
+            self._setup_data(datasets)
+            self._setup_model_and_optimizer()
+            self._build_steps()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the run folder's lock (:mod:`gcgd_jax.train.lock`); :meth:`run` does
+        this when it ends. The process exiting releases it too, however it exits."""
+        if self._lock is not None:
+            self._lock.release()
 
     # ------------------------------------------------------------------ setup
 
@@ -693,7 +708,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self, *, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Trains to the end (or to ``stop_at_step``) and returns the summary record.
+        """Trains to the end (or to ``stop_at_step``) and returns the summary record; the run
+        folder's lock is released when it returns or raises (:meth:`close`).
 
         ``stop_at_step`` ends the run after that global step *without* saving,
         as if the process were killed there (for tests of resumption).
@@ -704,6 +720,12 @@ class Trainer:
             KeyboardInterrupt: re-raised after naming the newest checkpoint
                 (resume from it with ``resume=True``).
         """
+        try:
+            return self._run(stop_at_step)
+        finally:
+            self.close()
+
+    def _run(self, stop_at_step: int | None) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self._checkpointer()
         try:

@@ -41,6 +41,10 @@ def _free_port() -> int:
 
 def _launch(pid: int, count: int, port: int, out: Path, devices: int) -> subprocess.Popen:
     env = dict(os.environ)
+    # No persistent compilation cache (conftest.py sets one for the tests): on jax 0.12.1
+    # two processes with CPU collectives (gloo) that load the train step from the cache
+    # deadlock in the first step (a cold cache works; found here, jax 0.10.2 does not hang).
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {CPU_CONV_FLAG}"
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "tests.train.multiprocess_worker", str(pid), str(count),
