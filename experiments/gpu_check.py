@@ -232,11 +232,6 @@ def preflight(out: Path, dry: bool) -> int:
 
 # --------------------------------------------------------------------------- bench
 
-JAX_CASES = {
-    "ours_resnet20": ("resnet20", (), ()),
-    "ours_resnet18": ("resnet18", (), ()),
-}
-
 
 def _jax_case(model: str, extra: tuple[str, ...], seeds: tuple[int, ...], steps: int, dry: bool):
     """One of our train steps (``Trainer``'s jitted step, or the seed-parallel one), timed."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import shlex
@@ -60,8 +61,14 @@ METHODS: dict[str, tuple[str, ...]] = {
 # the rescaling gradient mode applies, without the ODE branch.
 MATCHED_SCALE = {"gc_ode_scale_only": "gc_ode_gradient"}
 
-# The checkout the runs are made from, read once per runner process (run.json records it).
-TREE = tree_state(ROOT.parent)
+
+@functools.cache
+def tree() -> dict:
+    """The checkout the runs are made from (``commit``, ``clean``, ``changed``), read with git
+    once per runner process, on first use, not at import (run.json records it)."""
+    return tree_state(ROOT.parent)
+
+
 SUITE_DIR = ROOT / "suites"  # one TOML definition per suite
 REPORTS = ("budget-sweep", "long")
 
@@ -183,12 +190,12 @@ SUITES: dict[str, Suite] = {
 def dirty_tree_error(suite: Suite) -> str | None:
     """The error of running ``suite`` from this checkout: ``None`` unless the suite requires
     a clean checkout (``require_clean``) and this one is not."""
-    if not suite.require_clean or TREE["clean"]:
+    if not suite.require_clean or tree()["clean"]:
         return None
-    changed = ", ".join(TREE["changed"][:8]) + (" ..." if len(TREE["changed"]) > 8 else "")
+    changed = ", ".join(tree()["changed"][:8]) + (" ..." if len(tree()["changed"]) > 8 else "")
     return (
         f"suite {suite.name} runs from a clean checkout (every run.json records its commit); "
-        f"this one differs from {TREE['commit']} in: {changed}. Commit or stash the changes "
+        f"this one differs from {tree()['commit']} in: {changed}. Commit or stash the changes "
         "(or run from a worktree of the campaign's commit), or pass --allow-dirty"
     )
 
@@ -271,8 +278,8 @@ def _train(cmd: list[str], directories: list[Path], resume: bool, note: str | No
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "machine": describe_machine(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "commit": TREE["commit"],
-        "clean_tree": TREE["clean"],
+        "commit": tree()["commit"],
+        "clean_tree": tree()["clean"],
     }
     if note:
         record["note"] = note

@@ -31,11 +31,11 @@ from experiments.common.provenance import describe_machine
 from experiments.suites.compare import (
     RESULTS,
     SUITES,
-    TREE,
     dirty_tree_error,
     is_complete,
     run_dir,
     run_one,
+    tree,
     with_overrides,
 )
 from experiments.suites.report import read_metrics
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": [*base.overrides, *VAL_OVERRIDES],
         "lrs": list(lrs),
         "seeds": list(seeds),
-        "commit": TREE["commit"],
-        "clean_tree": TREE["clean"],
+        "commit": tree()["commit"],
+        "clean_tree": tree()["clean"],
         "runs": runs,
         "mean_val_acc": {f"{lr:g}": float(np.mean(v)) for lr, v in val_acc.items()},
         "chosen_lr": chosen,

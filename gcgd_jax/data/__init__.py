@@ -5,8 +5,7 @@
   download), decodes it once and caches the decoded arrays.
 * `Dataset` holds uint8 NHWC images and int32 labels in host memory;
   `batch_iterator`, `take` and `split_validation` work on it.
-* `augment` has the on-device, jit-able CIFAR augmentation and normalisation;
-  `prefetch_to_device` moves batches to the device from a background thread.
+* `augment` has the on-device, jit-able CIFAR augmentation and normalisation.
 """
 
 from . import augment, cache, formats
@@ -24,7 +23,6 @@ from .dataset import (
 )
 from .formats import DataFormatError, read_idx, write_idx
 from .loading import BUNDLED_SAMPLE, DatasetNotFoundError, default_search_roots, load_dataset
-from .prefetch import prefetch_to_device
 
 #: The canonical names :func:`load_dataset` accepts, sorted.
 DATASETS = tuple(sorted(SPECS))
@@ -46,7 +44,6 @@ __all__ = [
     "load_dataset",
     "normalization",
     "num_batches",
-    "prefetch_to_device",
     "read_idx",
     "split_validation",
     "synthetic_dataset",

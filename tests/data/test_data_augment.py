@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcgd_jax.data import augment, prefetch_to_device
+from gcgd_jax.data import augment
 
 
 def _images(n=16, h=8, w=8, c=3, dtype=np.uint8, seed=0):
@@ -87,27 +87,3 @@ def test_normalize():
     np.testing.assert_allclose(np.asarray(out), (images / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
     floats = augment.normalize(jnp.asarray(images, jnp.float32) / 255, mean, std)
     np.testing.assert_allclose(np.asarray(floats), np.asarray(out), rtol=1e-5, atol=1e-5)
-
-
-def test_prefetch_to_device_yields_device_arrays_in_order():
-    n = 2 * len(jax.devices())
-    batches = [(np.full((n, 3), i, np.float32), np.full(n, i)) for i in range(5)]
-    out = list(prefetch_to_device(iter(batches), size=2))
-    assert len(out) == 5
-    for i, (x, y) in enumerate(out):
-        assert isinstance(x, jax.Array) and float(x[0, 0]) == i and int(y[1]) == i
-    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    x, _ = next(prefetch_to_device(iter(batches), sharding=sharding))
-    assert x.sharding == sharding
-
-    def failing():
-        yield batches[0]
-        raise RuntimeError("reader broke")
-
-    it = prefetch_to_device(failing())
-    next(it)
-    with pytest.raises(RuntimeError, match="reader broke"):
-        next(it)
-    with pytest.raises(ValueError, match="size"):
-        prefetch_to_device(iter(batches), size=0)

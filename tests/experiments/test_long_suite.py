@@ -81,7 +81,7 @@ def test_bad_suite_definitions_name_the_file_and_the_problem(tmp_path, text, mes
 
 def test_a_suite_that_requires_a_clean_tree_refuses_a_dirty_one(monkeypatch, tmp_path, capsys):
     dirty = {"commit": "abc123", "clean": False, "changed": ["gcgd_jax/methods.py"]}
-    monkeypatch.setattr(compare, "TREE", dirty)
+    monkeypatch.setattr(compare, "tree", lambda: dirty)
     argv = ["--suite", "cpu-cifar10-long", "--out", str(tmp_path), "--max-runs", "0"]
     with pytest.raises(SystemExit) as exc:
         compare.main(argv)
