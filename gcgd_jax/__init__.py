@@ -20,8 +20,9 @@ sub-packages are imported on first use, so ``import gcgd_jax`` itself is cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gcgd_jax._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -72,19 +73,7 @@ _SUBMODULES = (
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"gcgd_jax.{name}")
-    else:
-        raise AttributeError(f"module 'gcgd_jax' has no attribute {name!r}")
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,14 @@ def test_every_results_folder_is_named_after_what_writes_it():
     writers = scripts | set(SUITES) | {"quickstart"}  # quickstart: gcgd-train --config quickstart
     folders = {p.name for p in (exp / "results").iterdir() if p.is_dir()}
     assert folders <= writers, sorted(folders - writers)
+
+
+def test_one_lazy_export_mechanism():
+    """Packages export names lazily through ``gcgd_jax._lazy.lazy_exports`` only: no
+    hand-written module ``__getattr__``."""
+    hand_written = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "gcgd_jax").rglob("*.py"))
+        if path.name != "_lazy.py" and re.search(r"^def __getattr__\(", path.read_text(), re.M)
+    ]
+    assert not hand_written, f"use gcgd_jax._lazy.lazy_exports: {hand_written}"

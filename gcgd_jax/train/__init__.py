@@ -10,8 +10,7 @@ Command line: ``gcgd-train --config quickstart --out runs/quickstart`` (see
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gcgd_jax._lazy import lazy_exports
 
 # public name -> the module that defines it (imported on first use: the CLI's
 # --help must not wait for JAX)
@@ -63,13 +62,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gcgd_jax.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

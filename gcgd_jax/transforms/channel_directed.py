@@ -112,6 +112,11 @@ def channel_directed(
       >>> tx.update(g, tx.init(g))[0]["kernel"].tolist()
       [[1.5, 2.5]]
 
+    Known issue: with jax/jaxlib 0.11.2 on the CPU, ``gcgd-train``'s ResNet train
+    step with ``metric="sobolev"`` never finishes its first step (XLA waits
+    forever, with one device or two); the transform alone, and the same step on
+    jax 0.10.2 and 0.12.1, run (docs: installation, known breaks).
+
     References:
       Lao et al, `Channel-Directed Gradients for Optimization of Convolutional
       Neural Networks <https://arxiv.org/abs/2008.10766>`_, 2020
