@@ -181,17 +181,15 @@ def preflight(out: Path, dry: bool) -> int:
 
     def step_of(extra: tuple[str, ...], seeds: tuple[int, ...] = ()):
         def run():
-            from gcgd_jax.train import SeedParallelTrainer, Trainer, load_config
+            from gcgd_jax.train import Trainer, load_config
 
             overrides = [*synthetic_overrides(dry), "train.total_steps=1", *extra]
             if seeds:
                 overrides += [f"run.seeds={list(seeds)}", "run.replica_strategy=vmap"]
             cfg = load_config("cifar10_resnet20", overrides)
-            kind = SeedParallelTrainer if seeds else Trainer
             folder = tempfile.mkdtemp(prefix="gcgd_preflight_")
-            result = kind(cfg, out_dir=folder, stream=io.StringIO()).run()
-            summaries = result.values() if seeds else [result]
-            losses = [s["final_test_loss"] for s in summaries]
+            summaries = Trainer(cfg, out_dir=folder, stream=io.StringIO()).run()
+            losses = [s["final_test_loss"] for s in summaries.values()]
             if not all(v is not None and math.isfinite(v) for v in losses):
                 raise RuntimeError(f"non-finite or missing test loss after one step: {losses}")
             return f"test loss {', '.join(f'{v:.3f}' for v in losses)}"
@@ -236,9 +234,8 @@ def preflight(out: Path, dry: bool) -> int:
 def _jax_case(model: str, extra: tuple[str, ...], seeds: tuple[int, ...], steps: int, dry: bool):
     """One of our train steps (``Trainer``'s jitted step, or the seed-parallel one), timed."""
     import jax
-    import numpy as np
 
-    from gcgd_jax.train import SeedParallelTrainer, Trainer, load_config
+    from gcgd_jax.train import Trainer, load_config
 
     overrides = [
         *synthetic_overrides(dry, model),
@@ -250,26 +247,14 @@ def _jax_case(model: str, extra: tuple[str, ...], seeds: tuple[int, ...], steps:
         overrides += [f"run.seeds={list(seeds)}", "run.replica_strategy=vmap"]
     cfg = load_config("cifar10_resnet20", overrides)
     folder = tempfile.mkdtemp(prefix="gcgd_bench_")
-    if seeds:
-        group = SeedParallelTrainer(cfg, out_dir=folder, stream=io.StringIO())
-        lead = group.lead
-        host = [next(iter(r.trainer.batches(0))) for r in group.replicas]
-        x = jax.device_put(np.stack([h[0] for h in host]), group.replica_batch)
-        y = jax.device_put(np.stack([h[1] for h in host]), group.replica_batch)
+    t = Trainer(cfg, out_dir=folder, stream=io.StringIO())
+    images, labels = next(t.batches(0))  # (replicas, batch, ...)
+    x, y = t.put_batch(images), t.put_batch(labels)
 
-        def step():
-            return group.dispatch(x, y)
+    def step():
+        return t.dispatch(x, y)
 
-        params = lead.num_params
-    else:
-        t = Trainer(cfg, out_dir=folder, stream=io.StringIO())
-        images, labels = next(iter(t.batches(0)))
-        x, y = t.put_batch(images), t.put_batch(labels)
-
-        def step():
-            return t.dispatch(x, y)
-
-        params = t.num_params
+    params = t.num_params
     t0 = time.perf_counter()
     jax.block_until_ready(step())
     compile_s = time.perf_counter() - t0
@@ -531,7 +516,7 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     import numpy as np
 
     from experiments.suites.stats import paired
-    from gcgd_jax.train import SeedParallelTrainer, load_config
+    from gcgd_jax.train import Trainer, load_config
     from gcgd_jax.train.build import load_data
 
     seeds = tuple(range(replicas))
@@ -574,7 +559,7 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     for method, extra in METHODS.items():
         cfg = load_config("cifar10_resnet20", [*base, *extra, f"train.total_steps={calib_total}"])
         folder = tempfile.mkdtemp(prefix=f"gcgd_calib_{method}_")
-        group = SeedParallelTrainer(cfg, out_dir=folder, stream=io.StringIO(), datasets=datasets)
+        group = Trainer(cfg, out_dir=folder, stream=io.StringIO(), datasets=datasets)
         t0 = time.perf_counter()
         group.run(stop_at_step=calib_steps)
         wall = time.perf_counter() - t0
@@ -618,7 +603,7 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
             )
             folder = Path(tempfile.mkdtemp(prefix=f"gcgd_{method}_{budget}_"))
             t0 = time.perf_counter()
-            SeedParallelTrainer(cfg, out_dir=folder, stream=sys.stderr, datasets=datasets).run()
+            Trainer(cfg, out_dir=folder, stream=sys.stderr, datasets=datasets).run()
             wall = time.perf_counter() - t0
             runs = {}
             for s in seeds:

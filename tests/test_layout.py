@@ -103,11 +103,11 @@ def _run(code: str) -> str:
 
 
 def test_the_training_loop_names_no_model_method():
-    """GC-ODE reaches the train step, the trainer and the seed-parallel loop only through the
+    """GC-ODE reaches the train step and the trainer only through the
     model's auxiliary seam (gcgd_jax.models.aux): no identifier or import there names it
     (docstrings and comments may, as examples)."""
     found = []
-    for name in ("step.py", "trainer.py", "replicas.py"):
+    for name in ("step.py", "trainer.py"):
         tree = ast.parse((ROOT / "gcgd_jax" / "train" / name).read_text())
         for node in ast.walk(tree):
             names = []

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             idx = [
                 rng.choice(len(tr.train_ds.labels), bs, replace=False) for _ in range(args.steps)
             ]
-            batches[m] = [(tr.train_ds.images[i], tr.train_ds.labels[i]) for i in idx]
+            # (replicas, batch, ...): one replica
+            batches[m] = [(tr.train_ds.images[i][None], tr.train_ds.labels[i][None]) for i in idx]
             for images, labels in batches[m][:2]:  # compile + one more untimed step
                 tr.train_step(images, labels)
             trainers[m] = tr

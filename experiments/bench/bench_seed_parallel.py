@@ -33,35 +33,20 @@ RESULTS = RESULTS_ROOT / "bench_seed_parallel"
 def _variant(n: int, strategy: str, quick: bool):
     """``(step, first_step_seconds)``: a no-argument function running one train step."""
     import jax
-    import numpy as np
 
     from experiments.gpu_check import synthetic_overrides
-    from gcgd_jax.train import SeedParallelTrainer, Trainer, load_config
+    from gcgd_jax.train import Trainer, load_config
 
     overrides = [*synthetic_overrides(quick), "train.total_steps=100000"]
+    if n > 1:  # one replica is a plain run (run.seed), whatever the strategy
+        overrides += [f"run.seeds={list(range(n))}", f"run.replica_strategy={strategy}"]
     folder = tempfile.mkdtemp(prefix="bench_seed_parallel_")
-    if n == 1:
-        t = Trainer(
-            load_config("cifar10_resnet20", overrides), out_dir=folder, stream=io.StringIO()
-        )
-        images, labels = next(iter(t.batches(0)))
-        x, y = t.put_batch(images), t.put_batch(labels)
+    t = Trainer(load_config("cifar10_resnet20", overrides), out_dir=folder, stream=io.StringIO())
+    images, labels = next(t.batches(0))  # (replicas, batch, ...)
+    x, y = t.put_batch(images), t.put_batch(labels)
 
-        def step():
-            return t.dispatch(x, y)
-
-    else:
-        cfg = load_config(
-            "cifar10_resnet20",
-            [*overrides, f"run.seeds={list(range(n))}", f"run.replica_strategy={strategy}"],
-        )
-        g = SeedParallelTrainer(cfg, out_dir=folder, stream=io.StringIO())
-        host = [next(iter(r.trainer.batches(0))) for r in g.replicas]
-        x = jax.device_put(np.stack([h[0] for h in host]), g.replica_batch)
-        y = jax.device_put(np.stack([h[1] for h in host]), g.replica_batch)
-
-        def step():
-            return g.dispatch(x, y)
+    def step():
+        return t.dispatch(x, y)
 
     t0 = time.perf_counter()
     jax.block_until_ready(step())

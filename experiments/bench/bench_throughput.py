@@ -74,8 +74,8 @@ def _worker(data_dir: str | None) -> None:
                 overrides.append(f"data.data_dir={data_dir}")
             cfg = load_config("cifar10_resnet20", overrides)
             trainer = Trainer(cfg, out_dir=tempfile.mkdtemp(prefix="bench_"), stream=io.StringIO())
-            images = trainer.train_ds.images[:BATCH]
-            labels = trainer.train_ds.labels[:BATCH]
+            images = trainer.train_ds.images[:BATCH][None]  # (replicas, batch, ...): one
+            labels = trainer.train_ds.labels[:BATCH][None]
             resident = (trainer.put_batch(images), trainer.put_batch(labels))
             built[key] = {"trainer": trainer, "step": 0, "resident": resident}
         return built[key]

@@ -98,7 +98,7 @@ def _jax_worker() -> None:
                  "checkpoint.enabled=false", f"data.batch_size={BATCH}"],
             )  # fmt: skip
             t = Trainer(cfg, out_dir=tempfile.mkdtemp(prefix="vs_torch_"), stream=io.StringIO())
-            x, y = t.put_batch(images), t.put_batch(labels)
+            x, y = t.put_batch(images[None]), t.put_batch(labels[None])  # one replica
             built["default"] = lambda: jax.block_until_ready(t.dispatch(x, y)["loss"])
             built.setdefault("params", t.num_params)
         return built["default"]

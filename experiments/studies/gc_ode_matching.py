@@ -139,10 +139,11 @@ def run_one(
     records: list[dict[str, Any]] = []
 
     def probe(step: int) -> None:
-        model = nnx.merge(t.graphdef, t.state.params, t.state.rest)
+        state = t.replica_state()
+        model = nnx.merge(t.graphdef, state.params, state.rest)
         gates = [float(g) for g in model.gc_ode.gates()]
         for b, (x, y) in enumerate(batches):
-            cos, rel = matching(t.state.params, t.state.rest, x, y, t.fusion_breaker)
+            cos, rel = matching(state.params, state.rest, x, y, t.fusion_breaker)
             for pair, (c, r) in enumerate(zip(cos.tolist(), rel.tolist(), strict=True)):
                 records.append(
                     {
@@ -168,7 +169,7 @@ def run_one(
             t.train_epoch(epoch, step, end)
             step = end
         epoch += 1
-    acc = t.evaluate()[f"{t.eval_prefix}_acc"]
+    acc = t.evaluate()[0][f"{t.eval_prefix}_acc"]
     return {
         "seed": seed,
         "arm": value,

@@ -9,7 +9,7 @@ Protocol (one seed):
 
 1. The suite's baseline run (``gcgd_jax/configs/<base>.toml`` with the suite's
    overrides, this seed) is trained step by step through the public seams of
-   :class:`gcgd_jax.train.Trainer`: its data order (``Trainer.batches``), its
+   :class:`gcgd_jax.train.Trainer`: its data order (``Trainer.replica_batches``), its
    gradient (``Trainer.grad_fn``: the run's loss, augmentation key and model)
    and its update (``Trainer.update_fn``: the run's optimizer and schedule over
    the run's ``total_steps``), for ``--steps`` steps. The trajectory is the
@@ -137,8 +137,9 @@ class Diagnostics:
         self.train_ds, self.bs = t.train_ds, self.cfg.data.batch_size
         self.total_steps = t.total_steps
         self.rng = np.random.default_rng(seed)
-        params = t.state.params
-        model = nnx.merge(t.graphdef, params, t.state.rest)
+        self.state = t.replica_state()  # the run's state, advanced by run() (one replica)
+        params = self.state.params
+        model = nnx.merge(t.graphdef, params, self.state.rest)
         self.kernel_idx = [i for i, leaf in enumerate(jax.tree.leaves(kernel_mask(params))) if leaf]
         self.selected_idx = [
             i for i, leaf in enumerate(jax.tree.leaves(pre_downsampling_mask(model))) if leaf
@@ -151,7 +152,7 @@ class Diagnostics:
         return load_config(self.suite.base_config, [*self.suite.overrides_for(name), *self.common])
 
     def _build_shadows(self, model, seed: int) -> None:
-        params = self.trainer.state.params
+        params = self.state.params
 
         def correction(name: str) -> optax.GradientTransformation:
             options = self._method_cfg(name).corrections.options.get(name, {})
@@ -277,24 +278,25 @@ class Diagnostics:
         self._advance, self._large_grad, self._probe = advance, large_grad, probe
 
     def _put(self, images: np.ndarray, labels: np.ndarray):
-        return self.trainer.put_batch(images), self.trainer.put_batch(labels)
+        put = self.trainer.parallel.put_global
+        return put(images), put(labels)
 
     def run(self, probes: list[int], large_batch: int, probe_batches: int) -> list[dict]:
         """Trains the run's first ``max(probes)`` steps, probing after each step in ``probes``."""
         t = self.trainer
         records, step = [], 0
         for epoch in range(t.num_epochs):
-            for images, labels in t.batches(epoch):
+            for images, labels in t.replica_batches(epoch):
                 if step >= max(probes):
                     return records
                 (
-                    t.state,
+                    self.state,
                     self.ode_branch,
                     self.ode_fit,
                     self.ode_opt_state,
                     self.shadow_states,
                 ) = self._advance(
-                    t.state,
+                    self.state,
                     self.ode_branch,
                     self.ode_fit,
                     self.ode_opt_state,
@@ -315,7 +317,7 @@ class Diagnostics:
         g_large = None
         for c in chunks:
             x, y = self._put(self.train_ds.images[c], self.train_ds.labels[c])
-            g = self._large_grad(t.state, x, y, t.fusion_breaker)
+            g = self._large_grad(self.state, x, y, t.fusion_breaker)
             g_large = g if g_large is None else jax.tree.map(jnp.add, g_large, g)
         g_large = jax.tree.map(lambda x: x / len(chunks), g_large)
         fits = jax.tree.leaves(nnx.filter_state(self.ode_fit, GateFit))
@@ -325,7 +327,7 @@ class Diagnostics:
             pick = self.rng.choice(n, self.bs, replace=False)
             x, y = self._put(self.train_ds.images[pick], self.train_ds.labels[pick])
             res = self._probe(
-                t.state,
+                self.state,
                 self.ode_branch,
                 self.ode_fit,
                 self.shadow_states,

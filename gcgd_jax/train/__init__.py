@@ -49,11 +49,16 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(("build_model", "load_data", "step_options"), "gcgd_jax.train.build"),
     **dict.fromkeys(
-        ("CheckpointError", "EpochResult", "NonFiniteLossError", "Trainer", "train"),
+        (
+            "CheckpointError",
+            "EpochResult",
+            "NonFiniteLossError",
+            "Trainer",
+            "replica_config",
+            "replica_dir",
+            "train",
+        ),
         "gcgd_jax.train.trainer",
-    ),
-    **dict.fromkeys(
-        ("SeedParallelTrainer", "replica_config", "replica_dir"), "gcgd_jax.train.replicas"
     ),
     **dict.fromkeys(("RunFolderBusy", "RunLock"), "gcgd_jax.train.lock"),
     **dict.fromkeys(("CPU_CONV_FLAG", "apply_cpu_flags"), "gcgd_jax.ops.xla_flags"),

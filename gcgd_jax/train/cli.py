@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seeds",
         metavar="S1,S2,...",
         help="train one replica per seed in one jitted step, into <out>/s<seed>/ "
-        "(sets run.seeds; see gcgd_jax.train.replicas)",
+        "(sets run.seeds; see gcgd_jax.train.trainer)",
     )
     p.add_argument("--data-dir", help="folder holding the data set files (sets data.data_dir)")
     p.add_argument(
@@ -183,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_toml(cfg), end="")
         return EXIT_OK
 
-    from gcgd_jax.train.replicas import SeedParallelTrainer
-    from gcgd_jax.train.trainer import CheckpointError, NonFiniteLossError, Trainer
+    from gcgd_jax.train.trainer import CheckpointError, NonFiniteLossError, Trainer, replica_dir
 
     try:
         from gcgd_jax.data import DataFormatError, DatasetNotFoundError
@@ -193,9 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - data package without these names
         data_errors = (FileNotFoundError,)
     try:
-        kind = SeedParallelTrainer if cfg.run.seeds else Trainer
-        trainer = kind(cfg, resume=args.resume, overwrite=args.overwrite)
-        summary = trainer.run()
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        summaries = trainer.run()
     except (ConfigError, CheckpointError) as err:
         return _fail(str(err))
     except data_errors as err:
@@ -205,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     print(trainer.summary_table())
-    if cfg.run.seeds:
-        for seed, record in summary.items():
-            _print_final(record, Path(trainer.out) / f"s{seed}", f"s{seed}: ")
-    else:
-        _print_final(summary, trainer.out)
+    for seed, record in summaries.items():
+        if cfg.run.seeds:
+            _print_final(record, replica_dir(trainer.out, seed), f"s{seed}: ")
+        else:
+            _print_final(record, trainer.out)
     return EXIT_OK
 
 

@@ -1,7 +1,8 @@
 """Data parallelism over a 1-D device mesh: the devices, their shardings, host <-> device.
 
 The train state is replicated (``NamedSharding(mesh, P())``) and every batch is
-split along its first axis (``P("data")``); one ``jax.jit`` step over these
+split along its batch axis (``P("data")``, or ``P(None, "data")`` for batches
+stacked over a run's replicas); one ``jax.jit`` step over these
 shardings lets XLA insert the gradient all-reduce and compute BatchNorm
 statistics over the whole global batch. With several processes
 (``jax.distributed``), each process holds its first ``k`` local devices and
@@ -32,7 +33,8 @@ class DataParallel:
     devices: tuple[jax.Device, ...]
     mesh: jax.sharding.Mesh
     replicated: NamedSharding
-    batch_sharding: NamedSharding
+    batch_sharding: NamedSharding  # (batch, ...)
+    replica_batch_sharding: NamedSharding  # (replicas, batch, ...)
 
     @classmethod
     def create(cls, num_devices: int | None = None) -> DataParallel:
@@ -58,7 +60,13 @@ class DataParallel:
         mesh = jax.make_mesh(
             (len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices
         )
-        return cls(devices, mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P("data")))
+        return cls(
+            devices,
+            mesh,
+            NamedSharding(mesh, P()),
+            NamedSharding(mesh, P("data")),
+            NamedSharding(mesh, P(None, "data")),
+        )
 
     @property
     def size(self) -> int:
@@ -77,9 +85,13 @@ class DataParallel:
         local = array[jax.process_index() * per : (jax.process_index() + 1) * per]
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
-    def put_local(self, local: np.ndarray) -> jax.Array:
-        """This process's rows of a global batch as the batch-sharded global array."""
+    def put_local(self, local: np.ndarray, *, replica_axis: bool = False) -> jax.Array:
+        """This process's rows of a global batch as the batch-sharded global array
+        (``replica_axis``: the batch axis is the second, after a run's replicas)."""
+        sharding = self.replica_batch_sharding if replica_axis else self.batch_sharding
         if jax.process_count() == 1:
-            return jax.device_put(local, self.batch_sharding)
-        shape = (len(local) * jax.process_count(), *local.shape[1:])
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+            return jax.device_put(local, sharding)
+        axis = 1 if replica_axis else 0
+        shape = list(local.shape)
+        shape[axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, local, tuple(shape))

@@ -67,8 +67,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         name="resume-restores-nothing",
         description="`Trainer(resume=True)` starts from step 0 without restoring",
         path="gcgd_jax/train/trainer.py",
-        old="        if not self.resume:\n            return 0, EpochSums()\n        folder =",
-        new="        if True:\n            return 0, EpochSums()\n        folder =",
+        old="        if not self.resume:\n            return 0, EpochSums(), initial\n",
+        new="        if True:\n            return 0, EpochSums(), initial\n",
         tests=("tests/train/test_trainer.py", "-k", "resume or damaged"),
     ),
     *(

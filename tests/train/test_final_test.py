@@ -9,8 +9,8 @@ import pytest
 from gcgd_jax.train import Trainer, load_config
 from gcgd_jax.train.cli import main
 from gcgd_jax.train.config import ConfigError
-from gcgd_jax.train.replicas import SeedParallelTrainer, replica_config, replica_dir
 from gcgd_jax.train.report import read_metrics
+from gcgd_jax.train.trainer import replica_config, replica_dir
 from tests.train import test_trainer
 
 VAL = [
@@ -32,12 +32,12 @@ def test_epochs_see_validation_and_the_summary_the_test_split(tmp_path):
     trainer = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO())
     assert trainer.test_ds.split == "test" and len(trainer.test_ds.labels) == 16
     assert len(trainer.eval_ds.labels) == 12 and len(trainer.train_ds.labels) == 36
-    summary = trainer.run()
+    (summary,) = trainer.run().values()
     epochs = [r for r in _records(tmp_path) if r["kind"] == "epoch"]
     assert all(r.get("val_acc") is not None and "test_acc" not in r for r in epochs)
     assert summary["final_val_acc"] == epochs[-1]["val_acc"]
     # The reported test numbers are those of the final state on the whole test split.
-    again = trainer.evaluate(trainer.test_ds, "test")
+    (again,) = trainer.evaluate(trainer.test_ds, "test")
     np.testing.assert_allclose(summary["final_test_loss"], again["test_loss"], rtol=1e-6)
     assert summary["final_test_acc"] == again["test_acc"]
     assert _records(tmp_path)[-1]["final_test_acc"] == summary["final_test_acc"]
@@ -49,15 +49,15 @@ def test_a_resumed_run_ends_with_its_final_test(tmp_path):
     trainer = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO())
     total = trainer.total_steps
     trainer.run(stop_at_step=total - 1)  # as if killed before the last step
-    summary = Trainer(cfg, out_dir=tmp_path, resume=True, stream=io.StringIO()).run()
+    (summary,) = Trainer(cfg, out_dir=tmp_path, resume=True, stream=io.StringIO()).run().values()
     assert summary["status"] == "completed" and summary["final_test_acc"] is not None
     assert _records(tmp_path)[-1]["kind"] == "summary"
 
 
 def test_seed_parallel_replicas_report_their_own_final_test(tmp_path):
     cfg = load_config("quickstart", [*VAL, "optim.lr=0.01", "run.seeds=[0, 1]"])
-    summaries = SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
-    single = Trainer(replica_config(cfg, 1, tmp_path / "alone"), stream=io.StringIO()).run()
+    summaries = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
+    single = Trainer(replica_config(cfg, 1, tmp_path / "alone"), stream=io.StringIO()).run()[1]
     np.testing.assert_allclose(
         summaries[1]["final_test_loss"], single["final_test_loss"], rtol=1e-4
     )

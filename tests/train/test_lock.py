@@ -74,12 +74,16 @@ def test_the_lock_is_reentrant_in_one_process_and_cleans_a_folder_it_made(tmp_pa
 @pytest.mark.slow
 def test_two_gcgd_train_processes_on_one_folder(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "--set", "train.epochs=500", "--no-progress", "--out", str(out)]
+    # checkpoint.keep: the first deletes none of its own checkpoints while the others try
+    args = [*TINY, "--set", "train.epochs=500", "--set", "checkpoint.keep=1000", "--no-progress"]
+    args += ["--out", str(out)]
     cmd = [sys.executable, "-m", "gcgd_jax.train"]
     first = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (out / "checkpoints").is_dir():  # the first has saved its first epoch
+        # the first has saved its first epoch (a complete step folder: its name is the step;
+        # the folder itself exists from the start, and a write in progress has a suffix)
+        while not any(p.name.isdigit() for p in (out / "checkpoints").glob("*")):
             assert first.poll() is None, first.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.5)

@@ -18,8 +18,8 @@ import pytest
 from gcgd_jax.train import NonFiniteLossError, Trainer, load_config
 from gcgd_jax.train.cli import main
 from gcgd_jax.train.config import ConfigError
-from gcgd_jax.train.replicas import SeedParallelTrainer, replica_config, replica_dir
 from gcgd_jax.train.report import read_metrics
+from gcgd_jax.train.trainer import replica_config, replica_dir
 from tests.train import test_trainer
 
 TINY = [
@@ -66,7 +66,7 @@ def sequential(tmp_path_factory):
 
 def test_two_replicas_equal_two_sequential_runs(sequential, tmp_path):
     cfg = _cfg(*GCGD, "run.replica_strategy=vmap")
-    summaries = SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
+    summaries = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
     assert sorted(summaries) == [0, 1]
     for seed in (0, 1):
         got, want = replica_dir(tmp_path, seed), replica_dir(sequential, seed)
@@ -85,25 +85,25 @@ def test_two_replicas_equal_two_sequential_runs(sequential, tmp_path):
 @pytest.mark.slow
 def test_unrolled_replicas_equal_sequential_runs(sequential, tmp_path):
     cfg = _cfg(*GCGD, "run.replica_strategy=unroll")
-    SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
+    Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
     for seed in (0, 1):
         _assert_same_records(
             _epochs(replica_dir(tmp_path, seed)), _epochs(replica_dir(sequential, seed))
         )
 
 
-def _poison(trainer):
-    """Makes one replica's first kernel NaN, so every one of its steps is non-finite."""
+def _poison(trainer, i):
+    """Makes the i-th replica's first kernel NaN, so every one of its steps is non-finite."""
     leaves, treedef = jax.tree.flatten(trainer.state.params)
-    leaves[0] = jnp.full_like(leaves[0], jnp.nan)
+    leaves[0] = leaves[0].at[i].set(jnp.nan)
     trainer.state = trainer.state._replace(params=jax.tree.unflatten(treedef, leaves))
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nan_replica_does_not_touch_the_others(sequential, tmp_path, policy):
     cfg = _cfg(*GCGD, f"train.nan_policy={policy}", "run.replica_strategy=vmap")
-    group = SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO())
-    _poison(group.replicas[1].trainer)
+    group = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO())
+    _poison(group, 1)
     if policy == "stop":
         with pytest.raises(NonFiniteLossError, match="seed\\(s\\) 1 stopped"):
             group.run()
@@ -126,10 +126,10 @@ def test_a_nan_replica_does_not_touch_the_others(sequential, tmp_path, policy):
 
 def test_resume_after_a_stop_equals_an_uninterrupted_group(sequential, tmp_path):
     cfg = _cfg(*GCGD, "checkpoint.every_steps=2", "run.replica_strategy=vmap")
-    SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=5)
+    Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=5)
     assert all((replica_dir(tmp_path, s) / "checkpoints" / "4").is_dir() for s in (0, 1))
     stream = io.StringIO()
-    SeedParallelTrainer(cfg, out_dir=tmp_path, resume=True, stream=stream).run()
+    Trainer(cfg, out_dir=tmp_path, resume=True, stream=stream).run()
     assert "resumed from checkpoint at step 4" in stream.getvalue()
     for seed in (0, 1):
         _assert_same_records(
@@ -137,20 +137,20 @@ def test_resume_after_a_stop_equals_an_uninterrupted_group(sequential, tmp_path)
         )
     # Resuming a finished group does nothing and says so.
     stream = io.StringIO()
-    again = SeedParallelTrainer(cfg, out_dir=tmp_path, resume=True, stream=stream)
+    again = Trainer(cfg, out_dir=tmp_path, resume=True, stream=stream)
     assert sorted(again.run()) == [0, 1]
     assert "already finished" in stream.getvalue()
 
 
 def test_replicas_resume_from_their_common_checkpoint(tmp_path):
     cfg = _cfg("checkpoint.every_steps=2", "checkpoint.keep=3", "run.replica_strategy=vmap")
-    SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=7)
+    Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=7)
     # As if killed while seed 1's checkpoint of step 6 was being written.
     import shutil
 
     shutil.rmtree(replica_dir(tmp_path, 1) / "checkpoints" / "6")
     stream = io.StringIO()
-    group = SeedParallelTrainer(cfg, out_dir=tmp_path, resume=True, stream=stream)
+    group = Trainer(cfg, out_dir=tmp_path, resume=True, stream=stream)
     group.run()
     assert "resuming all from step 4" in stream.getvalue()
     for seed in (0, 1):
@@ -160,7 +160,7 @@ def test_replicas_resume_from_their_common_checkpoint(tmp_path):
 
 def test_one_replica_resumes_alone_as_a_single_run(tmp_path):
     cfg = _cfg("checkpoint.every_steps=2", "run.replica_strategy=vmap")
-    SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=5)
+    Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run(stop_at_step=5)
     assert main(["--out", str(replica_dir(tmp_path, 1)), "--resume", "--no-progress"]) == 0
     done = read_metrics(replica_dir(tmp_path, 1) / "metrics.jsonl")
     assert done[-1]["status"] == "completed" and done[-1]["resumed_from_step"] == 4
@@ -197,8 +197,6 @@ def test_config_errors():
         load_config("quickstart", ["run.seeds=[0, 1]", "run.distributed=true"])
     with pytest.raises(ConfigError, match="integers >= 0"):
         load_config("quickstart", ["run.seeds=[-1]"])
-    with pytest.raises(ConfigError, match="at least one seed"):
-        SeedParallelTrainer(load_config("quickstart", TINY))
 
 
 @pytest.mark.parametrize("name", ["gc_w", "gc_w_v2"])
@@ -222,5 +220,5 @@ def test_a_seeded_transform_updates_alike_for_every_seed(name):
 def test_summary_json_roundtrip(tmp_path):
     """The group's summaries are plain JSON records (what experiments read)."""
     cfg = _cfg("train.epochs=1", "run.replica_strategy=vmap")
-    summaries = SeedParallelTrainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
+    summaries = Trainer(cfg, out_dir=tmp_path, stream=io.StringIO()).run()
     assert json.loads(json.dumps(summaries[1]))["final_test_acc"] is not None

@@ -67,7 +67,7 @@ def _snapshot(tree):
 
 
 def _params(trainer):
-    return [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.replica_state().params)]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -81,7 +81,7 @@ def trajectories(tmp_path_factory):
         cfg = load_config(None, [*TINY, f"run.num_devices={n}", "optim.schedule=constant"])
         trainer = Trainer(cfg, out_dir=tmp_path_factory.mktemp(f"dev{n}"))
         images, labels = trainer.train_ds.images[:8], trainer.train_ds.labels[:8]
-        losses = [trainer.train_step(images, labels)["loss"] for _ in range(5)]
+        losses = [trainer.train_step(images[None], labels[None])[0]["loss"] for _ in range(5)]
         out[n] = (losses, _params(trainer), trainer)
     return out
 
@@ -90,7 +90,8 @@ def test_jitted_train_step_decreases_the_loss(trajectories):
     losses, _, trainer = trajectories[1]
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.9 * losses[0], losses
-    assert int(trainer.state.step) == 5 and int(trainer.state.nonfinite) == 0
+    state = trainer.replica_state()
+    assert int(state.step) == 5 and int(state.nonfinite) == 0
 
 
 def test_two_devices_follow_the_one_device_trajectory(trajectories):
@@ -130,16 +131,16 @@ def test_two_devices_run_and_evaluate_like_one(tmp_path):
             ],
         )
         trainer = Trainer(cfg, out_dir=tmp_path / f"dev{n}")
-        summary = trainer.run()
+        (summary,) = trainer.run().values()
         records = read_metrics(tmp_path / f"dev{n}" / "metrics.jsonl")
         runs[n] = (trainer, summary, _strip_timing(records))
     (t1, s1, r1), (t2, s2, r2) = runs[1], runs[2]
     assert s1["devices"] == 1 and s2["devices"] == 2 and len(t1.eval_ds.labels) == 12
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         np.testing.assert_allclose(r2[0][key], r1[0][key], rtol=1e-5, err_msg=key)
-    e1, e2 = t1.evaluate(), t2.evaluate()
+    (e1,), (e2,) = t1.evaluate(), t2.evaluate()
     t2.eval_batch_size = 4  # 3 full batches, no padding
-    unpadded = t2.evaluate()
+    (unpadded,) = t2.evaluate()
     for key in ("test_loss", "test_acc"):
         np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, err_msg=key)
         np.testing.assert_allclose(e2[key], unpadded[key], rtol=1e-5, err_msg=key)
@@ -175,9 +176,11 @@ def resumed(tmp_path_factory):
     cfg = load_config(None, RESUME)
     a_dir, b_dir = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("interrupted")
     a = Trainer(cfg, out_dir=a_dir)
-    a_summary = a.run()
+    (a_summary,) = a.run().values()
     b = Trainer(cfg, out_dir=b_dir)
-    b_summary = b.run(stop_at_step=7)  # "killed" after step 7; newest checkpoint: step 6
+    (b_summary,) = b.run(
+        stop_at_step=7
+    ).values()  # "killed" after step 7; newest checkpoint: step 6
     b_steps = Checkpointer(b_dir / "checkpoints").steps()
     # A copy of the interrupted run whose newest checkpoint (step 6) then gets damaged.
     d_dir = tmp_path_factory.mktemp("damaged_newest") / "run"
@@ -189,10 +192,10 @@ def resumed(tmp_path_factory):
     (junk / "state" / "partial").write_bytes(b"\0" * 10)
     c_log = io.StringIO()
     c = Trainer(cfg, out_dir=b_dir, resume=True, stream=c_log)
-    c_summary = c.run()
+    (c_summary,) = c.run().values()
     d_log = io.StringIO()
     d = Trainer(cfg, out_dir=d_dir, resume=True, stream=d_log)
-    d_summary = d.run()
+    (d_summary,) = d.run().values()
     return {
         "c_log": c_log.getvalue(),
         "d": d,
@@ -329,7 +332,7 @@ def test_nonfinite_loss_stops_with_a_kept_checkpoint(tmp_path):
         trainer.run()
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.steps() == [1]
-    step, state, _ = ckpt.latest(trainer.state._asdict())
+    step, state, _ = ckpt.latest(trainer.replica_state()._asdict())
     assert step == 1 and int(state["step"]) == 1 and not bool(state["halted"])
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
@@ -340,7 +343,7 @@ def test_nonfinite_loss_stops_with_a_kept_checkpoint(tmp_path):
     kept_params = _snapshot(state["params"])
     cfg = cfg.replace(train={"nan_policy": "skip"})
     resumed = Trainer(cfg, out_dir=tmp_path, resume=True)
-    summary = resumed.run()
+    (summary,) = resumed.run().values()
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 1
     assert summary["steps_run"] == 7 and summary["nonfinite_steps"] == 7
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -357,11 +360,11 @@ def test_a_skipped_step_leaves_the_state_bit_identical(tmp_path):
     )
     trainer = Trainer(cfg, out_dir=tmp_path)
     images, labels = trainer.train_ds.images[:8], trainer.train_ds.labels[:8]
-    assert trainer.train_step(images, labels)["finite"]  # finite, parameters now huge
-    s = trainer.state
+    assert trainer.train_step(images[None], labels[None])[0]["finite"]  # parameters now huge
+    s = trainer.replica_state()
     before = [_snapshot(s.params), _snapshot(s.rest), _snapshot(s.opt_state)]
-    assert not trainer.train_step(images, labels)["finite"]
-    s = trainer.state
+    assert not trainer.train_step(images[None], labels[None])[0]["finite"]
+    s = trainer.replica_state()
     after = [_snapshot(s.params), _snapshot(s.rest), _snapshot(s.opt_state)]
     for old, new in zip(before, after):
         for a, b in zip(old, new):
@@ -388,7 +391,7 @@ def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
     trainer = Trainer(cfg, out_dir=tmp_path)
     assert len(trainer.train_ds.labels) == 36 and len(trainer.eval_ds.labels) == 12
     assert trainer.steps_per_epoch == 4 and trainer.total_steps == 4 and trainer.num_epochs == 1
-    summary = trainer.run()
+    (summary,) = trainer.run().values()
     assert summary["status"] == "completed" and summary["nonfinite_steps"] == 3
     (record,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "epoch"]
     assert record["skipped_steps"] == 3 and "val_acc" in record and "test_acc" not in record
