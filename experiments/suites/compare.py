@@ -40,10 +40,11 @@ from pathlib import Path
 
 from experiments import RESULTS, ROOT
 from experiments.common.provenance import describe_machine, tree_state
-from experiments.suites.report import build_report, read_metrics
+from experiments.suites.long_report import build_long_report
+from experiments.suites.report import build_report, is_complete, run_dir
 from gcgd_jax import methods as registry
 from gcgd_jax.train.config import ConfigError, load_config
-from gcgd_jax.train.report import read_metrics as read_run_records
+from gcgd_jax.train.report import read_metrics
 
 # Method -> overrides of the base configuration: the optimizer alone, then every
 # method of the registry (gcgd_jax.methods), in registry order.
@@ -221,18 +222,6 @@ def quick(suite: Suite) -> Suite:
     )
 
 
-def run_dir(out: Path, method: str, budget: float, seed: int) -> Path:
-    return out / "runs" / method / f"b{budget:g}" / f"s{seed}"
-
-
-def is_complete(directory: Path) -> bool:
-    metrics = directory / "metrics.jsonl"
-    if not metrics.exists():
-        return False
-    _, summary = read_metrics(metrics)
-    return summary is not None
-
-
 def matched_control_scale(out: Path, method: str, budget: float, seed: int) -> float:
     """The step-weighted mean ``gc_ode_grad_ratio`` of the finished run of ``method``.
 
@@ -244,7 +233,7 @@ def matched_control_scale(out: Path, method: str, budget: float, seed: int) -> f
             f"the scale-only control replays the gradient ratio of {directory}, "
             "which has not finished: run it first (it comes earlier in the suite's grid)."
         )
-    records = read_run_records(directory / "metrics.jsonl")
+    records = read_metrics(directory / "metrics.jsonl")
     epochs = [r for r in records if r.get("kind") == "epoch"]
     total = weight = 0.0
     previous = 0
@@ -323,7 +312,7 @@ def run_one(suite: Suite, method: str, budget: float, seed: int, out: Path) -> d
 
 def run_seeds(suite: Suite, method: str, budget: float, seeds: list[int], out: Path) -> dict:
     """Run (or resume) the cells of ``seeds`` of one method and budget as one seed-parallel
-    ``gcgd-train --seeds`` process (``gcgd_jax.train.replicas``); each seed's folder is
+    ``gcgd-train --seeds`` process (``gcgd_jax.train.trainer``); each seed's folder is
     the folder :func:`run_one` would write, and gets the group's ``run.json`` record."""
     if method in MATCHED_SCALE:
         raise ValueError(f"{method} takes a per-seed control scale: run its seeds one by one")
@@ -479,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if suite.report == "long":
-            from experiments.suites.long_report import build_long_report
-
             build_long_report(out, suite, notes=header)
         else:
             build_report(out, title=f"Suite {suite.name}", notes=header)

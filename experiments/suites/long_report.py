@@ -16,20 +16,35 @@ Everything is rebuilt from the runs' ``metrics.jsonl`` and ``run.json`` (and
 ``overhead.json``); a suite's hand-written ``DISCUSSION.md`` stays its own page, linked
 from the report (the short suites' report copies theirs in instead: a section, not a page).
 
+This module holds the long suite's sections only: the runs, the cells of the grid, the
+formatters and the writing of ``RESULTS.md`` are :mod:`experiments.suites.report`'s, shared
+with the budget-sweep report. The runner passes the suite in (this module does not import it).
+
 Usage: ``python -m experiments.suites.compare --suite cpu-cifar10-long --report-only``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from experiments.suites.plots import finish, mean_with_band, pyplot
-from experiments.suites.report import clean_step_costs
+from experiments.suites.report import (
+    Run,
+    cell,
+    clean_step_costs,
+    fmt_reading,
+    is_complete,
+    load_runs,
+    pct,
+    pp,
+    pp_ci,
+    run_dir,
+    write_results,
+)
 from experiments.suites.stats import (
     BudgetReading,
     PairedComparison,
@@ -40,10 +55,19 @@ from experiments.suites.stats import (
     t_mean_ci,
 )
 
-if TYPE_CHECKING:
-    from experiments.suites.compare import Suite
+__all__ = ["build_long_report", "load_long_runs"]
 
-__all__ = ["LongRun", "build_long_report", "load_long_runs"]
+
+class SuiteGrid(Protocol):
+    """What this report reads of a suite: an ``experiments.suites.compare.Suite``, which the
+    runner passes in (this module does not import the runner)."""
+
+    name: str
+    preregistration: str
+    phases: tuple[Any, ...]  # each with methods, budgets, seeds and cells()
+
+    def grid(self) -> list[tuple[str, float, int]]: ...
+
 
 # The pre-registered primary comparisons: name -> (method, budget, reference, budget, bar).
 # Supported when the lower end of the paired 95% t-interval (pp) is above the bar.
@@ -55,71 +79,24 @@ SANITY_ACC = 0.70  # baseline@1.0 mean test accuracy at least this
 SANITY_GAP_PP = 1.0  # baseline@1.0 − baseline@0.8 at least this (paired)
 
 
-@dataclass
-class LongRun:
-    method: str
-    budget: float
-    seed: int
-    epochs: list[dict] = field(default_factory=list)  # epoch records with val_acc
-    summary: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # run.json
-
-    @property
-    def test_acc(self) -> float:
-        return float(self.summary["final_test_acc"])
-
-    @property
-    def val_acc(self) -> float:
-        return float(self.summary["final_val_acc"])
-
-
-def load_long_runs(suite_dir: Path) -> list[LongRun]:
-    """The finished runs (summary record with ``final_test_acc``) under ``suite_dir/runs``."""
+def load_long_runs(suite_dir: Path) -> list[Run]:
+    """The finished runs under ``suite_dir/runs`` with a final test accuracy (the summary's
+    ``final_test_acc``); their ``epochs`` are the epoch records with ``val_acc``."""
     runs = []
-    for metrics in sorted(Path(suite_dir, "runs").glob("*/b*/s*/metrics.jsonl")):
-        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        if not records or records[-1].get("kind") != "summary":
-            continue  # unfinished: the runner resumes it
-        summary = records[-1]
-        if summary.get("final_test_acc") is None:
-            continue
-        d = metrics.parent
-        info = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
-        epochs = [r for r in records if r.get("kind") == "epoch" and r.get("val_acc") is not None]
-        if not epochs:
+    for r in load_runs(suite_dir, evaluated="val_acc"):
+        if r.summary.get("final_test_acc") is None:
+            continue  # no test evaluation after the last step: nothing to report
+        if not r.epochs:
             raise ValueError(
-                f"{metrics}: a finished run with no evaluated epoch (no epoch record with "
-                "val_acc); the long report reads validation accuracy every epoch"
+                f"{r.folder / 'metrics.jsonl'}: a finished run with no evaluated epoch (no epoch "
+                "record with val_acc); the long report reads validation accuracy every epoch"
             )
-        runs.append(
-            LongRun(
-                d.parent.parent.name,
-                float(d.parent.name[1:]),
-                int(d.name[1:]),
-                epochs,
-                summary,
-                info,
-            )
-        )
+        runs.append(r)
     return runs
 
 
-def _cell(runs: list[LongRun], method: str, budget: float) -> dict[int, LongRun]:
-    return {r.seed: r for r in runs if r.method == method and r.budget == budget}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def _pp(c: PairedComparison) -> str:
-    if c.n < 2:
-        return f"{c.mean:+.2f} (n = 1)"
-    return f"{c.mean:+.2f} [{c.t_low:+.2f}, {c.t_high:+.2f}]"
-
-
 def _compare(runs, a: tuple[str, float], b: tuple[str, float]) -> PairedComparison | None:
-    ca, cb = _cell(runs, *a), _cell(runs, *b)
+    ca, cb = cell(runs, *a), cell(runs, *b)
     if not set(ca) & set(cb):
         return None
     return paired(
@@ -127,7 +104,7 @@ def _compare(runs, a: tuple[str, float], b: tuple[str, float]) -> PairedComparis
     )
 
 
-def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
+def _primary(runs, suite: SuiteGrid) -> tuple[list[str], list[str]]:
     """(verdict lines, table lines) of the pre-registered endpoint."""
     seeds = set(next(p.seeds for p in suite.phases if "gcgd" in p.methods))
     rows, verdicts, complete = [], [], True
@@ -145,7 +122,7 @@ def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
         verdicts.append(ok)
         status = ("supported" if ok else "not supported") + ("" if have == seeds else " (partial)")
         rows.append(
-            f"| {name} | {c.n} of {len(seeds)} | {_pp(c)} | {c.p_value:.3g} | > {bar:+.1f} | {status} |"
+            f"| {name} | {c.n} of {len(seeds)} | {pp_ci(c)} | {c.p_value:.3g} | > {bar:+.1f} | {status} |"
         )
     table = [
         "| comparison (final test accuracy, pp) | paired seeds | mean [95% t-CI] | p | lower end must be | verdict |",
@@ -153,7 +130,7 @@ def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
         *rows,
     ]
     if not complete or len(verdicts) < len(PRIMARY):
-        done = sum(1 for (m, bm, *_) in PRIMARY.values() for _ in _cell(runs, m, bm))
+        done = sum(1 for (m, bm, *_) in PRIMARY.values() for _ in cell(runs, m, bm))
         line = (
             "**Primary endpoint: pending.** Not every report seed of the primary comparisons has "
             f"finished ({done} of {len(PRIMARY) * len(seeds)} GCGD@0.8 seed-comparisons so far); "
@@ -164,7 +141,7 @@ def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
     for (name, (m, bm, ref, br, bar)), ok in zip(PRIMARY.items(), verdicts, strict=True):
         c = _compare(runs, (m, bm), (ref, br))
         parts.append(
-            f"{name}: {c.mean:+.2f} pp [{c.t_low:+.2f}, {c.t_high:+.2f}], "
+            f"{name}: {pp(c.mean)} pp [{pp(c.t_low)}, {pp(c.t_high)}], "
             f"{'supported' if ok else 'not supported'} (bar {bar:+.1f})"
         )
     claim = "holds" if all(verdicts) else "does not hold"
@@ -176,7 +153,7 @@ def _primary(runs, suite: Suite) -> tuple[list[str], list[str]]:
 
 
 def _sanity(runs) -> list[str]:
-    full, short = _cell(runs, "baseline", 1.0), _cell(runs, "baseline", 0.8)
+    full, short = cell(runs, "baseline", 1.0), cell(runs, "baseline", 0.8)
     lines = ["## Sanity checks (baseline, before GCGD ran)", ""]
     if len(full) < 5 or len(short) < 5:
         return [
@@ -190,18 +167,18 @@ def _sanity(runs) -> list[str]:
     return [
         *lines,
         (
-            f"- baseline@1.0 mean final test accuracy {_pct(mean)} [{_pct(lo)}, {_pct(hi)}] "
+            f"- baseline@1.0 mean final test accuracy {pct(mean, 2)} [{pct(lo, 2)}, {pct(hi, 2)}] "
             f"(5 seeds): {'passes' if ok_acc else 'FAILS'} the ≥ {100 * SANITY_ACC:.0f}% check."
         ),
         (
-            f"- baseline@1.0 − baseline@0.8, paired: {_pp(gap)} pp: "
+            f"- baseline@1.0 − baseline@0.8, paired: {pp_ci(gap)} pp: "
             f"{'passes' if ok_gap else 'FAILS'} the ≥ {SANITY_GAP_PP:g} pp check (the budget matters)."
         ),
         "",
     ]
 
 
-def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
+def _accuracy_table(runs, suite: SuiteGrid) -> tuple[list[str], dict]:
     """Every method × budget beside the baseline's mean on the same seeds; Holm across the
     secondary comparisons (everything but the primary's two)."""
     primary = {(m, bm, ref, br) for m, bm, ref, br, _ in PRIMARY.values()}
@@ -209,8 +186,8 @@ def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
     comps: dict[str, PairedComparison] = {}
     rows = []
     for m, b in cells:
-        cell = _cell(runs, m, b)
-        if not cell:
+        cell_runs = cell(runs, m, b)
+        if not cell_runs:
             rows.append((m, b, None))
             continue
         refs = [("baseline", b)] + ([("baseline", 1.0)] if b != 1.0 else [])
@@ -224,7 +201,7 @@ def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
             key = f"{m}@{b:g} − {ref[0]}@{ref[1]:g}"
             if (m, b, *ref) not in primary and c.n >= 2:
                 comps[key] = c
-            base = _cell(runs, *ref)
+            base = cell(runs, *ref)
             base_mean = np.mean([base[s].test_acc for s in c.seeds])
             out.append((key, ref, c, base_mean))
         rows.append((m, b, out))
@@ -242,37 +219,37 @@ def _accuracy_table(runs, suite: Suite) -> tuple[list[str], dict]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, b, out in rows:
-        cell = _cell(runs, m, b)
+        cell_runs = cell(runs, m, b)
         if out is None:
             lines.append(f"| {m} | {b:g} | 0 | (not run yet) | | | | | |")
             continue
-        accs = [r.test_acc for r in cell.values()]
+        accs = [r.test_acc for r in cell_runs.values()]
         mean, lo, hi = t_mean_ci(accs)
-        acc = f"{_pct(mean)} [{_pct(lo)}, {_pct(hi)}]" if len(accs) > 1 else _pct(mean)
+        acc = f"{pct(mean, 2)} [{pct(lo, 2)}, {pct(hi, 2)}]" if len(accs) > 1 else pct(mean, 2)
         if not out:
-            lines.append(f"| {m} | {b:g} | {len(cell)} | {acc} | | | | | |")
+            lines.append(f"| {m} | {b:g} | {len(cell_runs)} | {acc} | | | | | |")
         for i, (key, ref, c, base_mean) in enumerate(out):
             if (m, b, *ref) in {(pm, pb, pr, prb) for pm, pb, pr, prb, _ in PRIMARY.values()}:
                 verdict = "primary"
             else:
                 verdict = "" if key not in comps else ("rejects" if rejected.get(key) else "=")
             lines.append(
-                f"| {m if i == 0 else ''} | {b:g} | {len(cell) if i == 0 else ''} "
-                f"| {acc if i == 0 else ''} | {ref[0]}@{ref[1]:g} | {_pct(base_mean)} (n={c.n}) "
-                f"| {_pp(c)} | {'' if c.n < 2 else f'{c.p_value:.3g}'} | {verdict} |"
+                f"| {m if i == 0 else ''} | {b:g} | {len(cell_runs) if i == 0 else ''} "
+                f"| {acc if i == 0 else ''} | {ref[0]}@{ref[1]:g} | {pct(base_mean, 2)} (n={c.n}) "
+                f"| {pp_ci(c)} | {'' if c.n < 2 else f'{c.p_value:.3g}'} | {verdict} |"
             )
     return [*lines, ""], comps
 
 
-def _time_to_result(runs, suite: Suite, costs: dict[str, dict]) -> list[str]:
-    full = _cell(runs, "baseline", 1.0)
+def _time_to_result(runs, suite: SuiteGrid, costs: dict[str, dict]) -> list[str]:
+    full = cell(runs, "baseline", 1.0)
     lines = ["## Time to result (validation, every epoch)", ""]
     if not full:
         return [*lines, "Pending: no finished baseline@1.0 run gives the target yet.", ""]
     target = float(np.median([r.val_acc for r in full.values()]))
     lines += [
         (
-            f"Target: the baseline@1.0's median final validation accuracy, {_pct(target)} "
+            f"Target: the baseline@1.0's median final validation accuracy, {pct(target, 2)} "
             f"({len(full)} seeds). Per run: the first evaluated step at which validation accuracy "
             "reaches it, and the wall-clock to that epoch's end (training + evaluation time as "
             "logged in the run, so disturbed by whatever else ran on the machine), and the same "
@@ -287,11 +264,11 @@ def _time_to_result(runs, suite: Suite, costs: dict[str, dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for m, b in dict.fromkeys((m, b) for m, b, _ in suite.grid()):
-        cell = _cell(runs, m, b)
-        if not cell:
+        cell_runs = cell(runs, m, b)
+        if not cell_runs:
             continue
         steps, walls = [], []
-        for r in cell.values():
+        for r in cell_runs.values():
             clock = 0.0
             for e in r.epochs:
                 clock += float(e.get("epoch_time") or 0.0)
@@ -299,7 +276,7 @@ def _time_to_result(runs, suite: Suite, costs: dict[str, dict]) -> list[str]:
                     steps.append(e["step"])
                     walls.append(clock)
                     break
-        reached = f"{len(steps)} of {len(cell)} ({100 * len(steps) / len(cell):.0f}%)"
+        reached = f"{len(steps)} of {len(cell_runs)} ({100 * len(steps) / len(cell_runs):.0f}%)"
         med_step = f"{np.median(steps):.0f}" if steps else "—"
         med_wall = f"{np.median(walls):.0f}" if walls else "—"
         alone = "—"
@@ -308,19 +285,19 @@ def _time_to_result(runs, suite: Suite, costs: dict[str, dict]) -> list[str]:
         elif steps:
             alone = "(not measured)"
         lines.append(
-            f"| {m} | {b:g} | {len(cell)} | {reached} | {med_step} | {med_wall} | {alone} |"
+            f"| {m} | {b:g} | {len(cell_runs)} | {reached} | {med_step} | {med_wall} | {alone} |"
         )
     return [*lines, ""]
 
 
 def _equivalent_budgets(runs) -> tuple[list[str], dict[str, SweepResult]]:
     base = {
-        b: {s: r.test_acc for s, r in _cell(runs, "baseline", b).items()} for b in (0.6, 0.8, 1.0)
+        b: {s: r.test_acc for s, r in cell(runs, "baseline", b).items()} for b in (0.6, 0.8, 1.0)
     }
     base = {b: c for b, c in base.items() if c}
     lines = ["## Equivalent budget", ""]
     methods = sorted({r.method for r in runs if r.method != "baseline"})
-    at_full = [m for m in methods if _cell(runs, m, 1.0)]
+    at_full = [m for m in methods if cell(runs, m, 1.0)]
     if len(base) < 2 or 1.0 not in base or not at_full:
         pending = "Pending: needs the baseline at two or more budgets and a method at 1.0."
         return [*lines, pending, ""], {}
@@ -340,10 +317,7 @@ def _equivalent_budgets(runs) -> tuple[list[str], dict[str, SweepResult]]:
     ]
     readings: dict[str, SweepResult] = {}
     for m in at_full:
-        cells = {
-            b: {r.seed: r.test_acc for r in runs if r.method == m and r.budget == b}
-            for b in (0.6, 0.8, 1.0)
-        }
+        cells = {b: {s: r.test_acc for s, r in cell(runs, m, b).items()} for b in (0.6, 0.8, 1.0)}
         cells = {b: c for b, c in cells.items() if c}
         try:
             res = budget_sweep(cells, base, full=1.0)
@@ -352,18 +326,10 @@ def _equivalent_budgets(runs) -> tuple[list[str], dict[str, SweepResult]]:
             continue
         readings[m] = res
         lines.append(
-            f"| {m} | {len(res.seeds)} | {_fmt_reading(res.equivalent)} "
-            f"| {_fmt_reading(res.saving)} | {res.p_reach:.2f} |"
+            f"| {m} | {len(res.seeds)} | {fmt_reading(res.equivalent, compact=True)} "
+            f"| {fmt_reading(res.saving, compact=True)} | {res.p_reach:.2f} |"
         )
     return [*lines, ""], readings
-
-
-def _fmt_reading(r: BudgetReading) -> str:
-    if r.value is None:
-        return "not reached"
-    lo = "—" if r.low is None else f"{100 * r.low:.0f}%"
-    hi = "—" if r.high is None else f"{100 * r.high:.0f}%"
-    return f"{r.censor}{100 * r.value:.0f}% [{lo}, {hi}]"
 
 
 def _in_wall_clock(r: BudgetReading, to_clock) -> BudgetReading:
@@ -417,7 +383,7 @@ def _wall_clock(readings: dict[str, SweepResult], costs: dict[str, dict]) -> lis
         equivalent = _in_wall_clock(res.equivalent, lambda e, r=ratio: e / r)
         saving = _in_wall_clock(res.saving, lambda s, r=ratio: 1.0 - (1.0 - s) * r)
         lines.append(
-            f"| {m} | {ratio:.3f}× | {_fmt_reading(equivalent)} | {_fmt_reading(saving)} |"
+            f"| {m} | {ratio:.3f}× | {fmt_reading(equivalent, compact=True)} | {fmt_reading(saving, compact=True)} |"
         )
     return [*lines, ""]
 
@@ -439,21 +405,21 @@ EXPLORATORY: dict[str, tuple[tuple[int, str], ...]] = {
 }
 
 
-def _exploratory(runs: list[LongRun]) -> list[str]:
+def _exploratory(runs: list[Run]) -> list[str]:
     """GCGD against its parts, and each part against its control, paired over the seeds every
     cell of a row ran (at 100% budget)."""
     rows = []
     for name, terms in EXPLORATORY.items():
-        cells = [(sign, _cell(runs, m, 1.0)) for sign, m in terms]
+        cells = [(sign, cell(runs, m, 1.0)) for sign, m in terms]
         seeds = sorted(set.intersection(*(set(c) for _, c in cells)))
         if len(seeds) < 2:
             continue
         plus = {s: sum(100 * c[s].test_acc for sign, c in cells if sign > 0) for s in seeds}
         minus = {s: sum(100 * c[s].test_acc for sign, c in cells if sign < 0) for s in seeds}
         c = paired(plus, minus)
-        per_seed = ", ".join(f"{d:+.2f}" for d in c.diffs)
+        per_seed = ", ".join(pp(d) for d in c.diffs)
         rows.append(
-            f"| {name} | {', '.join(map(str, seeds))} | {_pp(c)} | {per_seed} | {c.p_value:.3g} |"
+            f"| {name} | {', '.join(map(str, seeds))} | {pp_ci(c)} | {per_seed} | {c.p_value:.3g} |"
         )
     if not rows:
         return []
@@ -493,21 +459,25 @@ def _range(values: list[float]) -> str:
     return f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g} – {hi:.3g}"
 
 
-def _diagnostics(runs: list[LongRun], suite: Suite) -> list[str]:
+def _diagnostics(runs: list[Run], suite: SuiteGrid) -> list[str]:
     """The methods' own diagnostics (e.g. GC-ODE's gate and gradient ratio, GC-W's predictor
     loss): their range over a cell's runs after the first and after the last epoch."""
     rows = []
     for m, b in dict.fromkeys((m, b) for m, b, _ in suite.grid()):
-        cell = sorted(_cell(runs, m, b).values(), key=lambda r: r.seed)
-        if not cell:
+        cell_runs = sorted(cell(runs, m, b).values(), key=lambda r: r.seed)
+        if not cell_runs:
             continue
-        keys = [k for k, v in cell[0].epochs[0].items() if k not in _COMMON_KEYS and _number(v)]
+        keys = [
+            k for k, v in cell_runs[0].epochs[0].items() if k not in _COMMON_KEYS and _number(v)
+        ]
         for k in keys:
-            first = [r.epochs[0].get(k) for r in cell]
-            last = [r.epochs[-1].get(k) for r in cell]
+            first = [r.epochs[0].get(k) for r in cell_runs]
+            last = [r.epochs[-1].get(k) for r in cell_runs]
             if any(v is None for v in first + last):
                 continue
-            rows.append(f"| {m} | {b:g} | {len(cell)} | `{k}` | {_range(first)} | {_range(last)} |")
+            rows.append(
+                f"| {m} | {b:g} | {len(cell_runs)} | `{k}` | {_range(first)} | {_range(last)} |"
+            )
     if not rows:
         return []
     return [
@@ -531,9 +501,7 @@ def _diagnostics(runs: list[LongRun], suite: Suite) -> list[str]:
     ]
 
 
-def _progress(suite_dir: Path, suite: Suite) -> list[str]:
-    from experiments.suites.compare import is_complete, run_dir
-
+def _progress(suite_dir: Path, suite: SuiteGrid) -> list[str]:
     lines = [
         "## Progress",
         "",
@@ -550,7 +518,7 @@ def _progress(suite_dir: Path, suite: Suite) -> list[str]:
     return [*lines, ""]
 
 
-def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
+def _plots(suite_dir: Path, runs: list[Run]) -> list[str]:
     if not runs:
         return []
     plt = pyplot()
@@ -559,12 +527,12 @@ def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in methods:
         for b, ls in ((1.0, "-"), (0.8, "--"), (0.6, ":")):
-            cell = list(_cell(runs, m, b).values())
-            if not cell:
+            cell_runs = list(cell(runs, m, b).values())
+            if not cell_runs:
                 continue
-            n = min(len(r.epochs) for r in cell)
-            acc = 100 * np.array([[e["val_acc"] for e in r.epochs[:n]] for r in cell])
-            mean_with_band(ax, acc, ls=ls, color=colors[m], label=f"{m}@{b:g} (n={len(cell)})")
+            n = min(len(r.epochs) for r in cell_runs)
+            acc = 100 * np.array([[e["val_acc"] for e in r.epochs[:n]] for r in cell_runs])
+            mean_with_band(ax, acc, ls=ls, color=colors[m], label=f"{m}@{b:g} (n={len(cell_runs)})")
     finish(
         fig,
         ax,
@@ -579,7 +547,7 @@ def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         budgets = sorted({r.budget for r in runs if r.method == m})
-        means = [100 * np.mean([r.test_acc for r in _cell(runs, m, b).values()]) for b in budgets]
+        means = [100 * np.mean([r.test_acc for r in cell(runs, m, b).values()]) for b in budgets]
         style = {"color": "k", "lw": 2} if m == "baseline" else {"color": colors[m]}
         ax.plot([100 * b for b in budgets], means, marker="o", label=m, **style)
     finish(
@@ -600,7 +568,7 @@ def _plots(suite_dir: Path, runs: list[LongRun]) -> list[str]:
     ]
 
 
-def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
+def build_long_report(suite_dir: Path, suite: SuiteGrid, *, notes: str = "") -> str:
     """Writes ``RESULTS.md`` (and the plots, once runs exist) into ``suite_dir``."""
     suite_dir = Path(suite_dir)
     suite_dir.mkdir(parents=True, exist_ok=True)
@@ -651,6 +619,4 @@ def build_long_report(suite_dir: Path, suite: Suite, *, notes: str = "") -> str:
             "",
         ]
     lines += _plots(suite_dir, runs)
-    text = "\n".join(lines)
-    (suite_dir / "RESULTS.md").write_text(text)
-    return text
+    return write_results(suite_dir, lines)

@@ -38,7 +38,7 @@ from experiments.suites.compare import (
     tree,
     with_overrides,
 )
-from experiments.suites.report import read_metrics
+from gcgd_jax.train.report import read_metrics
 
 DEFAULT_LRS = (0.05, 0.1, 0.2, 0.4)
 # The test split is never read: no final test evaluation either.
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for lr in lrs:
         for seed in seeds:
             metrics = run_dir(out / f"lr{lr:g}", "baseline", full, seed) / "metrics.jsonl"
-            _, summary = read_metrics(metrics)
+            summary = read_metrics(metrics)[-1]  # finished: ends with its summary
             acc = float(summary["final_val_acc"])
             val_acc.setdefault(lr, []).append(acc)
             runs.append({"lr": lr, "seed": seed, "final_val_acc": acc})

@@ -1,13 +1,22 @@
-"""Build a suite's report (RESULTS.md + PNG plots) from its runs' metrics.
+"""A suite's report (``RESULTS.md`` + PNG plots), rebuilt from its runs: the pieces every
+suite's report shares, and the budget-sweep suites' report.
 
 Layout read (written by ``experiments.suites.compare``)::
 
     <suite_dir>/runs/<method>/b<budget>/s<seed>/metrics.jsonl
     <suite_dir>/runs/<method>/b<budget>/s<seed>/run.json   (command, peak RSS, wall time)
 
-Each ``metrics.jsonl`` holds one JSON record per epoch (``epoch``,
-``test_acc``, ``step_time_median``, ...) and a final record with
-``"kind": "summary"`` (as :mod:`gcgd_jax.train` writes them).
+Each ``metrics.jsonl`` holds one JSON record per epoch (``epoch``, ``test_acc`` or
+``val_acc``, ``step_time_median``, ...) and, once the run has finished, a last record with
+``"kind": "summary"`` (as :mod:`gcgd_jax.train` writes them, read with its
+:func:`~gcgd_jax.train.report.read_metrics`).
+
+The shared pieces: the run folders (:func:`run_dir`, :func:`is_complete`), the finished runs
+(:class:`Run`, :func:`load_runs`), one cell of the grid (:func:`cell`), the formatters
+(:func:`pct`, :func:`pp`, :func:`pp_ci`, :func:`fmt_reading`), the step costs measured
+alone (:func:`clean_step_costs`) and the writing of ``RESULTS.md``
+(:func:`write_results`). :func:`build_report` is the budget-sweep suites' report;
+:mod:`experiments.suites.long_report` adds the pre-registered long suite's sections.
 
 Usage: ``python -m experiments.suites.report experiments/results/<suite>``.
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,98 +40,189 @@ from experiments.suites.stats import (
     paired,
     t_mean_ci,
 )
+from gcgd_jax.train.report import read_metrics
 
-__all__ = ["Run", "build_report", "load_runs"]
+__all__ = [
+    "Run",
+    "build_report",
+    "cell",
+    "clean_step_costs",
+    "fmt_reading",
+    "is_complete",
+    "load_runs",
+    "pct",
+    "pp",
+    "pp_ci",
+    "run_dir",
+    "write_results",
+]
 
 
-@dataclass
+# ------------------------------------------------------------------------------ the runs
+
+
+def run_dir(out: Path, method: str, budget: float, seed: int) -> Path:
+    """The folder of one cell of a suite's grid."""
+    return Path(out) / "runs" / method / f"b{budget:g}" / f"s{seed}"
+
+
+def _finished(records: list[dict]) -> bool:
+    return bool(records) and records[-1].get("kind") == "summary"
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether the run in ``directory`` has finished: its ``metrics.jsonl`` ends with its
+    summary record."""
+    return _finished(read_metrics(Path(directory) / "metrics.jsonl"))
+
+
+@dataclass(frozen=True)
 class Run:
+    """One finished run of a suite: its cell, its evaluated epoch records, its summary
+    record and its ``run.json`` (empty when there is none)."""
+
     method: str
     budget: float
     seed: int
-    epochs: list[dict] = field(default_factory=list)
-    summary: dict | None = None
-    info: dict = field(default_factory=dict)
+    folder: Path
+    epochs: list[dict]  # the epoch records that carry the evaluated accuracy
+    summary: dict
+    info: dict
 
     @property
     def final_acc(self) -> float:
+        """The last evaluated epoch's ``test_acc`` (the short suites evaluate the test split
+        every epoch)."""
         return float(self.epochs[-1]["test_acc"])
 
     @property
+    def test_acc(self) -> float:
+        """The summary's ``final_test_acc`` (the long suite evaluates the test split once,
+        after the last step)."""
+        return float(self.summary["final_test_acc"])
+
+    @property
+    def val_acc(self) -> float:
+        return float(self.summary["final_val_acc"])
+
+    @property
     def step_time(self) -> float:
-        if self.summary and "step_time_median" in self.summary:
+        if "step_time_median" in self.summary:
             return float(self.summary["step_time_median"])
         return float(np.median([e["step_time_median"] for e in self.epochs]))
 
 
-def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
-    epochs, summary = [], None
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        kind = rec.get("kind", rec.get("event", "epoch"))  # the trainer writes "kind"
-        if kind == "summary":
-            summary = rec
-        elif kind == "epoch" and rec.get("test_acc") is not None:
-            epochs.append(rec)
-    return epochs, summary
-
-
-def load_runs(suite_dir: Path) -> list[Run]:
+def load_runs(suite_dir: Path, *, evaluated: str = "test_acc") -> list[Run]:
+    """The finished runs under ``suite_dir/runs``, in folder order; a run's ``epochs`` are its
+    epoch records that carry ``evaluated`` (``test_acc``, or the long suite's ``val_acc``).
+    Unfinished runs are left out (the runner resumes them)."""
     runs = []
     for metrics in sorted(Path(suite_dir, "runs").glob("*/b*/s*/metrics.jsonl")):
-        seed_dir = metrics.parent
-        epochs, summary = read_metrics(metrics)
-        if summary is None or not epochs:
-            continue  # incomplete run: the runner resumes it, the report skips it
-        info_path = seed_dir / "run.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        records = read_metrics(metrics)
+        if not _finished(records):
+            continue
+        folder = metrics.parent
+        info = folder / "run.json"
         runs.append(
             Run(
-                method=seed_dir.parent.parent.name,
-                budget=float(seed_dir.parent.name[1:]),
-                seed=int(seed_dir.name[1:]),
-                epochs=epochs,
-                summary=summary,
-                info=info,
+                method=folder.parent.parent.name,
+                budget=float(folder.parent.name[1:]),
+                seed=int(folder.name[1:]),
+                folder=folder,
+                epochs=[
+                    r for r in records if r.get("kind") == "epoch" and r.get(evaluated) is not None
+                ],
+                summary=records[-1],
+                info=json.loads(info.read_text()) if info.exists() else {},
             )
         )
     return runs
 
 
-def _fmt_pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.0f}%"
+def cell(runs: list[Run], method: str, budget: float) -> dict[int, Run]:
+    """One cell of the grid: seed -> run of ``method`` at ``budget``, in the order of ``runs``."""
+    return {r.seed: r for r in runs if r.method == method and math.isclose(r.budget, budget)}
 
 
-def _fmt_reading(r: BudgetReading) -> str:
-    """A budget statistic with its censoring and interval, e.g. ``≥ 50% [30%, 50%]``."""
-    head = "not reached" if r.value is None else f"{r.censor} {_fmt_pct(r.value)}".strip()
-    return f"{head} [{_fmt_pct(r.low)}, {_fmt_pct(r.high)}]"
+# ------------------------------------------------------------------------------ formatting
 
 
-def _cell(runs: list[Run], method: str, budget: float) -> list[Run]:
-    return [r for r in runs if r.method == method and math.isclose(r.budget, budget)]
+def pct(x: float | None, digits: int = 0) -> str:
+    """A fraction as a percentage (``—`` for ``None``)."""
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _by_seed(runs: list[Run]) -> dict[int, float]:
-    return {r.seed: r.final_acc for r in runs}
+def pp(x: float) -> str:
+    """A difference in percentage points, signed, two decimals (``∞`` when not finite)."""
+    return f"{x:+.2f}" if math.isfinite(x) else "∞"
 
 
-def _pp(x: float) -> str:
-    return "∞" if not math.isfinite(x) else f"{100 * x:+.2f}"
+def pp_ci(c: PairedComparison, *, scale: float = 1.0) -> str:
+    """A paired difference with its Student-t 95% interval in pp, ``+1.20 [+0.40, +2.00]``
+    (``+1.20 (n = 1)`` on one seed); ``scale``: pp per unit of the compared values (100 when
+    they are fractions)."""
+    if c.n < 2:
+        return f"{pp(scale * c.mean)} (n = 1)"
+    return f"{pp(scale * c.mean)} [{pp(scale * c.t_low)}, {pp(scale * c.t_high)}]"
+
+
+def fmt_reading(r: BudgetReading, *, compact: bool = False) -> str:
+    """A budget reading with its censoring and interval, ``≥ 50% [30%, 50%]`` or
+    ``not reached [—, 60%]``; ``compact`` (the long report's style): ``≥50% [30%, 50%]``, and
+    ``not reached`` alone."""
+    if r.value is None:
+        if compact:
+            return "not reached"
+        head = "not reached"
+    else:
+        head = f"{r.censor}{'' if compact else ' '}{pct(r.value)}".strip()
+    return f"{head} [{pct(r.low)}, {pct(r.high)}]"
+
+
+def clean_step_costs(suite_dir: Path) -> dict[str, dict]:
+    """Per-method step costs measured alone (``overhead.json`` of
+    ``experiments.bench.bench_methods``): method -> its record (``ratio`` to the baseline,
+    ``step_s_median``, ...); empty when the suite has none yet."""
+    path = Path(suite_dir) / "overhead.json"
+    if not path.exists():
+        return {}
+    methods = json.loads(path.read_text()).get("methods")
+    bad = not isinstance(methods, dict) or any(
+        not isinstance(r, dict) or "ratio" not in r for r in methods.values()
+    )
+    if bad:
+        raise ValueError(
+            f"{path}: expected a 'methods' table of records with a 'ratio' "
+            "(as experiments.bench.bench_methods writes it)"
+        )
+    return dict(methods)
+
+
+def write_results(suite_dir: Path, lines: list[str]) -> str:
+    """Writes ``lines`` as ``suite_dir/RESULTS.md``; returns its text."""
+    text = "\n".join(lines)
+    (Path(suite_dir) / "RESULTS.md").write_text(text)
+    return text
+
+
+# ------------------------------------------------------------------ the budget-sweep report
+
+
+def _by_seed(runs: dict[int, Run]) -> dict[int, float]:
+    return {s: r.final_acc for s, r in runs.items()}
 
 
 def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") -> str:
     """Write ``RESULTS.md`` and PNG plots into ``suite_dir``; return the markdown."""
     suite_dir = Path(suite_dir)
-    runs = load_runs(suite_dir)
+    # a finished run with no test evaluation has no accuracy to report
+    runs = [r for r in load_runs(suite_dir) if r.epochs]
     if not runs:
         raise FileNotFoundError(f"no complete runs under {suite_dir / 'runs'}")
     methods = sorted({r.method for r in runs}, key=lambda m: (m != "baseline", m))
     budgets = sorted({r.budget for r in runs})
     full = max(budgets)
-    base_full = _cell(runs, "baseline", full)
+    base_full = cell(runs, "baseline", full)
     clean = _clean_ratios(suite_dir)
     step_times = {
         m: float(np.median([r.step_time for r in runs if r.method == m])) for m in methods
@@ -135,7 +235,7 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
 
     # Final accuracy at the full budget, paired with the baseline seed by seed.
     lines += [
-        f"## Final test accuracy at {_fmt_pct(full)} budget",
+        f"## Final test accuracy at {pct(full)} budget",
         "",
         (
             "Accuracy: mean over seeds with its Student-t 95% CI. Δ: the **paired** difference "
@@ -157,22 +257,22 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_mean = float(np.mean([r.final_acc for r in base_full])) if base_full else None
+    base_mean = float(np.mean([r.final_acc for r in base_full.values()])) if base_full else None
     comparisons: dict[str, PairedComparison] = {}
     for m in methods:
-        cell = _cell(runs, m, full)
-        if m != "baseline" and cell and base_full:
+        at_full = cell(runs, m, full)
+        if m != "baseline" and at_full and base_full:
             try:
-                comparisons[m] = paired(_by_seed(cell), _by_seed(base_full))
+                comparisons[m] = paired(_by_seed(at_full), _by_seed(base_full))
             except ValueError:
                 pass  # no seed in common: reported without a difference
     rejected = holm({m: c.p_value for m, c in comparisons.items()})
     summary_rows = {}
     for m in methods:
-        cell = _cell(runs, m, full)
-        if not cell:
+        at_full = cell(runs, m, full)
+        if not at_full:
             continue
-        mean, lo, hi = t_mean_ci([r.final_acc for r in cell])
+        mean, lo, hi = t_mean_ci([r.final_acc for r in at_full.values()])
         step = step_times[m]
         suite_ratio = step / base_step if base_step else float("nan")
         ratio = clean.get(m, suite_ratio)
@@ -182,25 +282,22 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         comp = comparisons.get(m)
         n_paired, delta, boot, p_s, verdict = "", "", "", "", ""
         if comp is not None:
-            n_paired = str(comp.n)
+            n_paired, delta = str(comp.n), pp_ci(comp, scale=100)
             if comp.n >= 2:
-                delta = f"{_pp(comp.mean)} [{_pp(comp.t_low)}, {_pp(comp.t_high)}]"
-                boot = f"[{_pp(comp.boot_low)}, {_pp(comp.boot_high)}]"
+                boot = f"[{pp(100 * comp.boot_low)}, {pp(100 * comp.boot_high)}]"
                 p_s = f"{comp.p_value:.3g}"
                 verdict = ("+" if comp.mean > 0 else "−") if rejected[m] else "="
-            else:
-                delta = f"{_pp(comp.mean)} (n = 1)"
-        acc_ci = f"[{100 * lo:.2f}, {100 * hi:.2f}]" if len(cell) > 1 else "(n = 1)"
+        acc_ci = f"[{100 * lo:.2f}, {100 * hi:.2f}]" if len(at_full) > 1 else "(n = 1)"
         rss_s = f"{max(rss):.0f}" if rss else "—"
         lines.append(
-            f"| {m} | {len(cell)} | {100 * mean:.2f}% {acc_ci} | {n_paired} | {delta} | {boot} "
+            f"| {m} | {len(at_full)} | {pct(mean, 2)} {acc_ci} | {n_paired} | {delta} | {boot} "
             f"| {p_s} | {verdict} | {step:.3f} | {suite_ratio:.2f}× "
             f"| {f'{clean[m]:.2f}×' if m in clean else '—'} | {rss_s} |"
         )
         summary_rows[m] = {
             "mean": mean,
             "ratio": ratio,
-            "n": len(cell),
+            "n": len(at_full),
             "comp": comp,
             "verdict": verdict,
         }
@@ -211,20 +308,20 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         m for m in methods if m != "baseline" and len({r.budget for r in runs if r.method == m}) > 1
     ]
     sweep_rows, sweeps = {}, {}
-    base_cells = {b: _by_seed(_cell(runs, "baseline", b)) for b in budgets}
+    base_cells = {b: _by_seed(cell(runs, "baseline", b)) for b in budgets}
     base_cells = {b: c for b, c in base_cells.items() if c}
     if base_full and swept:
         lines += [
             "## Budget sweep: epochs to reach the baseline's full-budget accuracy",
             "",
             (
-                f"Target: baseline mean at {_fmt_pct(full)} budget = {100 * base_mean:.2f}%. "
+                f"Target: baseline mean at {pct(full)} budget = {100 * base_mean:.2f}%. "
                 "Accuracy-vs-budget curves (means over the seeds common to every cell of the method "
                 "and the baseline) are made monotone and read piecewise-linearly between the "
                 "budgets run. **Epoch saving (primary)** = 1 − b*, b* where the method's curve "
                 "reaches the target (`≥` when it already does at the smallest budget run). "
                 "**Equivalent budget** = where the baseline's curve reaches the method's "
-                f"{_fmt_pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
+                f"{pct(full)} accuracy (`≥ 100%`: at or above the baseline; `≤`: below its "
                 "smallest budget). Grid saving = the coarse reading (smallest budget run whose "
                 "mean reaches). Intervals: 95% paired bootstrap over seeds (— = not reached); "
                 "P(reach) = fraction of resamples that reach; wall-clock saving = 1 − b* × "
@@ -232,13 +329,13 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
             ),
             "",
             "| method | n | "
-            + " | ".join(f"acc @ {_fmt_pct(b)}" for b in budgets)
+            + " | ".join(f"acc @ {pct(b)}" for b in budgets)
             + " | epoch saving [95% CI] | equivalent budget [95% CI] | grid saving [95% CI] "
             "| P(reach) | wall-clock saving |",
             "|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|",
         ]
         for m in ["baseline", *swept]:
-            cells = {b: _by_seed(_cell(runs, m, b)) for b in budgets}
+            cells = {b: _by_seed(cell(runs, m, b)) for b in budgets}
             cells = {b: c for b, c in cells.items() if c}
             accs = " | ".join(
                 f"{100 * np.mean(list(cells[b].values())):.2f}% (n={len(cells[b])})"
@@ -261,8 +358,8 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
                 wall = 1.0 - (1.0 - res.saving.value) * ratio
             wall_s = "—" if wall is None else f"{res.saving.censor} {100 * wall:+.0f}%".strip()
             lines.append(
-                f"| {m} | {len(res.seeds)} | {accs} | {_fmt_reading(res.saving)} "
-                f"| {_fmt_reading(res.equivalent)} | {_fmt_reading(res.grid)} "
+                f"| {m} | {len(res.seeds)} | {accs} | {fmt_reading(res.saving)} "
+                f"| {fmt_reading(res.equivalent)} | {fmt_reading(res.grid)} "
                 f"| {res.p_reach:.2f} | {wall_s} |"
             )
             sweeps[m] = (res, wall)
@@ -296,28 +393,7 @@ def build_report(suite_dir: Path, *, title: str | None = None, notes: str = "") 
         "![overhead](overhead.png)",
         "",
     ]
-    text = "\n".join(lines)
-    (suite_dir / "RESULTS.md").write_text(text)
-    return text
-
-
-def clean_step_costs(suite_dir: Path) -> dict[str, dict]:
-    """Per-method step costs measured alone (``overhead.json`` of
-    ``experiments.bench.bench_methods``): method -> its record (``ratio`` to the baseline,
-    ``step_s_median``, ...); empty when the suite has none yet."""
-    path = Path(suite_dir) / "overhead.json"
-    if not path.exists():
-        return {}
-    methods = json.loads(path.read_text()).get("methods")
-    bad = not isinstance(methods, dict) or any(
-        not isinstance(r, dict) or "ratio" not in r for r in methods.values()
-    )
-    if bad:
-        raise ValueError(
-            f"{path}: expected a 'methods' table of records with a 'ratio' "
-            "(as experiments.bench.bench_methods writes it)"
-        )
-    return dict(methods)
+    return write_results(suite_dir, lines)
 
 
 def _clean_ratios(suite_dir: Path) -> dict[str, float]:
@@ -332,14 +408,14 @@ def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
     better = [m for m, r in judged.items() if r["verdict"] == "+"]
     worse = [m for m, r in judged.items() if r["verdict"] == "−"]
     same = [m for m, r in judged.items() if r["verdict"] == "="]
-    f = _fmt_pct(full)
+    f = pct(full)
 
     def _list(ms):
         parts = []
         for m in ms:
             c = summary_rows[m]["comp"]
             parts.append(
-                f"{m} ({_pp(c.mean)} pp, paired t-CI [{_pp(c.t_low)}, {_pp(c.t_high)}], "
+                f"{m} ({pp(100 * c.mean)} pp, paired t-CI [{pp(100 * c.t_low)}, {pp(100 * c.t_high)}], "
                 f"p = {c.p_value:.2g}, n = {c.n})"
             )
         return ", ".join(parts)
@@ -360,12 +436,12 @@ def _conclusions(summary_rows: dict, sweeps: dict, full: float) -> list[str]:
             out.append(
                 f"- {m}: never reaches the baseline's {f} accuracy at any budget run "
                 f"(reached in {100 * res.p_reach:.0f}% of paired resamples); its {f} run is worth "
-                f"{_fmt_reading(eq)} of the baseline's budget."
+                f"{fmt_reading(eq)} of the baseline's budget."
             )
         else:
             wall_txt = f"{sav.censor} {100 * wall:+.0f}%".strip()
             out.append(
-                f"- {m}: epoch saving {_fmt_reading(sav)} (interpolated, paired bootstrap, "
+                f"- {m}: epoch saving {fmt_reading(sav)} (interpolated, paired bootstrap, "
                 f"n = {len(res.seeds)} seeds; reached in {100 * res.p_reach:.0f}% of resamples); "
                 f"wall-clock saving {wall_txt} at its step-time ratio "
                 f"{summary_rows.get(m, {}).get('ratio', float('nan')):.2f}×."
@@ -388,19 +464,19 @@ def _plots(suite_dir, runs, methods, full, sweep_rows, summary_rows, base_mean) 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in methods:
-        cell = _cell(runs, m, full)
-        if not cell:
+        at_full = list(cell(runs, m, full).values())
+        if not at_full:
             continue
-        n_ep = min(len(r.epochs) for r in cell)
-        acc = 100 * np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in cell])
-        mean_with_band(ax, acc, label=f"{m} (n={len(cell)})", **style[m])
+        n_ep = min(len(r.epochs) for r in at_full)
+        acc = 100 * np.array([[e["test_acc"] for e in r.epochs[:n_ep]] for r in at_full])
+        mean_with_band(ax, acc, label=f"{m} (n={len(at_full)})", **style[m])
     finish(
         fig,
         ax,
         suite_dir / "accuracy_vs_epoch.png",
         xlabel="epoch",
         ylabel="test accuracy (%)",
-        title=f"Test accuracy at {_fmt_pct(full)} budget (mean, 95% bootstrap band)",
+        title=f"Test accuracy at {pct(full)} budget (mean, 95% bootstrap band)",
         legend_size=7,
         legend_cols=2,
     )

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from experiments.suites import compare
-from experiments.suites.report import read_metrics
 from gcgd_jax.train import Trainer, load_config
+from gcgd_jax.train.report import read_metrics
 
 BASE = """
 [run]
@@ -80,7 +80,7 @@ def test_resume_max_runs_failure_and_report_only(tiny_suite, tmp_path, capsys):
 
     assert compare.is_complete(baseline)
     assert "resumed from checkpoint at step 4" in (baseline / "train.log").read_text()
-    _, summary = read_metrics(baseline / "metrics.jsonl")
+    summary = read_metrics(baseline / "metrics.jsonl")[-1]
     assert summary["resumed_from_step"] == 4 and summary["steps_run"] == 4
     assert summary["step"] == 8
     broken = compare.run_dir(out, "broken", 1.0, 0)

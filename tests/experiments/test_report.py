@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from experiments.suites.report import build_report, load_runs
+from experiments.suites.report import build_report, fmt_reading, load_runs, pct, pp, pp_ci
+from experiments.suites.stats import BudgetReading, paired
 
 
 def _write_run(root, method, budget, seed, accs, step_time, complete=True):
@@ -122,3 +123,20 @@ def test_report_verdicts_are_holm_corrected(tmp_path):
     text = build_report(tmp_path, title="t")
     assert _verdict(text, "borderline") == "="
     assert "borderline" in next(x for x in text.splitlines() if x.startswith("- No difference"))
+
+
+def test_one_set_of_formatters_writes_both_reports_styles():
+    assert (pct(0.5), pct(0.7234, 2), pct(None)) == ("50%", "72.34%", "—")
+    assert (pp(1.234), pp(-0.5), pp(float("inf")), pp(float("nan"))) == ("+1.23", "-0.50", "∞", "∞")
+    # Differences of fractions (scale 100), or already in percentage points (the long report).
+    c = paired({0: 0.72, 1: 0.74, 2: 0.75}, {0: 0.71, 1: 0.72, 2: 0.73})
+    assert pp_ci(c, scale=100) == f"+1.67 [{pp(100 * c.t_low)}, {pp(100 * c.t_high)}]"
+    assert pp_ci(paired({0: 72.0}, {0: 71.5})) == "+0.50 (n = 1)"
+    # A budget reading: the budget-sweep report's style, and the long report's (compact).
+    reading = BudgetReading(0.5, "≥", 0.3, 0.5)
+    assert fmt_reading(reading) == "≥ 50% [30%, 50%]"
+    assert fmt_reading(reading, compact=True) == "≥50% [30%, 50%]"
+    assert fmt_reading(BudgetReading(0.8, "", 0.7, None)) == "80% [70%, —]"
+    unreached = BudgetReading(None, "not reached", None, 0.6)
+    assert fmt_reading(unreached) == "not reached [—, 60%]"
+    assert fmt_reading(unreached, compact=True) == "not reached"
