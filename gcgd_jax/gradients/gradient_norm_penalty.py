@@ -6,7 +6,7 @@ transform of a gradient already computed.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ def gradient_norm_penalty(
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
     eps: float = 1e-12,
+    unperturbed_term: Literal["gradient", "normalized"] = "gradient",
 ) -> Callable[..., Any]:
     r"""``jax.value_and_grad`` of ``loss_fn`` with the gradient-norm penalty.
 
@@ -49,6 +50,17 @@ def gradient_norm_penalty(
     :math:`\alpha = 1` is exactly the gradient of SAM (Foret et al., 2021). A
     zero gradient gives no perturbation (and no NaN). The paper's recipes:
     ``radius=0.1, alpha=0.8`` (CIFAR), ``radius=0.05, alpha=0.8`` (ImageNet).
+
+    The authors' published code (``gnp/training/training_core.py`` of
+    JustNobody0204/gradient-norm-penalty, with its default
+    ``config.gnp.norm_perturbations = True``, which its CIFAR script keeps)
+    mixes the *normalized* gradient instead:
+    :math:`(1 - \alpha)\, \nabla L / \lVert \nabla L \rVert_2 + \alpha\,
+    \nabla L(\theta + r \nabla L / \lVert \nabla L \rVert_2)`. That is not the
+    gradient of the penalised objective (the two agree only where
+    :math:`\lVert \nabla L \rVert_2 = 1`, or at :math:`\alpha = 1`);
+    ``unperturbed_term="normalized"`` reproduces it, the default follows the
+    paper's formula above.
 
     Relation to :func:`optax.contrib.sam`: optax's SAM is an optimizer wrapper
     that alternates adversarial and outer steps over successive ``update``
@@ -90,6 +102,10 @@ def gradient_norm_penalty(
         has_aux: as in :func:`jax.value_and_grad`.
         eps: :math:`\epsilon > 0`, added to the gradient norm in the
             perturbation.
+        unperturbed_term: the :math:`(1 - \alpha)` term: ``"gradient"``
+            (:math:`\nabla L(\theta)`, the paper's formula) or ``"normalized"``
+            (:math:`\nabla L(\theta) / (\lVert \nabla L(\theta) \rVert_2 + \epsilon)`,
+            the official code's default). Static.
 
     Returns:
         A function with the signature of ``loss_fn`` returning
@@ -123,6 +139,10 @@ def gradient_norm_penalty(
     if (_common.concrete_value(alpha) or 0.0) > 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
     _common.check_number("eps", eps, lower=0.0, inclusive=False)
+    if unperturbed_term not in ("gradient", "normalized"):
+        raise ValueError(
+            f"`unperturbed_term` must be 'gradient' or 'normalized', got {unperturbed_term!r}."
+        )
     value_and_grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=has_aux)
     grad_fn = jax.grad(loss_fn, argnums=argnums, has_aux=has_aux)
     positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
@@ -132,7 +152,8 @@ def gradient_norm_penalty(
         # Per argument, as jax.value_and_grad returns them.
         grads_per_arg = (grads,) if isinstance(argnums, int) else grads
         # A zero gradient gives a zero perturbation: 0 * r / eps.
-        scale = radius / (_global_norm(grads) + eps)
+        norm = _global_norm(grads) + eps
+        scale = radius / norm
         perturbed_args = list(args)
         for position, grad in zip(positions, grads_per_arg):
             perturbed_args[position] = jax.tree.map(
@@ -143,7 +164,7 @@ def gradient_norm_penalty(
             perturbed_grads, _ = perturbed_grads
         mixed = jax.tree.map(
             lambda g, g_pert: ((1 - alpha) * g + alpha * g_pert).astype(g.dtype),
-            grads,
+            grads if unperturbed_term == "gradient" else jax.tree.map(lambda g: g / norm, grads),
             perturbed_grads,
         )
         return value, mixed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,11 @@ class MarsCorrectionState(NamedTuple):
 
 
 def mars_correction(
-    gamma: float = 0.025, beta1: float = 0.95, max_norm: float | None = 1.0
+    gamma: float = 0.025,
+    beta1: float = 0.95,
+    max_norm: float | None = 1.0,
+    *,
+    initial_prev_grad: Literal["first_grad", "zeros"] = "first_grad",
 ) -> optax.GradientTransformation:
     r"""MARS-approx gradient correction: a scaled gradient difference added back.
 
@@ -35,8 +39,13 @@ def mars_correction(
       \qquad c_t \leftarrow c_t \cdot \min\!\Big(1, \frac{\tau}{\|c_t\|}\Big)
 
     per tensor (``τ = max_norm``; ``None`` switches the clipping off). The
-    first step has no previous gradient: its difference is 0 (``c_0 = g_0``,
-    then clipped). The optimizer chained after it (MARS uses AdamW) runs its
+    first step has no previous gradient. By default (``initial_prev_grad=
+    "first_grad"``) its difference is 0 (``c_1 = g_1``, then clipped). The
+    official code (and pytorch-optimizer) start the previous gradient at zero
+    instead, so there :math:`c_1 = (1 + \gamma\beta_1/(1-\beta_1))\,g_1`
+    before the clip: ``initial_prev_grad="zeros"`` reproduces that (with the
+    paper's defaults the first correction is 1.475 times the gradient until the
+    clip bounds it). The optimizer chained after it (MARS uses AdamW) runs its
     moments on :math:`c_t`.
 
     Paper defaults (its AdamW form): ``gamma = 0.025``, ``beta1 = 0.95`` (the
@@ -53,6 +62,10 @@ def mars_correction(
       beta1: the momentum :math:`\beta_1` that sets the coefficient, in
         ``[0, 1)``.
       max_norm: per-tensor norm bound τ on :math:`c_t` (``> 0``), or ``None``.
+      initial_prev_grad: :math:`g_0`, the previous gradient of the first step:
+        ``"first_grad"`` (:math:`g_0 = g_1`, no correction on the first step) or
+        ``"zeros"`` (:math:`g_0 = 0`, as in the official code). A string, so
+        ``optax.inject_hyperparams`` leaves it static.
 
     Returns:
       An :class:`optax.GradientTransformation` with a
@@ -80,6 +93,10 @@ def mars_correction(
         raise ValueError(f"`beta1` must be in [0, 1), got {beta1!r}.")
     if max_norm is not None:
         _common.check_number("max_norm", max_norm, lower=0.0, inclusive=False)
+    if initial_prev_grad not in ("first_grad", "zeros"):
+        raise ValueError(
+            f"`initial_prev_grad` must be 'first_grad' or 'zeros', got {initial_prev_grad!r}."
+        )
 
     def init_fn(params):
         return MarsCorrectionState(
@@ -95,7 +112,10 @@ def mars_correction(
             if not _common.is_float(g):
                 return g, prev
             g32 = jnp.asarray(g).astype(prev.dtype)  # in the state's (>= float32) dtype
-            c = g32 + coef * jnp.where(first, 0.0, g32 - prev)
+            if initial_prev_grad == "zeros":  # prev starts at zeros (init_fn)
+                c = g32 + coef * (g32 - prev)
+            else:
+                c = g32 + coef * jnp.where(first, 0.0, g32 - prev)
             if max_norm is not None:
                 norm = optax.tree.norm(c)  # of this tensor (c is >= float32)
                 c = c * jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)

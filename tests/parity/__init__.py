@@ -1,0 +1,1 @@
+"""Parity with the authors' code: fixtures from their implementations, checked against ours."""
