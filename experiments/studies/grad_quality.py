@@ -193,7 +193,7 @@ class Diagnostics:
         self.ode_branch = ode_params["gc_ode"]
         self.ode_fit = nnx.filter_state(self.ode_rest, _in_gc_ode)  # its gates' fit statistics
         self.ode_opt_state = self.ode_tx.init(ode_params)
-        self.ode_opts = step_options(self.ode_cfg, fusion_breaker=t.use_fusion_breaker)
+        self.ode_opts = step_options(self.ode_cfg)
 
     def _build_functions(self) -> None:
         t = self.trainer
@@ -213,7 +213,7 @@ class Diagnostics:
             )
             model.train()
             graphdef = nnx.split(model, nnx.Param, ...)[0]  # e.g. backward_grad_norm's layers
-            opts = no_aug(step_options(cfg, fusion_breaker=t.use_fusion_breaker))
+            opts = no_aug(step_options(cfg))
             method_grads[name] = make_grad_fn(graphdef, opts)
         shadows, ode_rest, ode_tx = self.shadows, self.ode_rest, self.ode_tx
         kernel_idx, selected_idx = self.kernel_idx, self.selected_idx

@@ -70,7 +70,7 @@ def load_final_test(cfg: TrainConfig):
     return test
 
 
-def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptions:
+def step_options(cfg: TrainConfig) -> StepOptions:
     """The static step settings of ``cfg`` (normalisation, augmentation, loss, corrections)."""
     from gcgd_jax.data import normalization
 
@@ -96,7 +96,6 @@ def step_options(cfg: TrainConfig, *, fusion_breaker: bool = False) -> StepOptio
         state_metrics=tuple(
             name for name in cfg.corrections.chain if methods.get(name).state_metric is not None
         ),
-        fusion_breaker=fusion_breaker,
         nan_policy=cfg.train.nan_policy,
     )
 

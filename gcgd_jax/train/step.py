@@ -86,7 +86,6 @@ class StepOptions:
     aux: AuxSpec = dataclasses.field(default_factory=AuxSpec)
     # names of the chain's methods with a state metric (e.g. GC-W's predictor loss)
     state_metrics: tuple[str, ...] = ()
-    fusion_breaker: bool = False
     nan_policy: str = "stop"
 
 
@@ -148,7 +147,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
 
     def loss_fn(params, rest, images, labels, fusion_breaker, probe=None):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        fb = fusion_breaker if opts.fusion_breaker else None
+        fb = fusion_breaker
         if aux_spec.active:
             kwargs = {} if probe is None else {"aux_probe": probe}
             logits, aux = model(images, return_aux=True, fusion_breaker=fb, **kwargs)
@@ -253,8 +252,10 @@ def make_train_step(
     """The (unjitted) train step ``(state, images, labels, fusion_breaker) -> (state, metrics)``.
 
     :func:`make_grad_fn` then :func:`make_update_fn`. ``images`` are uint8
-    NHWC, ``labels`` int32, ``fusion_breaker`` a float32 scalar 1.0 passed at
-    run time (ignored unless ``opts.fusion_breaker``). Metrics (float32/int32
+    NHWC, ``labels`` int32, ``fusion_breaker`` the float32 scalar 1.0 passed at
+    run time that the model divides by to keep XLA's CPU backend from fusing
+    across blocks (:func:`gcgd_jax.ops.fusion.fusion_break`), or None for
+    none (``run.fusion_breaker``). Metrics (float32/int32
     scalars): ``loss`` (the data loss, mean over the batch), ``correct``
     (count), ``finite``, ``lr``; the model's auxiliary metrics by name
     (``opts.aux``; with GC-ODE ``gc_ode_loss``, ``gc_ode_gate``, the mean gate
@@ -286,8 +287,7 @@ def make_eval_step(
 
     def eval_step(params, rest, images, labels, weights, fusion_breaker):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        fb = fusion_breaker if opts.fusion_breaker else None
-        logits = model(preprocess(images, opts, None), fusion_breaker=fb)
+        logits = model(preprocess(images, opts, None), fusion_breaker=fusion_breaker)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return {

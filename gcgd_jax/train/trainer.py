@@ -246,7 +246,7 @@ class EpochAccount:
                 if reduction == "mean":
                     value += sums.model_aux.get(key, 0.0)
                 sums.model_aux[key] = value
-        for key in trainer._state_metric_keys:
+        for key in trainer.state_metric_keys:
             sums.state_metrics[key] = float(m[key])
         done = done_step - self.epoch * trainer.steps_per_epoch
         speed = (done - self.start_batch) * bs / max(now - self._t_start, 1e-9)
@@ -529,7 +529,10 @@ class Trainer:
         self.batch_sharding = self.parallel.batch_sharding
         self.replica_batch_sharding = self.parallel.replica_batch_sharding
         fb = run.fusion_breaker
-        self.use_fusion_breaker = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
+        # The fusion breaker: a runtime float32 1.0 the model divides by between blocks
+        # (gcgd_jax.ops.fusion), or None for none; every step function takes it.
+        on = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
+        self.fusion_breaker = jax.device_put(jnp.float32(1.0), self.replicated) if on else None
 
     def _setup_data(self, datasets: tuple[Any, ...] | None = None) -> None:
         cfg = self.cfg
@@ -599,8 +602,8 @@ class Trainer:
                     halted=jnp.zeros((), jnp.bool_),
                 )
             )
-        self.step_options = step_options(cfg, fusion_breaker=self.use_fusion_breaker)
-        self._state_metric_keys = tuple(
+        self.step_options = step_options(cfg)
+        self.state_metric_keys = tuple(
             methods.get(name).state_metric[0] for name in self.step_options.state_metrics
         )
         self.state = jax.device_put(_stack(states), self.replicated)
@@ -646,7 +649,6 @@ class Trainer:
             eval_fn, in_shardings=(repl, repl, data, data, data, repl), out_shardings=repl
         )
         self._replica_state = jax.jit(_index, static_argnums=1, out_shardings=repl)
-        self.fusion_breaker = jax.device_put(jnp.float32(1.0), repl)
         self._grad_fn = self._update_fn = None
 
     # ------------------------------------------------------------------ public seams
@@ -1302,7 +1304,7 @@ class Trainer:
             if reduction == "mean":
                 value = value / sums.steps if value is not None and sums.steps else None
             record[key] = value
-        for key in self._state_metric_keys:  # last step's value (e.g. gc_w_predictor_loss)
+        for key in self.state_metric_keys:  # last step's value (e.g. gc_w_predictor_loss)
             record[key] = sums.state_metrics.get(key)
         return record
 

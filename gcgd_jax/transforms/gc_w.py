@@ -86,7 +86,7 @@ def _check_int(name: str, value: Any, lower: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {lower}, got {value!r}.")
 
 
-def _static_int(name: str, value: Any, lower: int) -> int:
+def static_int(name: str, value: Any, lower: int) -> int:
     """A shape-deciding argument as a Python int (``ValueError`` naming it otherwise)."""
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be an int >= {lower}, got {value!r}.")
@@ -336,8 +336,8 @@ def gc_w(
     check_number("beta", beta, lower=0.0)
     if concrete_value(beta) is not None and not concrete_value(beta) < 1.0:
         raise ValueError(f"`beta` must be in [0, 1), got {beta!r}.")
-    num_heads = _static_int("num_heads", num_heads, 1)
-    head_size = _static_int("head_size", head_size, 1)
+    num_heads = static_int("num_heads", num_heads, 1)
+    head_size = static_int("head_size", head_size, 1)
     check_number("predictor_learning_rate", predictor_learning_rate, lower=0.0)
     check_number("scale_weight", scale_weight, lower=0.0)
     if target not in _TARGETS:

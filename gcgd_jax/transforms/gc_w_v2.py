@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from gcgd_jax.transforms._common import check_number, memory_parts
-from gcgd_jax.transforms.gc_w import _static_int
+from gcgd_jax.transforms.gc_w import static_int
 
 __all__ = [
     "GCWv2Predictor",
@@ -471,9 +471,9 @@ def gc_w_v2(
     """
     check_number("rho", rho, lower=0.0)
     decays = _check_decays(decays)
-    horizon = _static_int("horizon", horizon, 1)
-    num_heads = _static_int("num_heads", num_heads, 1)
-    head_size = _static_int("head_size", head_size, 1)
+    horizon = static_int("horizon", horizon, 1)
+    num_heads = static_int("num_heads", num_heads, 1)
+    head_size = static_int("head_size", head_size, 1)
     check_number("predictor_learning_rate", predictor_learning_rate, lower=0.0)
     check_number("warmup", warmup, lower=0.0)
     if isinstance(key, (bool, np.bool_)):

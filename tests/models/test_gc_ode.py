@@ -13,7 +13,7 @@ import gcgd_jax.models.gc_ode as gc_ode_module
 import gcgd_jax.models.gc_ode.module as gc_ode_modules  # where ODEBranch.solve looks up odeint
 from gcgd_jax.models import GCODE, GCODEConfig, resnet18, resnet20, resnet50
 from gcgd_jax.models.gc_ode import ODEBranch, TimeConv, resolve_gc_ode
-from gcgd_jax.models.gc_ode.routing import _routed_branch, _solve_pure
+from gcgd_jax.models.gc_ode.routing import routed_branch, solve_pure
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -155,7 +155,7 @@ def test_solvers_run_under_jit_with_gradients(config, fine_euler_solution):
     @jax.jit
     def loss_and_grads(params, x):
         return jax.value_and_grad(
-            lambda p, x: jnp.sum(_solve_pure(graphdef, x, p) ** 2), argnums=(0, 1)
+            lambda p, x: jnp.sum(solve_pure(graphdef, x, p) ** 2), argnums=(0, 1)
         )(params, x)
 
     loss, (g_params, g_x) = loss_and_grads(params, x)
@@ -164,7 +164,7 @@ def test_solvers_run_under_jit_with_gradients(config, fine_euler_solution):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_params))
     if config.width is None and (config.adaptive or config.solver != "euler"):
         # Higher-order / adaptive solvers land near the fine Euler solution.
-        z1 = jax.jit(lambda p, x: _solve_pure(graphdef, x, p))(params, x)
+        z1 = jax.jit(lambda p, x: solve_pure(graphdef, x, p))(params, x)
         np.testing.assert_allclose(z1, fine_euler_solution, atol=0.02, rtol=0.02)
 
 
@@ -185,7 +185,7 @@ def test_unrolled_solve_equals_diffeqsolve_values_and_gradients(solver, steps):
         ct = _x((2, 2, 2, 3), 5, dtype=jnp.float64)
 
         def f(graphdef, x, p):
-            return jnp.sum(_solve_pure(graphdef, x, p) * ct)
+            return jnp.sum(solve_pure(graphdef, x, p) * ct)
 
         ref, ref_grads = jax.value_and_grad(f, argnums=(1, 2))(graphdef, x, params)
         got, got_grads = jax.value_and_grad(f, argnums=(1, 2))(graphdef_u, x, params)
@@ -207,7 +207,7 @@ def test_branch_gradient_matches_finite_differences_float64():
         ct = _x((2, 2, 2, 3), 5, dtype=jnp.float64)
 
         def f(x, params):
-            return jnp.sum(_solve_pure(graphdef, x, params) * ct)
+            return jnp.sum(solve_pure(graphdef, x, params) * ct)
 
         f = jax.jit(f)
         assert f(x, params).dtype == jnp.float64
@@ -222,12 +222,12 @@ def test_routed_gradients_equal_two_stop_gradient_solves():
     c1, c2 = _x((2, 2, 2, 4), 1), _x((2, 2, 2, 4), 2)
 
     def routed(x, p):
-        zhat, z = _routed_branch(graphdef, x, p)
+        zhat, z = routed_branch(graphdef, x, p)
         return jnp.sum(zhat * c1) + jnp.sum(z * c2)
 
     def reference(x, p):
-        zhat = _solve_pure(graphdef, x, jax.lax.stop_gradient(p))
-        z = _solve_pure(graphdef, jax.lax.stop_gradient(x), p)
+        zhat = solve_pure(graphdef, x, jax.lax.stop_gradient(p))
+        z = solve_pure(graphdef, jax.lax.stop_gradient(x), p)
         return jnp.sum(zhat * c1) + jnp.sum(z * c2)
 
     g = jax.jit(jax.grad(routed, argnums=(0, 1)))(x, params)

@@ -115,7 +115,7 @@ def test_epoch_sums_and_records_reduce_each_metric_by_name():
     trainer = types.SimpleNamespace(
         cfg=cfg,
         step_options=types.SimpleNamespace(aux=SPEC),
-        _state_metric_keys=(),
+        state_metric_keys=(),
         steps_per_epoch=3,
     )
     bar = types.SimpleNamespace(update=lambda *a: None)

@@ -13,9 +13,9 @@ Solver = Literal["euler", "heun", "tsit5"]
 Adjoint = Literal["auto", "unrolled", "recursive_checkpoint", "direct"]
 
 _MODES: tuple[str, ...] = get_args(GCODEMode)
-_GATED = ("gradient", "frozen_branch")
+GATED = ("gradient", "frozen_branch")
 _SOLVERS: tuple[str, ...] = get_args(Solver)
-_SOLVER_CLASSES = {"euler": "Euler", "heun": "Heun", "tsit5": "Tsit5"}  # diffrax names
+SOLVER_CLASSES = {"euler": "Euler", "heun": "Heun", "tsit5": "Tsit5"}  # diffrax names
 _ADJOINTS: tuple[str, ...] = get_args(Adjoint)
 
 

@@ -28,7 +28,8 @@ def _num_groups(channels: int) -> int:
     return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
-def _group_norm(channels: int, *, rngs: nnx.Rngs, zero_scale: bool = False) -> nnx.Module:
+def field_group_norm(channels: int, *, rngs: nnx.Rngs, zero_scale: bool = False) -> nnx.Module:
+    """GroupNorm over ``channels`` with the largest group count the field uses (see above)."""
     return group_norm(channels, _num_groups(channels), zero_scale=zero_scale, rngs=rngs)
 
 
@@ -68,16 +69,16 @@ class ODEVectorField(nnx.Module):
     branch's Jacobian is the projection's). No BatchNorm inside the solve."""
 
     def __init__(self, channels: int, width: int | None, *, rngs: nnx.Rngs):
-        self.norm_in = _group_norm(channels, rngs=rngs)
+        self.norm_in = field_group_norm(channels, rngs=rngs)
         if width is None:
             self.conv1 = TimeConv(channels, channels, rngs=rngs)
             self.norm_mid = None
             self.conv2 = None
         else:
             self.conv1 = TimeConv(channels, width, rngs=rngs)
-            self.norm_mid = _group_norm(width, rngs=rngs)
+            self.norm_mid = field_group_norm(width, rngs=rngs)
             self.conv2 = TimeConv(width, channels, rngs=rngs)
-        self.norm_out = _group_norm(channels, rngs=rngs, zero_scale=True)
+        self.norm_out = field_group_norm(channels, rngs=rngs, zero_scale=True)
 
     def __call__(self, z: jax.Array, t: jax.Array) -> jax.Array:
         a = self.conv1(jax.nn.relu(self.norm_in(z)), t)

@@ -11,15 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gcgd_jax.models.aux import AuxSpec
-from gcgd_jax.models.gc_ode.config import _GATED, GCODEConfig, GCODEMode, resolve_gc_ode
-from gcgd_jax.models.gc_ode.field import ODEVectorField, _group_norm
+from gcgd_jax.models.gc_ode.config import GATED, GCODEConfig, GCODEMode, resolve_gc_ode
+from gcgd_jax.models.gc_ode.field import ODEVectorField, field_group_norm
 from gcgd_jax.models.gc_ode.routing import (
-    _matching_fork,
-    _measured_scale,
-    _routed_branch,
-    _solve_pure,
     gradient_ratios,
+    matching_fork,
+    measured_scale,
+    routed_branch,
     scale_gradient,
+    solve_pure,
 )
 from gcgd_jax.models.gc_ode.solve import odeint
 
@@ -67,7 +67,7 @@ class ODEBranch(nnx.Module):
                 kernel_init=nnx.initializers.he_normal(),
                 rngs=rngs,
             )
-            self.proj_norm = _group_norm(out_channels, rngs=rngs)
+            self.proj_norm = field_group_norm(out_channels, rngs=rngs)
         else:
             self.proj_conv = None
             self.proj_norm = None
@@ -76,7 +76,7 @@ class ODEBranch(nnx.Module):
             self.gamma = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
         else:
             self.gamma = None
-        self.fit = GateFit(jnp.zeros((), jnp.float32)) if config.mode in _GATED else None
+        self.fit = GateFit(jnp.zeros((), jnp.float32)) if config.mode in GATED else None
         if config.mode == "frozen_branch":
             _freeze(self)
 
@@ -179,7 +179,7 @@ class GCODE(nnx.Module):
 
     def gate(self, index: int) -> jax.Array:
         """``s_t`` of pair ``index`` (float32; 0 outside the gated modes)."""
-        if self.config.mode not in _GATED:
+        if self.config.mode not in GATED:
             return jnp.zeros((), jnp.float32)
         return jax.lax.stop_gradient(self.config.gate_max * self.branches[index].fit[...])
 
@@ -190,12 +190,12 @@ class GCODE(nnx.Module):
     def new_probe(self) -> jax.Array | None:
         """Zeros of shape ``(num_pairs, 2)`` to pass as ``probe`` and differentiate
         (gated modes; ``None`` otherwise): see :func:`gradient_ratios`."""
-        if self.config.mode not in _GATED:
+        if self.config.mode not in GATED:
             return None
         return jnp.zeros((self.num_pairs, 2), jnp.float32)
 
     def _measuring(self, probe: jax.Array | None) -> bool:
-        return probe is not None and self.config.mode in _GATED and not self.deterministic
+        return probe is not None and self.config.mode in GATED and not self.deterministic
 
     def fork(self, index: int, h_prev: jax.Array, probe: jax.Array | None = None) -> jax.Array:
         """``h_prev`` as both stage ``index`` and its branch read it (the same value).
@@ -205,7 +205,7 @@ class GCODE(nnx.Module):
         """
         if not self._measuring(probe):
             return h_prev
-        return _measured_scale(h_prev, jnp.ones((), jnp.float32), probe[index, 1])
+        return measured_scale(h_prev, jnp.ones((), jnp.float32), probe[index, 1])
 
     def stage_input(
         self, index: int, h_prev: jax.Array, probe: jax.Array | None = None
@@ -226,7 +226,7 @@ class GCODE(nnx.Module):
         else:
             factor = 1.0 - self.gate(index)
         if self._measuring(probe):
-            return _measured_scale(h_prev, factor, probe[index, 0])
+            return measured_scale(h_prev, factor, probe[index, 0])
         return scale_gradient(h_prev, factor)
 
     def __call__(
@@ -248,22 +248,22 @@ class GCODE(nnx.Module):
         graphdef, params = nnx.split(branch)
         if not compute_loss:
             # Only the extra backward path: stop-gradient parameters, live input.
-            zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
+            zhat = solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
             return h + s * (zhat - jax.lax.stop_gradient(zhat)), zero
         target = jax.lax.stop_gradient(h).astype(jnp.float32)
         k = self.config.loss_subsample
         if mode == "gradient" and k == 1:  # one solve for both paths
-            zhat, z = _routed_branch(graphdef, h_prev, params)
+            zhat, z = routed_branch(graphdef, h_prev, params)
             loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target))
             aux = jax.lax.stop_gradient(loss)
         else:
             # The extra path's solve (live input) on the whole batch; the output loss
             # (live parameters) on every k-th example; a frozen branch has none to train.
-            zhat = _solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
+            zhat = solve_pure(graphdef, h_prev, jax.lax.stop_gradient(params))
             aux = jnp.mean(jnp.square(jax.lax.stop_gradient(zhat).astype(jnp.float32) - target))
             loss = aux
             if mode == "gradient":
-                z = _solve_pure(graphdef, jax.lax.stop_gradient(h_prev[::k]), params)
+                z = solve_pure(graphdef, jax.lax.stop_gradient(h_prev[::k]), params)
                 loss = jnp.mean(jnp.square(z.astype(jnp.float32) - target[::k]))
         h_out = h + s * (zhat - jax.lax.stop_gradient(zhat))
         explained = 1.0 - aux / (jnp.var(target) + 1e-12)
@@ -306,11 +306,11 @@ class GCODE(nnx.Module):
             h = self.fork(i, h, probe)
             if matching:  # the stage's and the branch's inputs from one fork (module doc)
                 graphdef, params = nnx.split(self.branches[i])
-                x_stage, h, zero = _matching_fork(
+                x_stage, h, zero = matching_fork(
                     graphdef, self.config.sobolev_weight, h, params, 1.0 - self.gate(i)
                 )
                 if probe is not None:
-                    x_stage = _measured_scale(x_stage, jnp.ones((), jnp.float32), probe[i, 0])
+                    x_stage = measured_scale(x_stage, jnp.ones((), jnp.float32), probe[i, 0])
                 h_next = stage(x_stage, **kwargs) + zero
                 h, pair_loss = self(i, h, h_next, compute_loss=compute_loss)
                 total = total + pair_loss
@@ -332,7 +332,7 @@ def aux_spec(config: GCODEConfig, *, probe: bool = True) -> AuxSpec:
     adds ``gc_ode_grad_ratio`` (mean over pairs of :func:`gradient_ratios`),
     logged as its epoch mean.
     """
-    measured = probe and config.mode in _GATED
+    measured = probe and config.mode in GATED
     metrics: tuple[tuple[str, Any], ...] = (("gc_ode_loss", "mean"), ("gc_ode_gate", "last"))
     if measured:
         metrics = (*metrics, ("gc_ode_grad_ratio", "mean"))

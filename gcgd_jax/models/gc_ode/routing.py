@@ -2,13 +2,13 @@
 
 - :func:`scale_gradient`: identity forward, the cotangent times a factor
   (the stage's share ``1 - s_t`` of the mixed gradient; the control's factor).
-- ``_measured_scale`` and :func:`gradient_ratios`: the same, and the squared
+- ``measured_scale`` and :func:`gradient_ratios`: the same, and the squared
   norm of the incoming cotangent passed out through a probe's gradient (the
   gradient ratio the train step logs).
-- ``_routed_branch``: one ODE solve with two outputs whose cotangents go to
+- ``routed_branch``: one ODE solve with two outputs whose cotangents go to
   the input only and to the branch parameters only (the extra backward path
   and the auxiliary loss share the forward solve).
-- ``_matching_fork``: the backward-matching (Sobolev) term's gradient, taken
+- ``matching_fork``: the backward-matching (Sobolev) term's gradient, taken
   in the backward pass where ``J_stage^T g`` and ``g`` meet.
 """
 
@@ -41,7 +41,7 @@ scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 @jax.custom_vjp
-def _measured_scale(x: jax.Array, factor: jax.Array, probe: jax.Array) -> jax.Array:
+def measured_scale(x: jax.Array, factor: jax.Array, probe: jax.Array) -> jax.Array:
     """Identity forward; the cotangent of ``x`` is multiplied by ``factor``; the cotangent
     of the scalar ``probe`` is the squared norm of ``x``'s incoming cotangent (a
     measurement passed out through the gradient, not a derivative)."""
@@ -59,7 +59,7 @@ def _measured_scale_bwd(res, g):
     return g * factor.astype(g.dtype), jnp.zeros_like(factor), norm2
 
 
-_measured_scale.defvjp(_measured_scale_fwd, _measured_scale_bwd)
+measured_scale.defvjp(_measured_scale_fwd, _measured_scale_bwd)
 
 
 def gradient_ratios(probe_grad: jax.Array) -> jax.Array:
@@ -75,11 +75,11 @@ def gradient_ratios(probe_grad: jax.Array) -> jax.Array:
     return jnp.where(plain > 0, jnp.sqrt(mixed / safe), 1.0)
 
 
-def _solve_pure(graphdef, h_prev, params):
+def solve_pure(graphdef, h_prev, params):
     return nnx.merge(graphdef, params).solve(h_prev)
 
 
-def _routed_branch(graphdef, h_prev, params):
+def routed_branch(graphdef, h_prev, params):
     """One ODE solve, two outputs with separated gradients.
 
     Returns ``(zhat, z)``, both equal to ``z(1) = F(h_prev, params)``. The
@@ -91,7 +91,7 @@ def _routed_branch(graphdef, h_prev, params):
     cotangent (with the default unrolled solve both transpose one shared
     linearisation; nothing of the forward is recomputed).
     """
-    fn = functools.partial(_solve_pure, graphdef)
+    fn = functools.partial(solve_pure, graphdef)
 
     @jax.custom_vjp
     def routed(x, p):
@@ -133,7 +133,7 @@ def _backward_matching_grad(fn, x, params, g, target):
     return jax.tree.map(lambda d: (scale * f32(d)).astype(d.dtype), dp)
 
 
-def _matching_fork(graphdef, weight, h_prev, params, factor):
+def matching_fork(graphdef, weight, h_prev, params, factor):
     """``h_prev`` for the stage, ``h_prev`` for the branch, and zeros of ``h_i``'s shape.
 
     Identity forward. Backward: the stage path's cotangent ``a = J_stage^T g`` is
@@ -143,7 +143,7 @@ def _matching_fork(graphdef, weight, h_prev, params, factor):
     ``weight`` times the gradient of the backward mismatch
     (:func:`_backward_matching_grad`).
     """
-    fn = functools.partial(_solve_pure, graphdef)
+    fn = functools.partial(solve_pure, graphdef)
     out = jax.eval_shape(fn, h_prev, params)
 
     @jax.custom_vjp

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gcgd_jax.models.gc_ode.config import _SOLVER_CLASSES, GCODEConfig
+from gcgd_jax.models.gc_ode.config import SOLVER_CLASSES, GCODEConfig
 from gcgd_jax.models.gc_ode.field import ODEVectorField
 
 __all__ = ["odeint"]
@@ -40,7 +40,7 @@ def odeint(field: ODEVectorField, z0: jax.Array, config: GCODEConfig) -> jax.Arr
 
     graphdef, params = nnx.split(field)
     term = diffrax.ODETerm(_vector_field)
-    solver = getattr(diffrax, _SOLVER_CLASSES[config.solver])()
+    solver = getattr(diffrax, SOLVER_CLASSES[config.solver])()
     if config.adjoint == "unrolled" or (config.adjoint == "auto" and not config.adaptive):
         return _unrolled_solve(solver, term, z0, (graphdef, params), config.steps)
     dt0 = 1.0 / config.steps
