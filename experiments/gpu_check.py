@@ -41,7 +41,6 @@ the script working while no GPU is at hand.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import io
 import json
@@ -62,10 +61,28 @@ PACKAGES = (
 )  # fmt: skip
 HE_STEPS = 64_000
 BATCH = 128
-GCGD = ("corrections.chain=['gc_w']", "model.gc_ode.mode=gradient")
-METHODS = {"baseline": (), "gcgd": GCGD}
-BUDGETS = (1.0, 0.8)
 DRY_STEPS = 8  # a dry run's schedule at budget 1.0
+#: The experiment of the ``main`` stage: its one definition (methods, budgets, seeds, base
+#: configuration) is the suite file ``experiments/suites/gpu-cifar10-resnet20.toml``.
+SUITE = "gpu-cifar10-resnet20"
+
+
+def suite():
+    """The GPU experiment's suite (:mod:`experiments.suites.compare`)."""
+    from experiments.suites.compare import SUITES
+
+    return SUITES[SUITE]
+
+
+def methods() -> dict[str, tuple[str, ...]]:
+    """Each method of the suite -> its configuration overrides (from the registry)."""
+    s = suite()
+    return {m: s.overrides_for(m) for m in dict.fromkeys(c[0] for c in s.grid())}
+
+
+def budgets() -> tuple[float, ...]:
+    """The suite's budgets, largest first."""
+    return tuple(sorted(suite().budgets, reverse=True))
 
 
 def versions() -> dict[str, str | None]:
@@ -79,14 +96,16 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+def utc_now() -> str:
+    from experiments.common.results import utc_now as now
+
+    return now()
+
+
 def _commit() -> str | None:
     from experiments.common.provenance import git_commit
 
     return os.environ.get("GCGD_COMMIT") or git_commit()
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _write(out: Path, name: str, record: dict) -> None:
@@ -139,7 +158,7 @@ def preflight(out: Path, dry: bool) -> int:
     """Versions, the GPU, one train step of each variant, a checkpoint round trip."""
     t_start = time.perf_counter()
     found = versions()
-    record: dict = {"date": _now(), "commit": _commit(), "versions": found, "stages": []}
+    record: dict = {"date": utc_now(), "commit": _commit(), "versions": found, "stages": []}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items() if v), flush=True)
 
     def stage(name: str, fn) -> bool:
@@ -215,7 +234,7 @@ def preflight(out: Path, dry: bool) -> int:
         ("import gcgd_jax", lambda: __import__("gcgd_jax").__file__),
         ("jax backend", backend),
         ("train step: baseline", step_of(())),
-        ("train step: GCGD (GC-W + GC-ODE gradient)", step_of(GCGD)),
+        ("train step: GCGD (GC-W + GC-ODE gradient)", step_of(methods()["gcgd"])),
         ("train step: 2 seed-parallel replicas (vmap)", step_of((), (0, 1))),
         ("orbax checkpoint", checkpoint),
     ]
@@ -393,7 +412,7 @@ def bench(out: Path, dry: bool, replicas: int, deadline: float | None) -> int:
     plan.append(("jax", ["resnet20", "baseline", str(replicas)]))
     have_torch = importlib.util.find_spec("torch") is not None
     record = {
-        "date": _now(),
+        "date": utc_now(),
         "commit": _commit(),
         "command": "python -m experiments.gpu_check bench" + (" --dry-run" if dry else ""),
         "versions": versions(),
@@ -491,7 +510,7 @@ def case(argv: list[str]) -> int:
             print(json.dumps(row), flush=True)
         return 0
     seeds = tuple(range(a.replicas)) if a.replicas > 1 else ()
-    row = _jax_case(a.model, METHODS[a.variant], seeds, a.steps, a.dry_run)
+    row = _jax_case(a.model, methods()[a.variant], seeds, a.steps, a.dry_run)
     row["case"] = f"ours {a.model} {a.variant}" + (f" x{a.replicas} (vmap)" if seeds else "")
     print(json.dumps(row))
     return 0
@@ -507,7 +526,7 @@ def plan_steps(
     fit into ``seconds``: each arm compiles once and trains ``budget * steps`` steps; an
     epoch-end evaluation is budgeted as 10% of the training steps. At most He et al.'s 64k."""
     fixed = 2 * sum(compile_s.values())
-    per_step = sum(BUDGETS) * sum(step_s.values()) * 1.10
+    per_step = sum(budgets()) * sum(step_s.values()) * 1.10
     steps = int(max(seconds - fixed, 0.0) / per_step) if per_step > 0 else 0
     return min(steps, HE_STEPS)
 
@@ -520,6 +539,7 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     from gcgd_jax.train.build import load_data
 
     seeds = tuple(range(replicas))
+    config = suite().base_config
     base = [
         "checkpoint.enabled=false",
         "log.progress=false",
@@ -531,17 +551,17 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     else:
         base += [f"data.data_dir={data_dir}"]
     record: dict = {
-        "date": _now(),
+        "date": utc_now(),
         "commit": _commit(),
         "versions": versions(),
-        "setting": "gpu-cifar10-resnet20 (config cifar10_resnet20; GCGD adds "
-        + ", ".join(GCGD)
+        "setting": f"{SUITE} (experiments/suites/{SUITE}.toml, config {config}; GCGD adds "
+        + ", ".join(methods()["gcgd"])
         + ")",
         "seeds": list(seeds),
         "arms": {},
     }
     t_load = time.perf_counter()
-    cfg0 = load_config("cifar10_resnet20", base)
+    cfg0 = load_config(config, base)
     datasets = load_data(cfg0)
     record["data_load_s"] = time.perf_counter() - t_load
     record["train_examples"] = len(datasets[0].labels)
@@ -556,8 +576,8 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
     calib_steps = 4 if dry else 300
     calib_total = DRY_STEPS if dry else 1_000_000
     step_s, compile_s = {}, {}
-    for method, extra in METHODS.items():
-        cfg = load_config("cifar10_resnet20", [*base, *extra, f"train.total_steps={calib_total}"])
+    for method, extra in methods().items():
+        cfg = load_config(config, [*base, *extra, f"train.total_steps={calib_total}"])
         folder = tempfile.mkdtemp(prefix=f"gcgd_calib_{method}_")
         group = Trainer(cfg, out_dir=folder, stream=io.StringIO(), datasets=datasets)
         t0 = time.perf_counter()
@@ -591,14 +611,14 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
         (out / "main.md").write_text(main_markdown(record))
         return 0
 
-    for method, extra in METHODS.items():
-        for budget in BUDGETS:
+    for method, extra in methods().items():
+        for budget in budgets():
             arm = f"{method}@{budget}"
             if time.time() > deadline - 10 and not dry:  # a dry run runs every arm
                 record["arms"][arm] = {"skipped": "out of time"}
                 continue
             cfg = load_config(
-                "cifar10_resnet20",
+                config,
                 [*base, *extra, f"train.total_steps={steps}", f"train.budget={budget}"],
             )
             folder = Path(tempfile.mkdtemp(prefix=f"gcgd_{method}_{budget}_"))
@@ -710,10 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes")
     p.add_argument("--deadline", type=float, help="unix time by which the stage must end")
-    p.add_argument("--replicas", type=int, default=None, help="seeds per arm (default 8; 2 dry)")
+    p.add_argument(
+        "--replicas", type=int, default=None, help="seeds per arm (default: the suite's; 2 dry)"
+    )
     p.add_argument("--data-dir", help="folder holding cifar10-jpeg.tar.gz (main)")
     a = p.parse_args(argv)
-    replicas = a.replicas or (2 if a.dry_run else 8)
+    replicas = a.replicas or (2 if a.dry_run else len(suite().phases[0].seeds))
     if a.stage == "preflight":
         return preflight(a.out, a.dry_run)
     if a.stage == "bench":
