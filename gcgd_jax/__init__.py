@@ -4,7 +4,8 @@ Where things are, by what they are:
 
 * :mod:`gcgd_jax.transforms` -- optax transforms to chain before any optimizer
   (``gc_w``, ``gc_w_v2``, ``centralize``, ``channel_directed``, ``znorm``,
-  ``agr``, ``mars_correction``, ``grokfast_ema``);
+  ``agr``, ``mars_correction``, ``grokfast_ema``; for continual learning, fed the old
+  tasks' gradients: ``layerwise_gradient_decomposition``, ``gem``, ``agem``);
 * :mod:`gcgd_jax.losses` -- losses (``powergrad_cross_entropy``);
 * :mod:`gcgd_jax.gradients` -- ``value_and_grad`` replacements
   (``gradient_norm_penalty``);
@@ -12,7 +13,9 @@ Where things are, by what they are:
 * :mod:`gcgd_jax.models` -- the Flax NNX ResNets and GC-ODE;
 * :mod:`gcgd_jax.methods` -- the registry of every method above;
 * :mod:`gcgd_jax.ops` -- the operations that make XLA's CPU backend fast;
-* :mod:`gcgd_jax.train` and :mod:`gcgd_jax.data` -- the training system.
+* :mod:`gcgd_jax.train` and :mod:`gcgd_jax.data` -- the training system;
+* :mod:`gcgd_jax.continual` -- continual learning: task sequences, episodic memories,
+  GEM's metrics and their runner (``gcgd-continual``).
 
 Every public name below is importable from ``gcgd_jax`` directly; the
 sub-packages are imported on first use, so ``import gcgd_jax`` itself is cheap.
@@ -34,6 +37,7 @@ _EXPORTS: dict[str, str] = {
             "GCWv2State",
             "GrokfastEMAState",
             "MarsCorrectionState",
+            "agem",
             "agr",
             "centralize",
             "channel_directed",
@@ -45,7 +49,9 @@ _EXPORTS: dict[str, str] = {
             "gc_w_v2_effective_filter",
             "gc_w_v2_memory_floats",
             "gc_w_v2_states",
+            "gem",
             "grokfast_ema",
+            "layerwise_gradient_decomposition",
             "mars_correction",
             "znorm",
         ),
@@ -59,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "GCODEConfig": "gcgd_jax.models",
 }
 _SUBMODULES = (
+    "continual",
     "data",
     "gradients",
     "layers",
@@ -77,7 +84,18 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports
-    from gcgd_jax import data, gradients, layers, losses, methods, models, ops, train, transforms
+    from gcgd_jax import (
+        continual,
+        data,
+        gradients,
+        layers,
+        losses,
+        methods,
+        models,
+        ops,
+        train,
+        transforms,
+    )
     from gcgd_jax.gradients import gradient_norm_penalty
     from gcgd_jax.layers import BackwardGradNorm, backward_grad_norm
     from gcgd_jax.losses import powergrad_cross_entropy
@@ -87,6 +105,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         GCWv2State,
         GrokfastEMAState,
         MarsCorrectionState,
+        agem,
         agr,
         centralize,
         channel_directed,
@@ -98,7 +117,9 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         gc_w_v2_effective_filter,
         gc_w_v2_memory_floats,
         gc_w_v2_states,
+        gem,
         grokfast_ema,
+        layerwise_gradient_decomposition,
         mars_correction,
         znorm,
     )

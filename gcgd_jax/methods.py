@@ -6,7 +6,8 @@ overrides), its documented defaults, which parameters it applies to and its
 reference. Everything that needs to know the methods reads this table:
 
 * configuration validation (``corrections.chain``, ``loss.name``,
-  ``loss.penalty`` and ``model.gc_ode.mode`` accept exactly the registered values),
+  ``loss.penalty``, ``model.gc_ode.mode`` and the continual-learning runner's
+  ``method.name`` accept exactly the registered values),
 * the optimizer builder (:func:`gcgd_jax.train.optim.build_correction`),
 * the train step (the loss and gradient function it calls, the optimizer-state
   metrics it reports),
@@ -34,6 +35,11 @@ Kinds:
     controls, or a graph layer the model places (``model.backward_grad_norm``).
 ``"combination"``
     several methods at once (GCGD = GC-W + GC-ODE).
+``"continual"``
+    an optax transform for continual learning, fed the old tasks' gradients on
+    their episodic memories (``update(..., memory_grads=..., memory_mask=...)``);
+    run by :mod:`gcgd_jax.continual` (``gcgd-continual --set method.name=<name>``,
+    keyword arguments from ``[method.options]``), not by ``gcgd-train``.
 
 Adding a method = its module (maths and reference in the docstring), one
 :class:`Method` entry below, its tests; see ``docs/guides/adding_a_method.md``.
@@ -65,9 +71,9 @@ __all__ = [
     "methods_of_kind",
 ]
 
-#: What a method is: an optax transform, a loss, a gradient function, a model option or a
-#: combination (see the module docstring).
-Kind = Literal["transform", "loss", "gradient", "model", "combination"]
+#: What a method is: an optax transform, a loss, a gradient function, a model option, a
+#: combination or a continual-learning transform (see the module docstring).
+Kind = Literal["transform", "loss", "gradient", "model", "combination", "continual"]
 #: The named parameter masks a transform can apply to (``corrections.<name>.mask``).
 MaskName = Literal["all", "all_kernels", "pre_downsampling", "pre_downsampling_block"]
 #: Every :data:`MaskName`, in order.
@@ -79,6 +85,7 @@ _CONFIG_KEY: dict[str, str] = {
     "loss": "loss.name",
     "gradient": "loss.penalty",
     "model": "model.gc_ode.mode",
+    "continual": "method.name",  # gcgd_jax.continual's configuration
 }
 
 
@@ -99,7 +106,8 @@ class Method:
         factory: ``"module:attribute"`` of its factory (None for pure configuration
             entries such as the GC-ODE modes and combinations).
         value: the value of its kind's configuration key (``corrections.chain``
-            entry, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``); None for
+            entry, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``, the continual
+            runner's ``method.name``); None for
             entries that only combine or re-parameterise others.
         fixed: keyword arguments always passed to the factory (not user options).
         options: ``"loss"``/``"gradient"`` kinds: factory keyword -> ``[loss]`` field.
@@ -157,11 +165,14 @@ class Method:
 
     def option_names(self) -> tuple[str, ...]:
         """``"transform"`` kind: the keyword options a ``[corrections.<name>]`` table may
-        set (its factory's keywords less ``fixed``, plus ``mask``); imports the factory."""
-        if self.kind != "transform":
+        set (its factory's keywords less ``fixed``, plus ``mask``); ``"continual"`` kind:
+        those of the continual runner's ``[method.options]`` (its factory's keywords less
+        ``fixed``). Imports the factory."""
+        if self.kind not in ("transform", "continual"):
             raise ValueError(f"method {self.name!r} ({self.kind}) takes no corrections options")
         accepted = inspect.signature(self.load()).parameters
-        return (*(k for k in accepted if k not in self.fixed), "mask")
+        own = tuple(k for k in accepted if k not in self.fixed)
+        return (*own, "mask") if self.kind == "transform" else own
 
     def read_state_metric(self, opt_state: Any) -> Any:
         """Its ``state_metric`` read from an optimizer state."""
@@ -347,6 +358,45 @@ _ENTRIES: tuple[Method, ...] = (
         "GCGD = GC-W v1 + GC-ODE in gradient mode",
         f"ours; inspired by {_PAPER}",
         parts=("gc_w", "gc_ode_gradient"),
+    ),
+    # ------------------------------------------------------------ continual learning
+    Method(
+        "layerwise_decomposition",
+        "continual",
+        "per layer: project out the old tasks' task-specific gradient directions, keep the "
+        "update from opposing their shared direction",
+        "Tang et al., Layerwise Optimization by Gradient Decomposition for Continual "
+        "Learning, CVPR 2021, arXiv 2105.07561",
+        factory="gcgd_jax.transforms.layerwise_decomposition:layerwise_gradient_decomposition",
+        value="layerwise_decomposition",
+    ),
+    Method(
+        "layerwise_decomposition_whole",
+        "continual",
+        "control: the layerwise decomposition's rule on the whole network as one group "
+        "(the paper's ablation)",
+        "Tang et al., CVPR 2021, arXiv 2105.07561",
+        factory="gcgd_jax.transforms.layerwise_decomposition:layerwise_gradient_decomposition",
+        value="layerwise_decomposition_whole",
+        fixed=MappingProxyType({"layerwise": False}),
+        control=True,
+    ),
+    Method(
+        "gem",
+        "continual",
+        "GEM: the closest update that increases no old task's memory loss (dual QP)",
+        "Lopez-Paz & Ranzato, Gradient Episodic Memory for Continual Learning, NeurIPS "
+        "2017, arXiv 1706.08840",
+        factory="gcgd_jax.transforms.gem:gem",
+        value="gem",
+    ),
+    Method(
+        "agem",
+        "continual",
+        "A-GEM: project the update when it conflicts with the mean old-task memory gradient",
+        "Chaudhry et al., Efficient Lifelong Learning with A-GEM, ICLR 2019, arXiv 1812.00420",
+        factory="gcgd_jax.transforms.agem:agem",
+        value="agem",
     ),
 )
 

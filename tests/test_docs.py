@@ -35,6 +35,7 @@ DOCUMENTED_MODULES = (
     "gcgd_jax.models.gc_ode",
     "gcgd_jax.data",
     "gcgd_jax.train",
+    "gcgd_jax.continual",
     "gcgd_jax.methods",
     "gcgd_jax.ops",
 )

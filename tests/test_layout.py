@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import pkgutil
 import re
 import subprocess
@@ -67,18 +68,66 @@ def test_no_experiment_touches_a_private_name():
     assert not offenders, f"experiments use private names: {offenders}"
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _foreign_private_names(source: str) -> list[str]:
+    """Private names of *other* modules that a library module uses: ``from m import _x``
+    (``_x`` not a module) and ``obj._x`` on anything but ``self``/``cls``. A private
+    helper module (``transforms/_common.py``) may be imported; its names are public."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gcgd_jax"):
+            found += [
+                f"line {node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if _private(a.name) and not _is_module(f"{node.module}.{a.name}")
+            ]
+        elif (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_package_scanner_finds_foreign_private_names():
+    assert _foreign_private_names("from gcgd_jax.train.trainer import _Sums") != []
+    assert _foreign_private_names("trainer._restore(1)") != []
+    assert _foreign_private_names("from gcgd_jax.transforms import _common") == []
+    assert _foreign_private_names("self._x = state._replace(a=1)") == []
+
+
+def test_no_library_module_uses_another_modules_private_names():
+    """Inside gcgd_jax a module reaches another only through its public names (private
+    helper modules included: what they define is public to the package)."""
+    offenders = {
+        str(path.relative_to(ROOT)): uses
+        for path in sorted((ROOT / "gcgd_jax").rglob("*.py"))
+        if (uses := _foreign_private_names(path.read_text()))
+    }
+    assert not offenders, f"modules use other modules' private names: {offenders}"
+
+
 def test_transforms_holds_only_optax_transforms():
-    """Every public module of gcgd_jax.transforms defines a registered transform factory."""
+    """Every public module of gcgd_jax.transforms defines a registered transform factory
+    (an ordinary correction, or a continual-learning one fed the old tasks' gradients)."""
     import gcgd_jax.transforms as pkg
 
-    registered = {m.factory.split(":")[0] for m in methods.methods_of_kind("transform")}
+    entries = (*methods.methods_of_kind("transform"), *methods.methods_of_kind("continual"))
+    registered = {m.factory.split(":")[0] for m in entries}
     modules = {
         f"gcgd_jax.transforms.{info.name}"
         for info in pkgutil.iter_modules(pkg.__path__)
         if not info.name.startswith("_")
     }
     assert modules == registered
-    for m in methods.methods_of_kind("transform"):
+    for m in entries:
         tx = m.load()(**m.fixed)
         assert isinstance(tx, optax.GradientTransformation), m.name
 
@@ -86,6 +135,7 @@ def test_transforms_holds_only_optax_transforms():
 def test_each_kind_lives_in_its_room():
     rooms = {
         "transform": "gcgd_jax.transforms.",
+        "continual": "gcgd_jax.transforms.",
         "loss": "gcgd_jax.losses.",
         "gradient": "gcgd_jax.gradients.",
     }
@@ -128,7 +178,8 @@ def test_importing_the_package_and_the_cli_is_light():
     heavy = ("jax", "flax", "optax", "diffrax")
     loaded = _run(
         "import sys, gcgd_jax, gcgd_jax.methods, gcgd_jax.train.cli, gcgd_jax.train.config, "
-        "gcgd_jax.models, gcgd_jax.models.gc_ode.config, gcgd_jax.ops.xla_flags; "
+        "gcgd_jax.models, gcgd_jax.models.gc_ode.config, gcgd_jax.ops.xla_flags, "
+        "gcgd_jax.continual.cli, gcgd_jax.continual.config; "
         "from gcgd_jax.ops import apply_cpu_flags; "
         f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
     )

@@ -12,6 +12,9 @@ import optax
 import pytest
 
 from gcgd_jax import methods
+from gcgd_jax.continual.cli import main as continual_main
+from gcgd_jax.continual.config import METHODS as CONTINUAL_METHODS
+from gcgd_jax.continual.config import load_config as load_continual_config
 from gcgd_jax.train.cli import main
 from gcgd_jax.train.config import (
     CORRECTIONS,
@@ -22,6 +25,8 @@ from gcgd_jax.train.config import (
     load_config,
 )
 from gcgd_jax.train.report import read_metrics
+from tests.continual.test_conformance import FACTORIES as CONTINUAL_FACTORIES
+from tests.continual.tiny import tiny_args, write_tiny_mnist
 from tests.train.test_cli import TINY
 from tests.transforms.test_conformance import CASES
 
@@ -36,7 +41,7 @@ def _ids(entries):
 def test_names_are_unique_and_kinds_known():
     assert len({m.name for m in ALL}) == len(ALL)
     for m in ALL:
-        assert m.kind in ("transform", "loss", "gradient", "model", "combination"), m
+        assert m.kind in ("transform", "loss", "gradient", "model", "combination", "continual"), m
         assert m.summary and m.reference, f"{m.name}: summary and reference are required"
         if m.kind == "combination":
             assert m.parts and all(p in methods.METHODS for p in m.parts), m
@@ -52,6 +57,7 @@ def test_config_choices_come_from_the_registry():
         "none",
         *(m.value for m in methods.methods_of_kind("model") if m.value is not None),
     ) == GC_ODE_MODES
+    assert ("sgd", *(m.value for m in methods.methods_of_kind("continual"))) == CONTINUAL_METHODS
 
 
 def test_a_chain_entry_is_the_name_of_its_method():
@@ -87,6 +93,9 @@ def test_lookups_name_the_known_methods():
 
 @pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
 def test_every_entry_selects_a_valid_configuration(method):
+    if method.kind == "continual":  # the continual-learning runner's configuration
+        assert load_continual_config(None, list(method.select)).method.name == method.value
+        return
     cfg = load_config("quickstart", list(method.select))
     if method.kind == "transform":
         assert cfg.corrections.chain == (method.value,)
@@ -187,13 +196,33 @@ def test_gradient_functions_conform(method):
     assert not jnp.allclose(optax.tree.norm(grads), 0.0)
 
 
+CONTINUAL = methods.methods_of_kind("continual")
+
+
+@pytest.mark.parametrize("method", CONTINUAL, ids=_ids(CONTINUAL))
+def test_every_continual_method_is_in_its_conformance_suite(method):
+    """``tests/continual/test_conformance.py`` (the conformance checks with the memory
+    gradients as extra arguments) covers this factory."""
+    assert method.load() in CONTINUAL_FACTORIES.values(), (
+        f"add {method.name}'s factory to tests/continual/test_conformance.py"
+    )
+
+
 # --------------------------------------------------------------------- from the command line
 
 
 @pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
 def test_every_entry_runs_from_the_command_line(method, tmp_path, capsys):
-    """``gcgd-train --set <its overrides>`` trains a tiny model; its state metric is logged."""
+    """``gcgd-train --set <its overrides>`` trains a tiny model; its state metric is logged.
+    A continual-learning method: ``gcgd-continual --set <its overrides>`` runs a tiny task
+    sequence to its summary."""
     out = tmp_path / method.name
+    if method.kind == "continual":
+        data = write_tiny_mnist(tmp_path / "data")
+        assert continual_main(tiny_args(data, out, *method.select)) == 0, capsys.readouterr().err
+        summary = read_metrics(out / "metrics.jsonl")[-1]
+        assert summary["kind"] == "summary" and summary["method"] == method.value
+        return
     args = [*TINY, "--set", "checkpoint.enabled=false", "--no-progress", "--out", str(out)]
     for override in method.select:
         args += ["--set", override]

@@ -47,10 +47,12 @@ from gcgd_jax.train.config import ConfigError, load_config
 from gcgd_jax.train.report import read_metrics
 
 # Method -> overrides of the base configuration: the optimizer alone, then every
-# method of the registry (gcgd_jax.methods), in registry order.
+# method of the registry (gcgd_jax.methods) that gcgd-train runs, in registry order (the
+# continual-learning methods run in gcgd-continual's task sequences instead:
+# experiments.studies.continual_mnist).
 METHODS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    **{m.name: m.select for m in registry.METHODS.values()},
+    **{m.name: m.select for m in registry.METHODS.values() if m.kind != "continual"},
 }
 # GC-W's default warm-up (100 steps, window 10) assumes runs of thousands of
 # steps; in the short CPU suites' 96-step runs it would never be applied. There the

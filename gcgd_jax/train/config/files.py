@@ -81,7 +81,8 @@ def read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(read_toml(parent_path, (*seen, path)), data)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A configuration value as TOML text (booleans, numbers, strings, lists)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -89,7 +90,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -111,10 +112,10 @@ def to_toml(cfg: TrainConfig) -> str:
             values.pop("gc_ode", None)
         for key, value in values.items():
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
         for name, kwargs in tables.items():
             lines.append(f"[{name}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in kwargs.items() if v is not None)
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in kwargs.items() if v is not None)
             lines.append("")
     return "\n".join(lines)

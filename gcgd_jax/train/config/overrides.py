@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gcgd_jax.train.config.schema import SECTIONS, ConfigError, _suggest
+from gcgd_jax.train.config.schema import SECTIONS, ConfigError, parse_value, suggest
 
 __all__ = ["apply_overrides"]
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -33,7 +25,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if parts[0] not in SECTIONS:
             raise ConfigError(
                 f"override {item!r}: unknown section {parts[0]!r}"
-                + _suggest(parts[0], list(SECTIONS))
+                + suggest(parts[0], list(SECTIONS))
             )
         # sub-tables: corrections.<name>.<option>, model.gc_ode.<setting>
         tables = parts[0] == "corrections" or parts[:2] == ["model", "gc_ode"]
@@ -44,5 +36,5 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a table")
-        node[parts[-1]] = _parse_value(text.strip())
+        node[parts[-1]] = parse_value(text.strip())
     return data

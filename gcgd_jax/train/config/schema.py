@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -221,13 +222,22 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(name: str, known: Sequence[str]) -> str:
+def parse_value(text: str) -> Any:
+    """An override's value: a TOML value when it parses as one, else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def suggest(name: str, known: Sequence[str]) -> str:
+    """The tail of an "unknown name" error: the closest known name, then every known one."""
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{hint}; known: {', '.join(known)}"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks/converts ``value`` to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -236,11 +246,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return coerce(value, inner[0], key)
     if origin is typing.Literal:
         # Membership is checked by validate() with the other choices, so that one
         # error lists every problem; here the value only has to be a string.
-        return _coerce(value, str, key)
+        return coerce(value, str, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -271,10 +281,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+            value = [parse_value(v.strip()) for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (Mapping, dict) or tp is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
@@ -313,10 +323,10 @@ def _gc_ode_table(value: Any) -> dict[str, Any]:
     for key, item in value.items():
         if key not in hints:
             raise ConfigError(
-                f"unknown key model.gc_ode.{key} (a GCODEConfig field)" + _suggest(key, list(hints))
+                f"unknown key model.gc_ode.{key} (a GCODEConfig field)" + suggest(key, list(hints))
             )
         tp = str if key == "mode" else hints[key]  # "none" (off) is not a GCODEConfig mode
-        table[key] = _coerce(item, tp, f"model.gc_ode.{key}")
+        table[key] = coerce(item, tp, f"model.gc_ode.{key}")
     if table.get("mode", "none") != "none":  # on: every setting, GCODEConfig's defaults filled in
         defaults = {f.name: f.default for f in dataclasses.fields(GCODEConfig)}
         table = {**defaults, **table}
@@ -347,8 +357,8 @@ def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
             kwargs.setdefault("options", {})[key] = dict(value)
             continue
         if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}" + _suggest(key, list(hints)))
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+            raise ConfigError(f"unknown key {section}.{key}" + suggest(key, list(hints)))
+        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
 
@@ -357,7 +367,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     sections = {}
     for name, values in data.items():
         if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]" + _suggest(name, list(SECTIONS)))
+            raise ConfigError(f"unknown section [{name}]" + suggest(name, list(SECTIONS)))
         if not isinstance(values, Mapping):
             raise ConfigError(f"[{name}] must be a table, got {values!r}")
         sections[name] = _build_section(SECTIONS[name], values, name)

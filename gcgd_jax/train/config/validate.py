@@ -17,7 +17,7 @@ from gcgd_jax.train.config.schema import (
     SECTIONS,
     ConfigError,
     TrainConfig,
-    _suggest,
+    suggest,
 )
 
 __all__ = ["gc_ode_config", "ignored_options_note", "validate"]
@@ -40,7 +40,7 @@ def _check(problems: list[str], ok: bool, message: str) -> None:
 
 def _choice(problems: list[str], key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        problems.append(f"{key}: unknown value {value!r}" + _suggest(value, allowed))
+        problems.append(f"{key}: unknown value {value!r}" + suggest(value, allowed))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -170,13 +170,13 @@ def validate(cfg: TrainConfig) -> None:
         if name not in CORRECTIONS:
             p.append(
                 f"corrections.{name}: options given for an unknown correction {name!r}"
-                + _suggest(name, CORRECTIONS)
+                + suggest(name, CORRECTIONS)
             )
         else:
             known = methods.get(name).option_names()
             for key in options:
                 if key not in known:
-                    p.append(f"corrections.{name}: unknown option {key!r}" + _suggest(key, known))
+                    p.append(f"corrections.{name}: unknown option {key!r}" + suggest(key, known))
         mask = options.get("mask")
         if mask is not None:
             _choice(p, f"corrections.{name}.mask", mask, MASKS)
