@@ -9,6 +9,8 @@ Where things are, by what they are:
 * :mod:`gcgd_jax.losses` -- losses (``powergrad_cross_entropy``);
 * :mod:`gcgd_jax.gradients` -- ``value_and_grad`` replacements
   (``gradient_norm_penalty``);
+* :mod:`gcgd_jax.estimators` -- gradient estimates from forward-mode passes only
+  (``weight_perturbation``, ``activity_perturbation``, ``gradient_guess``);
 * :mod:`gcgd_jax.layers` -- graph layers (``backward_grad_norm``);
 * :mod:`gcgd_jax.models` -- the Flax NNX ResNets and GC-ODE;
 * :mod:`gcgd_jax.methods` -- the registry of every method above;
@@ -59,6 +61,10 @@ _EXPORTS: dict[str, str] = {
     ),
     "powergrad_cross_entropy": "gcgd_jax.losses",
     "gradient_norm_penalty": "gcgd_jax.gradients",
+    **dict.fromkeys(
+        ("Credited", "activity_perturbation", "gradient_guess", "weight_perturbation"),
+        "gcgd_jax.estimators",
+    ),
     "BackwardGradNorm": "gcgd_jax.layers",
     "backward_grad_norm": "gcgd_jax.layers",
     "GCODE": "gcgd_jax.models",
@@ -67,6 +73,7 @@ _EXPORTS: dict[str, str] = {
 _SUBMODULES = (
     "continual",
     "data",
+    "estimators",
     "gradients",
     "layers",
     "losses",
@@ -87,6 +94,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from gcgd_jax import (
         continual,
         data,
+        estimators,
         gradients,
         layers,
         losses,
@@ -95,6 +103,12 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         ops,
         train,
         transforms,
+    )
+    from gcgd_jax.estimators import (
+        Credited,
+        activity_perturbation,
+        gradient_guess,
+        weight_perturbation,
     )
     from gcgd_jax.gradients import gradient_norm_penalty
     from gcgd_jax.layers import BackwardGradNorm, backward_grad_norm

@@ -36,6 +36,7 @@ DOCUMENTED_MODULES = (
     "gcgd_jax.data",
     "gcgd_jax.train",
     "gcgd_jax.continual",
+    "gcgd_jax.estimators",
     "gcgd_jax.methods",
     "gcgd_jax.ops",
 )
