@@ -69,9 +69,9 @@ SUITE = "gpu-cifar10-resnet20"
 
 def suite():
     """The GPU experiment's suite (:mod:`experiments.suites.compare`)."""
-    from experiments.suites.compare import SUITES
+    from experiments.suites.compare import suites
 
-    return SUITES[SUITE]
+    return suites()[SUITE]
 
 
 def methods() -> dict[str, tuple[str, ...]]:

@@ -26,7 +26,7 @@ Usage::
     python -m experiments.bench.bench_gc_ode --only plain,gradient/euler/1,gradient/euler/1/sub1 --name sub
 
 Writes ``experiments/results/bench_gc_ode/<name>.json`` and ``.md``
-(``name`` = ``gc_ode_overhead``, ``gc_ode_overhead_quick`` or ``--name``).
+(``name`` = ``bench_gc_ode``, ``gc_ode_overhead_quick`` or ``--name``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,8 @@ from gcgd_jax.ops import apply_cpu_flags
 apply_cpu_flags()  # the CLI's CPU flag, before JAX starts (unless XLA_FLAGS is set)
 
 import argparse
-import datetime
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +49,8 @@ import optax
 from flax import nnx
 
 from experiments.common.provenance import describe_machine, git_commit, machine
-from experiments.common.results import write
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import alternate, summary, timed
 from gcgd_jax.models import GCODEConfig, resnet20
 
 RESULTS = RESULTS_ROOT / "bench_gc_ode"
@@ -144,45 +142,36 @@ class _Infer:
 
 
 def _timed_rounds(runners: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Warms every runner up (``warmup`` untimed calls, compilation included), then times
+    ``steps`` calls of each per round, side by side (:func:`alternate`)."""
     for name, run in runners.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            run()
-        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s (incl. compile)", flush=True)
-    times = {name: [] for name in runners}
-    for r in range(rounds):
-        for name, run in runners.items():
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
-        print(
-            f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {statistics.median(t[-steps:]):.3f}s" for n, t in times.items()),
-            flush=True,
-        )
-    return times
+        print(f"  warm-up {name}: {sum(timed(run, warmup)):.1f} s (incl. compile)", flush=True)
+    return alternate(list(runners), rounds, lambda _, name: timed(runners[name], steps))
 
 
 def _summary(times: dict[str, list[float]], batch: int) -> dict:
-    base = statistics.median(times["plain"])
+    """Each configuration's :func:`summary`, in this benchmark's record fields, with its
+    median's ratio to the plain model's."""
+    base = summary(times["plain"])["step_s_median"]
     out = {}
     for name, t in times.items():
-        med = statistics.median(t)
+        s = summary(t, batch)
         out[name] = {
-            "min_s": min(t),
-            "median_s": med,
-            "max_s": max(t),
-            "n": len(t),
-            "img_per_s": batch / med,
-            "ratio_to_plain": med / base,
+            "min_s": s["step_s_min"],
+            "median_s": s["step_s_median"],
+            "max_s": s["step_s_max"],
+            "n": s["n"],
+            "img_per_s": s["images_per_s"],
+            "ratio_to_plain": s["step_s_median"] / base,
         }
     return out
 
 
 def _markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
-    described = f"{describe_machine(m)}, load at start {m['load_avg']}"
+    described = (
+        f"{describe_machine(m)}, load at start {m.get('load_avg', m.get('load_avg_at_start'))}"
+    )
     versions = f"jax {v['jax']}, flax {v['flax']}, diffrax {v['diffrax']}, optax {v['optax']}"
     protocol = (
         f"batch {result['batch']}, 32x32x3, SGD momentum; {result['rounds']} alternating "
@@ -242,7 +231,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--only", help="comma-separated configuration names (of the full grid)")
     parser.add_argument("--name", help="results file name (default: by --quick)")
-    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_used)
     rounds = args.rounds or (2 if args.quick else 4)
     steps = args.steps or (3 if args.quick else 8)
     use_breaker = not args.no_fusion_breaker
@@ -270,8 +260,8 @@ def main(argv=None) -> dict:
     import flax
 
     result = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command("experiments.bench.bench_gc_ode", argv_used),
+        "date": utc_now(),
         "machine": machine(),
         "versions": {
             "jax": jax.__version__,

@@ -10,22 +10,20 @@ wall-clock savings use: one process builds every method's trainer exactly as
 the suite's 100% run (``experiments.suites.compare`` overrides, real data, the
 jitted train step with its guard and metrics), compiles it with two untimed
 steps, then times ``--steps`` consecutive steps per method in ``--rounds``
-rounds, the method order rotated each round so slow drifts of the machine
-spread over all methods. Each step is timed to the host-side read of its
+rounds (``experiments.common.timing.alternate``), the method order rotated each
+round so slow drifts of the machine spread over all methods. Each step is timed to the host-side read of its
 metrics (the step has finished). Reports the median step time per method and
 its ratio to the baseline's.
 
 Writes ``experiments/results/<suite>/overhead.json`` and ``overhead.md``
-(command, machine, date); ``experiments.suites.report`` uses them when present.
+(command, machine, date and commit); ``experiments.suites.report`` uses them when
+present.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import io
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,25 +35,28 @@ apply_cpu_flags()
 
 import numpy as np
 
-from experiments.common.provenance import describe_machine, machine
-from experiments.suites.compare import RESULTS, SUITES
+from experiments.common.provenance import describe_machine, git_commit, machine
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import alternate, summary, timed
+from experiments.suites.compare import RESULTS, suites
 from gcgd_jax.train import Trainer, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="cpu-fmnist", choices=sorted(SUITES))
+    parser.add_argument("--suite", default="cpu-fmnist", choices=sorted(suites()))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     parser.add_argument(
         "--methods", help="comma-separated subset (default: every method of the suite)"
     )
     parser.add_argument("--out", type=Path, help="folder (default experiments/results/<suite>)")
-    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_used)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
 
-    suite = SUITES[args.suite]
+    suite = suites()[args.suite]
     methods = list(dict.fromkeys(m for m, _, _ in suite.grid()))
     if args.methods:
         wanted = args.methods.split(",")
@@ -85,51 +86,64 @@ def main(argv: list[str] | None = None) -> int:
             trainers[m] = tr
             print(f"built {m} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for r in range(args.rounds):
-            order = methods[r % len(methods) :] + methods[: r % len(methods)]
-            for m in order:
-                tr = trainers[m]
-                for images, labels in batches[m]:
-                    s = time.perf_counter()
-                    tr.train_step(images, labels)
-                    times[m].append(time.perf_counter() - s)
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        def measure(_: int, m: str) -> list[float]:
+            """The method's ``--steps`` batches, each step timed to the host-side read of its
+            metrics (``Trainer.train_step`` returns them: the step has finished)."""
+            tr, steps = trainers[m], iter(batches[m])
+            return timed(lambda: tr.train_step(*next(steps)), len(batches[m]))
 
-    base = statistics.median(times["baseline"])
-    results = {
-        m: {
-            "step_s_median": statistics.median(t),
-            "step_s_min": min(t),
-            "ratio": statistics.median(t) / base,
-            "n": len(t),
-        }
-        for m, t in times.items()
-    }
+        times = alternate(methods, args.rounds, measure)
+
+    results = step_costs(times)
     meta = {
         "suite": args.suite,
-        "command": "python -m experiments.bench.bench_methods "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command("experiments.bench.bench_methods", argv_used),
         "machine": describe_machine(machine()),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
+        "commit": git_commit(),
         "rounds": args.rounds,
         "steps": args.steps,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    out = args.out or RESULTS / args.suite
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(
-        json.dumps({"meta": meta, "methods": results}, indent=2) + "\n"
-    )
+    record = {"meta": meta, "methods": results}
+    text = _markdown(record)
+    write(args.out or RESULTS / args.suite, "overhead", record, text)
+    print(text)
+    return 0
+
+
+def step_costs(times: dict[str, list[float]]) -> dict[str, dict]:
+    """``overhead.json``'s ``methods``: each method's pooled step times summarised
+    (``experiments.common.timing.summary``), with its median's ``ratio`` to the baseline's
+    (what ``experiments.suites.report.clean_step_costs`` reads)."""
+    base = summary(times["baseline"])["step_s_median"]
+    out = {}
+    for m, t in times.items():
+        s = summary(t)
+        out[m] = {
+            "step_s_median": s["step_s_median"],
+            "step_s_min": s["step_s_min"],
+            "step_s_max": s["step_s_max"],
+            "ratio": s["step_s_median"] / base,
+            "n": s["n"],
+        }
+    return out
+
+
+def _markdown(record: dict) -> str:
+    """``overhead.md``: the per-method table of an ``overhead.json`` record."""
+    meta, results = record["meta"], record["methods"]
+    commit = f"; commit {meta['commit']}" if meta.get("commit") else ""
     lines = [
-        f"# Per-step cost, suite {args.suite} (measured alone)",
+        f"# Per-step cost, suite {meta['suite']} (measured alone)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}.",
+        f"Machine: {meta['machine']}; date {meta['date']}{commit}.",
         "",
         (
-            f"Median of {args.rounds} rounds × {args.steps} steps of each method's jitted train step "
-            "(suite configuration of the 100% run; protocol in `experiments/bench/bench_methods.py`)."
+            f"Median of {meta['rounds']} rounds × {meta['steps']} steps of each method's jitted "
+            "train step (suite configuration of the 100% run; protocol in "
+            "`experiments/bench/bench_methods.py`)."
         ),
         "",
         "| method | median step (s) | fastest step (s) | ratio to baseline |",
@@ -139,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {m} | {r['step_s_median']:.4f} | {r['step_s_min']:.4f} | {r['ratio']:.3f}× |"
         for m, r in results.items()
     ]
-    (out / "overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

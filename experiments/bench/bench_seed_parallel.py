@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from experiments import RESULTS as RESULTS_ROOT
-from experiments.common.results import utc_now
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import alternate, summary, timed
 
 RESULTS = RESULTS_ROOT / "bench_seed_parallel"
 
 
 def _variant(n: int, strategy: str, quick: bool):
-    """``(step, first_step_seconds)``: a no-argument function running one train step."""
+    """``(step, first_step_seconds, batch)``: a no-argument function running one train
+    step and waiting for it, the first step's time and the batch of one replica."""
     import jax
 
     from experiments.gpu_check import synthetic_overrides
@@ -46,11 +47,11 @@ def _variant(n: int, strategy: str, quick: bool):
     x, y = t.put_batch(images), t.put_batch(labels)
 
     def step():
-        return t.dispatch(x, y)
+        jax.block_until_ready(t.dispatch(x, y))
 
     t0 = time.perf_counter()
-    jax.block_until_ready(step())
-    return step, time.perf_counter() - t0
+    step()
+    return step, time.perf_counter() - t0, t.cfg.data.batch_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,45 +61,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", default="1,2,4")
     p.add_argument("--quick", action="store_true", help="tiny images, 2 rounds x 2 steps")
     p.add_argument("--out", type=Path, default=RESULTS)
-    a = p.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    a = p.parse_args(argv_used)
     from gcgd_jax.ops import apply_cpu_flags
 
     apply_cpu_flags()  # as gcgd-train does, before JAX starts
-    import jax
-
     from experiments.common.provenance import git_commit, machine
-    from experiments.common.results import write
 
     rounds, steps = (2, 2) if a.quick else (a.rounds, a.steps)
     ns = [int(v) for v in a.replicas.split(",")]
     names = [(n, s) for n in ns for s in (("single",) if n == 1 else ("vmap", "unroll"))]
-    built, first = {}, {}
+    built, first, batch = {}, {}, {}
     for n, s in names:
-        built[(n, s)], first[(n, s)] = _variant(n, s, a.quick)
+        built[(n, s)], first[(n, s)], batch[(n, s)] = _variant(n, s, a.quick)
         print(f"N={n} {s}: first step {first[(n, s)]:.1f} s", file=sys.stderr, flush=True)
-    times: dict = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for key in order:
-            step = built[key]
-            jax.block_until_ready(step())  # one untimed step after the switch
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(step())
-                times[key].append(time.perf_counter() - t0)
-    single = statistics.median(times[(1, "single")]) if (1, "single") in times else None
-    rows = []
-    for n, s in names:
-        med = statistics.median(times[(n, s)])
-        rows.append({
-            "replicas": n, "strategy": s, "first_step_s": first[(n, s)], "step_s_median": med,
-            "step_s_min": min(times[(n, s)]), "per_replica_s": med / n,
-            "per_replica_vs_single": (med / n) / single if single else None,
-            "samples": len(times[(n, s)]),
-        })  # fmt: skip
+
+    def measure(_: int, key: tuple) -> list[float]:
+        built[key]()  # one untimed step after the switch
+        return timed(built[key], steps)
+
+    times = alternate(names, rounds, measure, describe=lambda k: f"N={k[0]} {k[1]}")
+    rows = _rows(times, first, batch)
     record = {
-        "command": "python -m experiments.bench.bench_seed_parallel "
-        + " ".join(argv or sys.argv[1:]),
+        "command": command("experiments.bench.bench_seed_parallel", argv_used),
         "date": utc_now(),
         "commit": git_commit(),
         "machine": machine(),
@@ -106,6 +91,29 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_round": steps,
         "rows": rows,
     }
+    text = _markdown(record)
+    write(a.out, "bench_seed_parallel", record, text)
+    print(text)
+    return 0
+
+
+def _rows(times: dict[tuple, list[float]], first: dict, batch: dict) -> list[dict]:
+    """One row per ``(replicas, strategy)``: its :func:`summary` (images over every replica),
+    first step, and cost per replica-step, also relative to the single run's."""
+    single = summary(times[(1, "single")])["step_s_median"] if (1, "single") in times else None
+    rows = []
+    for (n, s), ts in times.items():
+        stats = summary(ts, batch[(n, s)] * n)
+        med = stats["step_s_median"]
+        rows.append({
+            "replicas": n, "strategy": s, "first_step_s": first[(n, s)], **stats,
+            "per_replica_s": med / n, "per_replica_vs_single": (med / n) / single if single else None,
+            "samples": stats["n"],
+        })  # fmt: skip
+    return rows
+
+
+def _markdown(record: dict) -> str:
     m = record["machine"]
     lines = [
         "# Seed-parallel training: cost per replica-step (ResNet-20, batch 128)",
@@ -115,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             f"- machine: {m['cpu']}, {m['cores']} cores; {m['device']}; Python {m['python']}, "
             f"jax {m['jax']}"
         ),
-        f"- {rounds} alternating rounds x {steps} timed steps per variant; medians",
+        (
+            f"- {record['rounds']} alternating rounds x {record['steps_per_round']} timed steps "
+            "per variant; medians"
+        ),
         "",
         (
             "| replicas | strategy | first step s | step s (median) | s per replica-step "
@@ -123,15 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in record["rows"]:
         rel = f"{r['per_replica_vs_single']:.2f}x" if r["per_replica_vs_single"] else ""
         lines.append(
             f"| {r['replicas']} | {r['strategy']} | {r['first_step_s']:.1f} | "
             f"{r['step_s_median']:.3f} | {r['per_replica_s']:.3f} | {rel} |"
         )
-    write(a.out, "bench_seed_parallel", record, "\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

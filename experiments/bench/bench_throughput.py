@@ -29,16 +29,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
-from experiments.common.provenance import describe_machine, machine
+from experiments.common.provenance import describe_machine, git_commit, machine
 from experiments.common.results import command, utc_now, write
-from experiments.common.timing import Worker, rounds, serve, summary
+from experiments.common.timing import Worker, alternate, serve, summary
 
 RESULTS = RESULTS_ROOT / "bench_throughput"
 PIPELINES = ("loop", "resident", "bare")
@@ -201,20 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--data-dir", args.data_dir]
         workers[flag] = Worker(f"flag {'on' if flag else 'off'}", cmd, cwd=REPO, env=env)
     configs = [(p, flag, fb) for p in pipelines for flag in (True, False) for fb in (True, False)]
-    times: dict[tuple, list[float]] = {c: [] for c in configs}
+
+    def measure(r: int, config: tuple) -> list[float]:
+        pipeline, flag, fb = config
+        request = {"pipeline": pipeline, "fusion_breaker": fb, "steps": steps}
+        return workers[flag].ask({**request, "warmup": warmup if r == 0 else 0})["times"]
+
+    def describe(config: tuple) -> str:
+        pipeline, flag, fb = config
+        return f"{pipeline:8s} flag={'on ' if flag else 'off'} fb={'on ' if fb else 'off'}"
+
     started = time.time()
     try:
-        for r, (pipeline, flag, fb) in rounds(configs, n_rounds):
-            request = {"pipeline": pipeline, "fusion_breaker": fb, "steps": steps}
-            answer = workers[flag].ask({**request, "warmup": warmup if r == 0 else 0})
-            times[(pipeline, flag, fb)].extend(answer["times"])
-            med = statistics.median(times[(pipeline, flag, fb)])
-            print(
-                f"round {r + 1}/{n_rounds} {pipeline:8s} flag={'on ' if flag else 'off'} "
-                f"fb={'on ' if fb else 'off'} median {med:.3f} s ({BATCH / med:.0f} img/s)",
-                file=sys.stderr,
-                flush=True,
-            )
+        times = alternate(configs, n_rounds, measure, describe=describe)
     finally:
         for w in workers.values():
             w.close()
@@ -226,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": command("experiments.bench.bench_throughput", argv_used),
         "date": utc_now(),
+        "commit": git_commit(),
         "machine": machine(),
         "batch_size": BATCH,
         "rounds": n_rounds,
@@ -248,7 +247,7 @@ def _markdown(rec: dict) -> str:
         "",
         *(["**Smoke run (--quick): too few steps to quote.**", ""] if rec.get("quick") else []),
         f"- command: `{rec['command']}`",
-        f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s",
+        f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s; commit {rec.get('commit') or 'unknown'}",
         f"- machine: {describe_machine(m)}, jaxlib {m['jaxlib']}",
         (
             f"- batch {rec['batch_size']}, {rec['rounds']} alternating rounds x {rec['steps_per_round']} "

@@ -28,8 +28,8 @@ Usage::
     python -m experiments.bench.bench_transforms --quick    # a smoke run (seconds)
 
 Writes ``experiments/results/bench_transforms/{name}.json`` and ``.md`` with
-the exact command, machine (``platform``, ``os.cpu_count()``), devices, jax
-version, XLA flags and date. Only numbers from a quiet machine are results: a
+the exact command, machine (processor, cores, devices, jax version), XLA flags,
+date and commit. Only numbers from a quiet machine are results: a
 ``--quick`` run is marked as a smoke test.
 
 To add a transform, add an entry to :data:`TRANSFORMS`: a name and a callable
@@ -40,13 +40,9 @@ an ``optax.masked`` mask).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import re
-import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,7 +62,8 @@ import optax
 
 from experiments import RESULTS
 from experiments.common.provenance import describe_machine, git_commit, machine
-from experiments.common.results import write
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import alternate, summary, timed
 from gcgd_jax.transforms.agr import agr
 from gcgd_jax.transforms.centralize import centralize
 from gcgd_jax.transforms.channel_directed import channel_directed
@@ -208,29 +205,26 @@ def count(tree: Any) -> int:
 def time_alternating(
     calls: Mapping[str, Callable[[], Any]], *, rounds: int, reps: int
 ) -> dict[str, list[float]]:
-    """Per-call wall times (seconds); variants alternate within every round."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():  # compile and warm up
-        jax.block_until_ready(call())
-        jax.block_until_ready(call())
-    names = list(calls)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            call = calls[name]
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(call())
-                times[name].append(time.perf_counter() - t0)
-    return times
+    """Per-call wall times (seconds), every call blocked until ready: two untimed calls of
+    each variant (compilation), then ``reps`` timed calls of each per round, side by side
+    (:func:`~experiments.common.timing.alternate`)."""
+
+    def blocking(call: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: jax.block_until_ready(call())
+
+    runs = {name: blocking(call) for name, call in calls.items()}
+    for run in runs.values():  # compile and warm up
+        timed(run, 2)
+    return alternate(list(runs), rounds, lambda _, name: timed(runs[name], reps), progress=False)
 
 
 def _summary(ts: list[float]) -> dict[str, float]:
+    s = summary(ts)
     return {
-        "median_us": 1e6 * statistics.median(ts),
-        "min_us": 1e6 * min(ts),
-        "max_us": 1e6 * max(ts),
-        "n": len(ts),
+        "median_us": 1e6 * s["step_s_median"],
+        "min_us": 1e6 * s["step_s_min"],
+        "max_us": 1e6 * s["step_s_max"],
+        "n": s["n"],
     }
 
 
@@ -259,11 +253,12 @@ def bench_update(
 
         calls[name] = call
     times = time_alternating(calls, rounds=rounds, reps=reps)
-    base = statistics.median(times[BASELINE])
+    summaries = {name: _summary(ts) for name, ts in times.items()}
+    base = summaries[BASELINE]["median_us"]
     rows = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows[name] = {**_summary(ts), "ratio_to_sgd": med / base, "extra_us": 1e6 * (med - base)}
+    for name, s in summaries.items():
+        med = s["median_us"]
+        rows[name] = {**s, "ratio_to_sgd": med / base, "extra_us": med - base}
     return {"num_params": count(params), "num_leaves": len(jax.tree.leaves(params)), "rows": rows}
 
 
@@ -318,10 +313,10 @@ def bench_resnet20_step(
         "num_params": count(params),
         "rows": {name: _summary(ts) for name, ts in times.items()},
     }
-    base = statistics.median(times[BASELINE])
+    base = out["rows"][BASELINE]["median_us"]
     for name in variants:
         if name != BASELINE:
-            out["rows"][name]["ratio_direct"] = statistics.median(times[name]) / base
+            out["rows"][name]["ratio_direct"] = out["rows"][name]["median_us"] / base
     return out
 
 
@@ -330,10 +325,10 @@ def bench_resnet20_step(
 # ----------------------------------------------------------------------------
 
 
-def environment() -> dict:
+def environment(argv: list[str]) -> dict:
     return {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command("experiments.bench.bench_transforms", argv),
+        "date_utc": utc_now(),
         "machine": machine(),
         "optax": optax.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
@@ -343,6 +338,7 @@ def environment() -> dict:
 
 def markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
+    m = env.get("machine", env)  # older records: the machine's keys in the environment
     lines = [f"# Transform overhead ({'QUICK SMOKE RUN' if s['quick'] else 'full run'})", ""]
     if s["quick"]:
         lines += [
@@ -356,11 +352,8 @@ def markdown(result: dict) -> str:
         f"- command: `{env['command']}`",
         f"- date (UTC): {env['date_utc']}",
         f"- code: commit {env.get('commit') or 'unknown'}",
-        f"- machine: {describe_machine(env['machine'])}",
-        (
-            f"- jaxlib {env['machine']['jaxlib']}, optax {env['optax']}, "
-            f"XLA_FLAGS={env['XLA_FLAGS']!r}"
-        ),
+        f"- machine: {describe_machine(m)}",
+        (f"- jaxlib {m['jaxlib']}, optax {env['optax']}, XLA_FLAGS={env['XLA_FLAGS']!r}"),
         (
             f"- timing: {s['rounds']} alternating rounds x {s['reps']} calls per variant, "
             "median per call; baseline `optax.sgd(0.1, momentum=0.9)`, each transform "
@@ -430,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", default=list(TRANSFORMS), choices=list(TRANSFORMS))
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--name", default=None, help="output file stem (default: full / quick)")
-    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv_used)
 
     q = args.quick
     settings = {
@@ -445,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transforms": args.only,
     }
     transforms = {name: TRANSFORMS[name] for name in args.only}
-    result: dict = {"environment": environment(), "settings": settings, "update": {}}
+    result: dict = {"environment": environment(argv_used), "settings": settings, "update": {}}
     for tree_name in args.trees:
         print(f"[bench] {tree_name} ...", flush=True)
         result["update"][tree_name] = bench_update(

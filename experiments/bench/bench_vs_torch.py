@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -46,9 +45,9 @@ from pathlib import Path
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
-from experiments.common.provenance import describe_machine, machine
+from experiments.common.provenance import describe_machine, git_commit, machine
 from experiments.common.results import command, utc_now, write
-from experiments.common.timing import Worker, rounds, serve, summary, timed
+from experiments.common.timing import Worker, alternate, serve, summary, timed
 
 RESULTS = RESULTS_ROOT / "bench_vs_torch"
 BATCH = 128
@@ -297,22 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     torch_hello = workers["torch"].hello if torch_python else {}
     versions = {k: v for k, v in torch_hello.items() if k.startswith("torch")}
     versions["jax"] = ", ".join(w["jax"] for w in jax_workers)
-    variants = list(plan)
-    times: dict[str, list[float]] = {v: [] for v in variants}
     params: dict[str, int | None] = {}
+
+    def measure(r: int, v: str) -> list[float]:
+        key, own = plan[v]
+        request = {"variant": own, "steps": steps, "warmup": warmup if r == 0 else 1}
+        answer = workers[key].ask(request)
+        params[v] = answer["params"]
+        return answer["times"]
+
     started = time.time()
     try:
-        for r, v in rounds(variants, n_rounds):
-            key, own = plan[v]
-            request = {"variant": own, "steps": steps, "warmup": warmup if r == 0 else 1}
-            answer = workers[key].ask(request)
-            times[v].extend(answer["times"])
-            params[v] = answer["params"]
-            print(
-                f"round {r + 1}/{n_rounds} {v:34s} median {statistics.median(times[v]):.3f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+        times = alternate(list(plan), n_rounds, measure, describe=lambda v: f"{v:34s}")
     finally:
         for w in workers.values():
             w.close()
@@ -323,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": command("experiments.bench.bench_vs_torch", argv_used),
         "date": utc_now(),
+        "commit": git_commit(),
         "machine": {**machine(with_jax=False), **versions},  # versions: the workers' jax, torch
         "jax_workers": jax_workers,  # each JAX environment measured: jax, jaxlib, its Python
         "batch_size": BATCH,
@@ -349,7 +345,7 @@ def _markdown(rec: dict) -> str:
         "",
         *(["**Smoke run (--quick): too few steps to quote.**", ""] if rec["quick"] else []),
         f"- command: `{rec['command']}`",
-        f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s",
+        f"- date: {rec['date']}; wall time {rec['wall_s']:.0f} s; commit {rec.get('commit') or 'unknown'}",
         f"- machine: {describe_machine(m)}",
         *(
             [f"- JAX environments: {_environments(rec['jax_workers'])}"]

@@ -42,19 +42,15 @@ versions and date. PyTorch is never a dependency of the package (see
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from experiments import REPO
 from experiments import RESULTS as RESULTS_ROOT
 from experiments.common.provenance import describe_machine, git_commit, machine
-from experiments.common.results import write
+from experiments.common.results import command, utc_now, write
+from experiments.common.timing import Worker, alternate, serve, summary, timed
 
 RESULTS = RESULTS_ROOT / "profile_step"
 BATCH = 128
@@ -82,17 +78,14 @@ SPLIT_CHUNKS = 8
 
 
 def _median_ms(fn, *args, reps: int) -> float:
+    """Median wall time of ``fn(*args)`` in ms, over ``reps`` calls after three untimed ones."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    for _ in range(2):
+    def run():
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+
+    timed(run, 3)  # compile + settle
+    return summary(timed(run, reps))["step_s_median"] * 1e3
 
 
 # --------------------------------------------------------------------------- formulations
@@ -321,17 +314,9 @@ def _build_step(variant: str):
 
 def _step_worker(variant: str, steps: int) -> dict:
     run = _build_step(variant)
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "first_step_s": first}
+    (first,) = timed(run, 1)  # compile + run
+    timed(run, 3)
+    return {"times": timed(run, steps), "first_step_s": first}
 
 
 def _profile_worker(steps: int) -> dict:
@@ -342,12 +327,8 @@ def _profile_worker(steps: int) -> dict:
     import jax
 
     run = _build_step("base")
-    for _ in range(4):
-        run()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        run()
-    wall = (time.perf_counter() - t0) / steps
+    timed(run, 4)
+    wall = sum(timed(run, steps)) / steps
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(steps):
@@ -376,61 +357,72 @@ def _profile_worker(steps: int) -> dict:
     }
 
 
-TORCH_OPS = r"""
-import json, statistics, sys, time, os, torch
-torch.set_num_threads(len(os.sched_getaffinity(0)))
-reps = int(sys.argv[1]); shapes = json.loads(sys.argv[2])
-def med(f):
-    for _ in range(3): f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-rows = []
-for hw, c, count in shapes:
-    cl = torch.channels_last
-    x = torch.randn(128, c, hw, hw).to(memory_format=cl).requires_grad_()
-    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=cl)
-    bn = torch.nn.BatchNorm2d(c)
-    g = torch.randn(128, c, hw, hw).to(memory_format=cl)
-    fwd = med(lambda: conv(x))
-    def fb():
-        torch.autograd.grad(conv(x), (x, conv.weight), g)
-    def bnfb():
-        torch.autograd.grad(torch.relu(bn(x)), (x, bn.weight, bn.bias), g)
-    rows.append({"hw": hw, "channels": c, "count": count, "fwd": fwd,
-                 "fwd_dgrad_wgrad": med(fb), "bn_relu_fwd_bwd": med(bnfb)})
-print(json.dumps({"rows": rows, "torch": torch.__version__}))
-"""
+def _torch_ops(reps: int, shapes: list) -> dict:
+    """The same convolutions and BatchNorm in PyTorch (channels_last), both cores (its own
+    Python: torch is never a dependency of the package)."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+    def med(f) -> float:
+        timed(f, 3)
+        return summary(timed(f, reps))["step_s_median"] * 1e3
+
+    rows = []
+    for hw, c, count in shapes:
+        cl = torch.channels_last
+        x = torch.randn(BATCH, c, hw, hw).to(memory_format=cl).requires_grad_()
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=cl)
+        bn = torch.nn.BatchNorm2d(c)
+        g = torch.randn(BATCH, c, hw, hw).to(memory_format=cl)
+
+        def fb(conv=conv, x=x, g=g):
+            torch.autograd.grad(conv(x), (x, conv.weight), g)
+
+        def bnfb(bn=bn, x=x, g=g):
+            torch.autograd.grad(torch.relu(bn(x)), (x, bn.weight, bn.bias), g)
+
+        rows.append({"hw": hw, "channels": c, "count": count, "fwd": med(lambda: conv(x)),
+                     "fwd_dgrad_wgrad": med(fb), "bn_relu_fwd_bwd": med(bnfb)})  # fmt: skip
+    return {"rows": rows, "torch": torch.__version__}
 
 
-def _worker_main(argv: list[str]) -> None:
-    kind = argv[0]
-    if kind == "ops":
-        out = _ops_worker(int(argv[1]))
-    elif kind == "step":
-        out = _step_worker(argv[1], int(argv[2]))
-    else:
-        out = _profile_worker(int(argv[1]))
+def _serve(kind: str) -> None:
+    """A worker (:func:`~experiments.common.timing.serve`): ``torch`` answers ``{"reps",
+    "shapes"}`` with :func:`_torch_ops`; ``jax`` answers ``{"part": "ops" | "step" |
+    "profile", ...}``. A step variant patches the libraries for good: one request per
+    worker."""
+    if kind == "torch":
+        import torch
+
+        serve(lambda req: _torch_ops(req["reps"], req["shapes"]), {"torch": torch.__version__})
+        return
     import jax
 
-    out["jax"] = jax.__version__
-    print("RESULT " + json.dumps(out), flush=True)
+    parts = {
+        "ops": lambda req: _ops_worker(req["reps"]),
+        "step": lambda req: _step_worker(req["variant"], req["steps"]),
+        "profile": lambda req: _profile_worker(req["steps"]),
+    }
+    version = {"jax": jax.__version__}  # in every answer too, as the record has it
+    serve(lambda req: {**parts[req["part"]](req), **version}, hello=version)
 
 
-def _spawn(args: list[str], flags: str, one_core: bool = False) -> dict:
+def _worker(kind: str, flags: str = "", *, python: str = sys.executable, one_core: bool = False):
+    """A fresh :class:`~experiments.common.timing.Worker` (``XLA_FLAGS=flags``; with
+    ``one_core``, pinned to one core)."""
     env = dict(os.environ, XLA_FLAGS=flags)
-    repo = str(REPO)
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--worker", *args]
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [python, __file__, "--worker", kind]
     if one_core:
-        core = min(os.sched_getaffinity(0))
-        cmd = ["taskset", "-c", str(core), *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+        cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
+    return Worker(f"profile_step {kind}", cmd, cwd=REPO, env=env, hello=True)
+
+
+def _ask_once(request: dict, flags: str = CONV_FLAG, **kwargs) -> tuple[dict, dict]:
+    """``(hello, answer)`` of one request to a fresh worker."""
+    with _worker("jax", flags, **kwargs) as w:
+        return w.hello, w.ask(request)
 
 
 # --------------------------------------------------------------------------- report
@@ -543,10 +535,27 @@ def _markdown(rec: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _step_summary(pooled: dict[str, list[float]], first: dict[str, list[float]]) -> dict:
+    """The ``step`` part's record: each candidate's pooled step times (ms) and its median
+    first step (compile + run, one per fresh process)."""
+    out = {}
+    for name, t in pooled.items():
+        s = summary(t)
+        out[name] = {
+            "median_ms": s["step_s_median"] * 1e3,
+            "min_ms": s["step_s_min"] * 1e3,
+            "max_ms": s["step_s_max"] * 1e3,
+            "n": s["n"],
+            "first_step_s": summary(first[name])["step_s_median"],
+            "times_s": t,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--worker":
-        _worker_main(argv[1:])
+        _serve(argv[1])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["ops", "profile", "step"],
@@ -562,61 +571,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.steps, args.reps = 1, 2, 3
     rec: dict = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command("experiments.bench.profile_step", argv),
+        "date_utc": utc_now(),
         "commit": git_commit(),
         "machine": machine(with_jax=False),  # the workers' jax: "jax"
         "quick": args.quick, "rounds": args.rounds, "steps": args.steps, "reps": args.reps,
     }  # fmt: skip
     if "ops" in args.parts:
         print("[profile_step] ops, both cores ...", flush=True)
-        two = _spawn(["ops", str(args.reps)], CONV_FLAG)
+        hello, two = _ask_once({"part": "ops", "reps": args.reps})
         print("[profile_step] ops, one core ...", flush=True)
-        one = _spawn(["ops", str(args.reps)], CONV_FLAG, one_core=True)
+        _, one = _ask_once({"part": "ops", "reps": args.reps}, one_core=True)
         rec["ops"] = {"two_cores": two, "one_core": one}
-        rec["jax"] = two["jax"]
+        rec["jax"] = hello["jax"]
         if args.torch_python and Path(args.torch_python).exists():
             print("[profile_step] PyTorch ops ...", flush=True)
-            proc = subprocess.run(
-                [args.torch_python, "-c", TORCH_OPS, str(args.reps), json.dumps(SHAPES)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode == 0:
-                rec["torch_ops"] = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                print(f"[profile_step] PyTorch failed: {proc.stderr[-1500:]}", flush=True)
+            try:
+                with _worker("torch", python=args.torch_python) as w:
+                    rec["torch_ops"] = w.ask({"reps": args.reps, "shapes": SHAPES})
+            except RuntimeError as err:
+                print(f"[profile_step] PyTorch failed: {err}", flush=True)
         else:
             print("[profile_step] no PyTorch (--torch-python): its ops are skipped", flush=True)
     if "profile" in args.parts:
         print("[profile_step] profile ...", flush=True)
-        rec["profile"] = _spawn(["profile", str(max(args.steps, 2))], CONV_FLAG)
-        rec["jax"] = rec["profile"]["jax"]
+        hello, rec["profile"] = _ask_once({"part": "profile", "steps": max(args.steps, 2)})
+        rec["jax"] = hello["jax"]
     if "step" in args.parts:
-        names = args.only or list(CANDIDATES)
-        pooled: dict[str, list[float]] = {n: [] for n in names}
-        first: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                flags, variant = CANDIDATES[name]
-                print(f"[profile_step] round {r + 1}/{args.rounds}: {name} ...", flush=True)
-                res = _spawn(["step", variant, str(args.steps)], flags)
-                pooled[name] += res["times"]
-                first[name].append(res["first_step_s"])
-                rec["jax"] = res["jax"]
-        rec["step"] = {
-            n: {
-                "median_ms": statistics.median(t) * 1e3,
-                "min_ms": min(t) * 1e3,
-                "max_ms": max(t) * 1e3,
-                "n": len(t),
-                "first_step_s": statistics.median(first[n]),
-                "times_s": t,
-            }
-            for n, t in pooled.items()
-        }
+        first: dict[str, list[float]] = {n: [] for n in args.only or CANDIDATES}
+
+        def measure(_: int, name: str) -> list[float]:
+            """One fresh process per round and candidate (its flags; its patches)."""
+            flags, variant = CANDIDATES[name]
+            hello, res = _ask_once({"part": "step", "variant": variant, "steps": args.steps}, flags)
+            first[name].append(res["first_step_s"])
+            rec["jax"] = hello["jax"]
+            return res["times"]
+
+        rec["step"] = _step_summary(alternate(list(first), args.rounds, measure), first)
     stem = "profile_quick" if args.quick else "profile"
     write(args.out, stem, rec, _markdown(rec))
     print(f"[profile_step] wrote {args.out / stem}.json and .md", flush=True)

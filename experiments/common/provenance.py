@@ -94,11 +94,16 @@ def machine(*, with_jax: bool = True) -> dict[str, object]:
 
 def describe_machine(info: dict[str, object] | None = None) -> str:
     """One line for a report: ``machine()``'s processor, cores, platform, Python and, when
-    recorded, JAX and its devices (``info`` defaults to ``machine(with_jax=False)``)."""
+    recorded, JAX and its devices (``info`` defaults to ``machine(with_jax=False)``). Older
+    results files' machines read too (``cores_available`` or ``cpu_count`` for ``cores``,
+    ``num_devices`` for ``devices``, no ``cpu`` or ``python``), so that a committed record's
+    table can be rebuilt."""
     m = machine(with_jax=False) if info is None else info
-    text = f"{m['cpu']} ({m['cores']} cores), {m['platform']}, Python {m['python']}"
+    cpu = m.get("cpu") or m.get("processor") or "unknown processor"
+    cores = m.get("cores", m.get("cores_available", m.get("cpu_count", "?")))
+    text = f"{cpu} ({cores} cores), {m.get('platform', '?')}, Python {m.get('python', '?')}"
     if "jax" in m:
         text += f", jax {m['jax']}"
     if "device" in m:
-        text += f" on {m['devices']} x {m['device']}"
+        text += f" on {m.get('devices', m.get('num_devices', '?'))} x {m['device']}"
     return text

@@ -1,13 +1,17 @@
-"""Timing side by side: worker processes that answer measurement requests, asked in
-alternating rounds.
+"""Timing side by side: the alternating rounds every benchmark runs, in its own process
+or through worker processes that answer measurement requests.
 
-A benchmark whose variants need separate processes (XLA reads its flags once per
-process; PyTorch lives in another Python) starts one :class:`Worker` per process. A
-worker runs :func:`serve`: it reads one JSON request per line from its standard input
-and writes one JSON answer per line. The parent walks :func:`rounds` -- every variant
-once per round, the starting variant rotated each round, so that a slow spell of a
-noisy machine falls on every variant alike -- pools each variant's per-step times over
-the rounds and reports :func:`summary` (min / median / max).
+Every benchmark runs the same protocol, :func:`alternate`: it walks :func:`rounds` --
+every variant once per round, the starting variant rotated each round, so that a slow
+spell of a noisy machine falls on every variant alike -- asks for one measurement of the
+variant (its per-step times, usually :func:`timed`), pools each variant's times over the
+rounds, and reports :func:`summary` (min / median / max).
+
+A measurement is made in the benchmark's own process, or in a worker process where the
+variants need separate processes (XLA reads its flags once per process; PyTorch lives in
+another Python; a variant that patches a library for good): one :class:`Worker` per
+process, which runs :func:`serve`: it reads one JSON request per line from its standard
+input and writes one JSON answer per line.
 
 Only the standard library: a worker may run in a Python without this package's
 dependencies (the PyTorch one).
@@ -16,6 +20,7 @@ dependencies (the PyTorch one).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,11 +35,25 @@ T = TypeVar("T")
 def serve(answer: Callable[[dict[str, Any]], dict[str, Any]], hello: dict | None = None) -> None:
     """The worker's side: writes ``hello`` as a first line (when given), then answers
     every JSON request line on standard input with ``answer(request)``, one JSON line,
-    until standard input closes."""
+    until standard input closes.
+
+    The answers go to the process's standard output as it was when ``serve`` started;
+    from then on whatever else writes to standard output (a library's print, Python's or
+    C's) lands on standard error instead, so it cannot break the protocol."""
+    protocol = _protocol_stream()
     if hello is not None:
-        _send(sys.stdout, hello)
+        _send(protocol, hello)
     for line in sys.stdin:
-        _send(sys.stdout, answer(json.loads(line)))
+        _send(protocol, answer(json.loads(line)))
+
+
+def _protocol_stream():
+    """A stream on a copy of standard output's file descriptor; descriptor 1 itself is then
+    pointed at standard error."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(fd, "w")
 
 
 def _send(stream, message: dict[str, Any]) -> None:
@@ -114,6 +133,34 @@ def rounds(variants: Sequence[T], n_rounds: int) -> Iterator[tuple[int, T]]:
             yield r, variants[(r + i) % n]
 
 
+def alternate(
+    variants: Sequence[T],
+    n_rounds: int,
+    measure: Callable[[int, T], Sequence[float]],
+    *,
+    describe: Callable[[T], str] = str,
+    progress: bool = True,
+) -> dict[T, list[float]]:
+    """The side-by-side protocol: ``measure(round, variant)`` (the per-step times of one
+    measurement, in seconds) for every variant once per round, in :func:`rounds`' order,
+    pooled per variant (in ``variants``' order). ``measure`` gets the round so it can warm
+    up on the first; with ``progress`` a line per measurement (``describe(variant)`` and its
+    pooled median) goes to standard error."""
+    variants = list(variants)
+    times: dict[T, list[float]] = {v: [] for v in variants}
+    for r, v in rounds(variants, n_rounds):
+        times[v].extend(measure(r, v))
+        if progress:
+            med = statistics.median(times[v]) if times[v] else float("nan")
+            print(
+                f"round {r + 1}/{n_rounds} {describe(v)}: median {med:.4g} s "
+                f"({len(times[v])} steps)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return times
+
+
 def timed(run_one: Callable[[], object], steps: int) -> list[float]:
     """Per-step wall times of ``steps`` calls; ``run_one`` must block until its step is done."""
     times = []
@@ -124,16 +171,18 @@ def timed(run_one: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
-def summary(times: Sequence[float], batch: int) -> dict[str, float | int]:
-    """``n``, ``step_s_min``, ``step_s_median``, ``step_s_max`` and ``images_per_s`` (at
-    the median) of pooled per-step times of a ``batch``-image step."""
+def summary(times: Sequence[float], batch: int | None = None) -> dict[str, float | int]:
+    """``n``, ``step_s_min``, ``step_s_median``, ``step_s_max`` of pooled per-step times
+    and, for a ``batch``-image step, ``images_per_s`` (at the median)."""
     if not times:
         raise ValueError("no step times to summarise")
     median = statistics.median(times)
-    return {
+    out: dict[str, float | int] = {
         "n": len(times),
         "step_s_min": min(times),
         "step_s_median": median,
         "step_s_max": max(times),
-        "images_per_s": batch / median,
     }
+    if batch is not None:
+        out["images_per_s"] = batch / median
+    return out

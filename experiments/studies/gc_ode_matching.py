@@ -56,7 +56,7 @@ from flax import nnx
 
 from experiments import ROOT as EXPERIMENTS
 from experiments.common.provenance import describe_machine, git_commit, machine
-from experiments.suites.compare import SUITES
+from experiments.suites.compare import suites
 from experiments.suites.stats import t_mean_ci
 from gcgd_jax.train import Trainer, load_config
 from gcgd_jax.train.config import ConfigError
@@ -103,7 +103,7 @@ def make_matching_fn(graphdef: nnx.GraphDef):
 def arm_config(suite: str, seed: int, setting: tuple[str, str]):
     """The configuration of one arm and seed: the suite's GC-ODE gradient-mode run with
     ``KEY=value`` (raises ``ConfigError`` for a bad key or value)."""
-    s = SUITES[suite]
+    s = suites()[suite]
     key, value = setting
     overrides = [
         *s.overrides,
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_one(args.suite, seed, (key, value), args.steps, args.probe_batches))
             elapsed = time.perf_counter() - t0
             print(f"seed {seed} {key}={value} done ({elapsed:.0f} s)", flush=True)
-    cfg = load_config(SUITES[args.suite].base_config, list(SUITES[args.suite].overrides))
+    cfg = load_config(suites()[args.suite].base_config, list(suites()[args.suite].overrides))
     meta = {
         "suite": args.suite,
         "seeds": seeds,

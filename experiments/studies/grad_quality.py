@@ -84,7 +84,7 @@ from flax import nnx
 
 from experiments import ROOT as EXPERIMENTS
 from experiments.common.provenance import git_commit
-from experiments.suites.compare import SUITES
+from experiments.suites.compare import suites
 from experiments.suites.stats import bootstrap_mean_ci
 from gcgd_jax import methods as registry
 from gcgd_jax.models import pre_downsampling_mask
@@ -127,7 +127,7 @@ class Diagnostics:
     """Baseline trajectory + shadows for one seed (see the module docstring)."""
 
     def __init__(self, suite: str, seed: int):
-        s = self.suite = SUITES[suite]
+        s = self.suite = suites()[suite]
         self.common = [f"run.seed={seed}", "checkpoint.enabled=false", "log.progress=false"]
         self.cfg = load_config(s.base_config, [*s.overrides, *self.common])
         self.trainer = Trainer(

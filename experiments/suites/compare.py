@@ -47,12 +47,17 @@ from gcgd_jax.train.config import ConfigError, load_config
 from gcgd_jax.train.report import read_metrics
 
 # Method -> overrides of the base configuration: the optimizer alone, then every
-# method of the registry (gcgd_jax.methods) that gcgd-train runs, in registry order (the
-# continual-learning methods run in gcgd-continual's task sequences instead:
-# experiments.studies.continual_mnist).
+# correction of the registry (gcgd_jax.methods) that gcgd-train runs, in registry order
+# (the continual-learning methods run in gcgd-continual's task sequences instead:
+# experiments.studies.continual_mnist; the gradient estimators replace backpropagation on
+# the models that expose their activations, in their own study: #37).
 METHODS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    **{m.name: m.select for m in registry.METHODS.values() if m.kind != "continual"},
+    **{
+        m.name: m.select
+        for m in registry.METHODS.values()
+        if m.kind not in ("continual", "estimator")
+    },
 }
 # GC-W's default warm-up (100 steps, window 10) assumes runs of thousands of
 # steps; in the short CPU suites' 96-step runs it would never be applied. There the
@@ -185,9 +190,11 @@ def load_suite(path: Path) -> Suite:
     )
 
 
-SUITES: dict[str, Suite] = {
-    s.name: s for s in (load_suite(p) for p in sorted(SUITE_DIR.glob("*.toml")))
-}
+@functools.cache
+def suites() -> dict[str, Suite]:
+    """Every suite definition of ``SUITE_DIR`` by name, read on first use (once per process),
+    not at import."""
+    return {s.name: s for s in (load_suite(p) for p in sorted(SUITE_DIR.glob("*.toml")))}
 
 
 def dirty_tree_error(suite: Suite) -> str | None:
@@ -346,7 +353,7 @@ def _batches(cells: list[tuple[str, float, int]], seed_parallel: bool):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a comparison suite and build its report.")
-    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--suite", required=True, choices=sorted(suites()))
     parser.add_argument("--quick", action="store_true", help="tiny smoke version")
     parser.add_argument(
         "--out", type=Path, help="results folder (default experiments/results/<suite>)"
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
+    suite = quick(suites()[args.suite]) if args.quick else suites()[args.suite]
     suite = with_overrides(suite, tuple(args.set))
     if args.seeds is not None:
         if args.seeds < 0:

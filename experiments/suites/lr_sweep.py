@@ -30,11 +30,11 @@ import numpy as np
 from experiments.common.provenance import describe_machine
 from experiments.suites.compare import (
     RESULTS,
-    SUITES,
     dirty_tree_error,
     is_complete,
     run_dir,
     run_one,
+    suites,
     tree,
     with_overrides,
 )
@@ -54,7 +54,7 @@ def choose(val_acc: dict[float, list[float]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--suite", required=True, choices=sorted(suites()))
     parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument(
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
     if any(lr <= 0 for lr in lrs) or args.seeds < 1 or args.first_seed < 0:
         parser.error("learning rates must be > 0, --seeds >= 1 and --first-seed >= 0")
-    base = SUITES[args.suite]
+    base = suites()[args.suite]
     dirty = dirty_tree_error(base)
     if dirty and not args.allow_dirty:
         parser.error(dirty)

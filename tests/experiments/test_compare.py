@@ -2,13 +2,13 @@
 
 import pytest
 
-from experiments.suites.compare import METHODS, SUITES, quick
+from experiments.suites.compare import METHODS, quick, suites
 from gcgd_jax.train import load_config
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+@pytest.mark.parametrize("suite", sorted(suites()))
 def test_every_cell_of_every_suite_is_a_valid_config(suite):
-    for s in (SUITES[suite], quick(SUITES[suite])):
+    for s in (suites()[suite], quick(suites()[suite])):
         for method, budget, seed in s.grid():
             overrides = (*s.overrides_for(method), f"run.seed={seed}", f"train.budget={budget}")
             cfg = load_config(s.base_config, overrides)
@@ -16,7 +16,7 @@ def test_every_cell_of_every_suite_is_a_valid_config(suite):
 
 
 def test_grid_sizes_follow_the_protocol():
-    s = SUITES["cpu-fmnist"]
+    s = suites()["cpu-fmnist"]
     grid = s.grid()
     # 5 seeds x 6 budgets (0.5 ... 1.0) for the core methods, 3 seeds at 100% for the others.
     assert s.budgets == (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -52,7 +52,7 @@ def test_scale_only_control_replays_the_gradient_modes_measured_ratio(tmp_path):
     from experiments.suites.compare import MATCHED_SCALE, matched_control_scale, run_dir
 
     assert MATCHED_SCALE == {"gc_ode_scale_only": "gc_ode_gradient"}
-    grid = SUITES["cpu-fmnist"].grid()
+    grid = suites()["cpu-fmnist"].grid()
     first = {c: i for i, c in reversed(list(enumerate(grid)))}
     for control, source in MATCHED_SCALE.items():  # the source runs come first in the grid
         for m, b, s in grid:
@@ -85,12 +85,53 @@ def test_a_misspelt_method_option_fails_before_the_first_run(monkeypatch, capsys
     from experiments.suites import compare
 
     bad = dataclasses.replace(
-        SUITES["cpu-fmnist"], method_overrides={"gc_w": ("corrections.gc_w.warmpu=24",)}
+        suites()["cpu-fmnist"], method_overrides={"gc_w": ("corrections.gc_w.warmpu=24",)}
     )
-    monkeypatch.setitem(compare.SUITES, "cpu-fmnist", bad)
+    monkeypatch.setitem(compare.suites(), "cpu-fmnist", bad)
     with pytest.raises(SystemExit) as exc:
         compare.main(["--suite", "cpu-fmnist", "--out", str(tmp_path), "--max-runs", "1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "method gc_w of suite cpu-fmnist" in err and "unknown option 'warmpu'" in err
     assert "did you mean 'warmup'" in err and not (tmp_path / "runs").exists()
+
+
+_IMPORT_WITHOUT_READING = """
+import tomllib
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a suite definition was read at import")
+
+tomllib.loads = refuse
+from experiments.suites import compare
+from experiments.suites.compare import suites
+assert compare.suites.cache_info().currsize == 0
+print("not read")
+"""
+
+
+def test_importing_the_runner_reads_no_suite_definition():
+    """The suite TOMLs are read on first use (``compare.suites()``, cached), not at import:
+    a process that reads one would fail here (``tomllib.loads`` refuses)."""
+    import subprocess
+    import sys
+
+    from experiments import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WITHOUT_READING],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "not read"
+
+
+def test_suites_are_read_once():
+    from experiments.suites import compare
+
+    every = compare.suites()
+    assert compare.suites() is every  # cached: read once per process
+    assert set(every) == {compare.load_suite(p).name for p in compare.SUITE_DIR.glob("*.toml")}

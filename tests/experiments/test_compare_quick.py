@@ -38,7 +38,7 @@ def test_quick_suite_runs_end_to_end_and_resumes(tmp_path, capsys):
     else:
         assert data_line.startswith("data: synthetic"), data_line
 
-    suite = compare.quick(compare.SUITES["cpu-fmnist"])
+    suite = compare.quick(compare.suites()["cpu-fmnist"])
     runs = load_runs(tmp_path)
     assert sorted((r.method, r.budget, r.seed) for r in runs) == sorted(suite.grid())
     for r in runs:

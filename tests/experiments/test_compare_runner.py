@@ -44,7 +44,7 @@ def tiny_suite(tmp_path, monkeypatch):
         description="A tiny suite for the runner's tests.",
         phases=(compare.Phase(("baseline", "broken", "gc_w"), (1.0,), (0,)),),
     )
-    monkeypatch.setitem(compare.SUITES, "tiny", suite)
+    monkeypatch.setitem(compare.suites(), "tiny", suite)
     return suite
 
 

@@ -16,7 +16,7 @@ from experiments.suites import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT_MODULES = ("report", "long_report", "plots", "stats")
-COMMITTED = sorted(name for name in compare.SUITES if (RESULTS / name / "RESULTS.md").exists())
+COMMITTED = sorted(name for name in compare.suites() if (RESULTS / name / "RESULTS.md").exists())
 
 
 def _imported(path: Path) -> set[str]:
