@@ -6,8 +6,8 @@ overrides), its documented defaults, which parameters it applies to and its
 reference. Everything that needs to know the methods reads this table:
 
 * configuration validation (``corrections.chain``, ``loss.name``,
-  ``loss.penalty``, ``model.gc_ode.mode`` and the continual-learning runner's
-  ``method.name`` accept exactly the registered values),
+  ``loss.penalty``, ``model.gc_ode.mode``, ``gradient.estimator`` and the
+  continual-learning runner's ``method.name`` accept exactly the registered values),
 * the optimizer builder (:func:`gcgd_jax.train.optim.build_correction`),
 * the train step (the loss and gradient function it calls, the optimizer-state
   metrics it reports),
@@ -33,6 +33,14 @@ Kinds:
 ``"model"``
     a model option: a GC-ODE mode (``[model.gc_ode] mode = "<mode>"``) and its
     controls, or a graph layer the model places (``model.backward_grad_norm``).
+``"estimator"``
+    a forward-mode gradient estimate that replaces backpropagation
+    (``gradient.estimator = "<name>"``; ``options`` maps its keyword arguments to
+    ``[gradient]`` fields): :mod:`gcgd_jax.estimators`. ``perturbs = "weights"``:
+    ``factory(loss_fn, **options, has_aux, exact)``, a ``value_and_grad``
+    replacement on the parameters (any model); ``perturbs = "activities"``:
+    ``factory(**options)(model, x, labels, key=key)`` on a model that exposes its
+    pre-activations (:class:`gcgd_jax.estimators.ActivityPerturbable`).
 ``"combination"``
     several methods at once (GCGD = GC-W + GC-ODE).
 ``"continual"``
@@ -73,7 +81,7 @@ __all__ = [
 
 #: What a method is: an optax transform, a loss, a gradient function, a model option, a
 #: combination or a continual-learning transform (see the module docstring).
-Kind = Literal["transform", "loss", "gradient", "model", "combination", "continual"]
+Kind = Literal["transform", "loss", "gradient", "estimator", "model", "combination", "continual"]
 #: The named parameter masks a transform can apply to (``corrections.<name>.mask``).
 MaskName = Literal["all", "all_kernels", "pre_downsampling", "pre_downsampling_block"]
 #: Every :data:`MaskName`, in order.
@@ -84,6 +92,7 @@ _CONFIG_KEY: dict[str, str] = {
     "transform": "corrections.chain",
     "loss": "loss.name",
     "gradient": "loss.penalty",
+    "estimator": "gradient.estimator",
     "model": "model.gc_ode.mode",
     "continual": "method.name",  # gcgd_jax.continual's configuration
 }
@@ -110,7 +119,8 @@ class Method:
             runner's ``method.name``); None for
             entries that only combine or re-parameterise others.
         fixed: keyword arguments always passed to the factory (not user options).
-        options: ``"loss"``/``"gradient"`` kinds: factory keyword -> ``[loss]`` field.
+        options: ``"loss"``/``"gradient"`` kinds: factory keyword -> ``[loss]`` field;
+            ``"estimator"`` kind: factory keyword -> ``[gradient]`` field.
         mask: ``"transform"`` kind: the parameters it applies to by default.
         seeded: the factory takes ``key``, defaulting to the run's seed.
         state_metric: ``(record key, "module:function")``: a scalar read from the
@@ -120,6 +130,8 @@ class Method:
         parts: ``"combination"`` kind: the methods it combines.
         control: a control experiment (isolates one ingredient of another method)
             rather than a method one would deploy.
+        perturbs: ``"estimator"`` kind: ``"weights"`` or ``"activities"`` (its calling
+            convention, see the module docstring).
     """
 
     name: str
@@ -136,6 +148,7 @@ class Method:
     extra: tuple[str, ...] = ()
     parts: tuple[str, ...] = ()
     control: bool = False
+    perturbs: Literal["weights", "activities"] | None = None
 
     @property
     def config_key(self) -> str | None:
@@ -153,9 +166,10 @@ class Method:
         own = () if self.value is None else (f"{self.config_key}={self.value}",)
         return (*own, *self.extra)
 
-    def options_from(self, loss_config: Any) -> dict[str, Any]:
-        """Its factory's keyword arguments read from a ``[loss]`` section (``options``)."""
-        return {kw: getattr(loss_config, field) for kw, field in self.options.items()}
+    def options_from(self, section: Any) -> dict[str, Any]:
+        """Its factory's keyword arguments read from its configuration section (``options``:
+        ``[loss]`` for losses and gradient functions, ``[gradient]`` for estimators)."""
+        return {kw: getattr(section, field) for kw, field in self.options.items()}
 
     def load(self) -> Callable[..., Any]:
         """The factory (imported now)."""
@@ -350,6 +364,60 @@ _ENTRIES: tuple[Method, ...] = (
         "arXiv 2106.09475",
         factory="gcgd_jax.layers.backward_grad_norm:backward_grad_norm",
         extra=("model.backward_grad_norm=true",),
+    ),
+    # ------------------------------------------------------------ gradient estimators
+    Method(
+        "forward_gradient_weights",
+        "estimator",
+        "FG-W: the directional derivative along N(0, I) weight directions (jax.jvp) times "
+        "the direction; unbiased, no reverse pass",
+        "Baydin et al., Gradients without Backpropagation, arXiv 2202.08587; Ren et al., "
+        "Scaling Forward Gradient With Local Losses, ICLR 2023, arXiv 2210.03310",
+        factory="gcgd_jax.estimators.fg_weight:weight_perturbation",
+        value="weight_perturbation",
+        options=MappingProxyType({"num_directions": "num_directions"}),
+        perturbs="weights",
+    ),
+    Method(
+        "forward_gradient_activities",
+        "estimator",
+        "FG-A: N(0, I) perturbations of the pre-activations (inactive ReLUs left out), "
+        "mapped to the weights through each layer alone; unbiased, no reverse pass",
+        "Ren et al., Scaling Forward Gradient With Local Losses, ICLR 2023, arXiv 2210.03310",
+        factory="gcgd_jax.estimators.fg_activity:activity_perturbation",
+        value="activity_perturbation",
+        options=MappingProxyType(
+            {"num_directions": "num_directions", "mask_inactive": "mask_inactive"}
+        ),
+        perturbs="activities",
+    ),
+    Method(
+        "guess_transpose",
+        "estimator",
+        "gradient guess: fresh noise through the next layer's W^T, masked by active ReLUs, "
+        "scaled by its directional derivative; biased",
+        "Singhal et al., How to guess a gradient, arXiv 2312.04709",
+        factory="gcgd_jax.estimators.guesses:gradient_guess",
+        value="guess_transpose",
+        fixed=MappingProxyType({"family": "transpose"}),
+        options=MappingProxyType(
+            {"num_directions": "num_directions", "mask_inactive": "mask_inactive"}
+        ),
+        perturbs="activities",
+    ),
+    Method(
+        "guess_activation_mixing",
+        "estimator",
+        "gradient guess: random mixtures of the batch's activations, masked by active ReLUs, "
+        "scaled by its directional derivative; biased",
+        "Singhal et al., How to guess a gradient, arXiv 2312.04709",
+        factory="gcgd_jax.estimators.guesses:gradient_guess",
+        value="guess_activation_mixing",
+        fixed=MappingProxyType({"family": "activation_mixing"}),
+        options=MappingProxyType(
+            {"num_directions": "num_directions", "mask_inactive": "mask_inactive"}
+        ),
+        perturbs="activities",
     ),
     # ------------------------------------------------------------ combinations
     Method(

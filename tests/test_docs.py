@@ -178,7 +178,7 @@ def test_the_readme_training_loop_runs_as_written(tmp_path):
 
 
 def test_the_guides_examples_run():
-    """The GC-ODE-on-your-model example runs as written."""
+    """The GC-ODE-on-your-model and the forward-gradient examples run as written."""
     import jax.numpy as jnp
 
     own_model = _python_blocks(DOCS / "guides" / "gc_ode_own_model.md")[0]
@@ -188,6 +188,11 @@ def test_the_guides_examples_run():
     loss = namespace["train_step"](namespace["model"], namespace["optimizer"], x, y)
     assert jnp.isfinite(loss)
     assert namespace["model"].gc_ode.gates().shape == (2,)
+
+    forward = _python_blocks(DOCS / "guides" / "forward_gradients.md")[0]
+    namespace = {}
+    exec(compile(forward, "forward_gradients.md", "exec"), namespace)
+    assert jnp.isfinite(namespace["loss"])
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from gcgd_jax.continual.config import load_config as load_continual_config
 from gcgd_jax.train.cli import main
 from gcgd_jax.train.config import (
     CORRECTIONS,
+    ESTIMATORS,
     GC_ODE_MODES,
     LOSSES,
     PENALTIES,
@@ -41,7 +42,8 @@ def _ids(entries):
 def test_names_are_unique_and_kinds_known():
     assert len({m.name for m in ALL}) == len(ALL)
     for m in ALL:
-        assert m.kind in ("transform", "loss", "gradient", "model", "combination", "continual"), m
+        kinds = ("transform", "loss", "gradient", "estimator", "model", "combination", "continual")
+        assert m.kind in kinds, m
         assert m.summary and m.reference, f"{m.name}: summary and reference are required"
         if m.kind == "combination":
             assert m.parts and all(p in methods.METHODS for p in m.parts), m
@@ -53,6 +55,7 @@ def test_config_choices_come_from_the_registry():
     assert tuple(m.value for m in methods.methods_of_kind("transform")) == CORRECTIONS
     assert ("ce", *(m.value for m in methods.methods_of_kind("loss"))) == LOSSES
     assert ("none", *(m.value for m in methods.methods_of_kind("gradient"))) == PENALTIES
+    assert ("backprop", *(m.value for m in methods.methods_of_kind("estimator"))) == ESTIMATORS
     assert (
         "none",
         *(m.value for m in methods.methods_of_kind("model") if m.value is not None),
@@ -67,7 +70,7 @@ def test_a_chain_entry_is_the_name_of_its_method():
     for m in methods.methods_of_kind("transform"):
         assert m.value == m.name, m
         assert methods.get(m.value) is m and methods.by_value("transform", m.value) is m
-    for kind in ("loss", "gradient", "model"):
+    for kind in ("loss", "gradient", "estimator", "model"):
         for m in methods.methods_of_kind(kind):
             if m.value is not None:
                 assert methods.by_value(kind, m.value) is m, m
@@ -91,12 +94,16 @@ def test_lookups_name_the_known_methods():
         methods.by_value("loss", "focal")
 
 
+# An estimator that perturbs activities needs a model that exposes them (gcgd_jax.estimators)
+ESTIMATOR_MODEL = {"estimator": ("model.name=mlp",)}
+
+
 @pytest.mark.parametrize("method", ALL, ids=_ids(ALL))
 def test_every_entry_selects_a_valid_configuration(method):
     if method.kind == "continual":  # the continual-learning runner's configuration
         assert load_continual_config(None, list(method.select)).method.name == method.value
         return
-    cfg = load_config("quickstart", list(method.select))
+    cfg = load_config("quickstart", [*ESTIMATOR_MODEL.get(method.kind, ()), *method.select])
     if method.kind == "transform":
         assert cfg.corrections.chain == (method.value,)
     if method.kind == "combination":
@@ -123,8 +130,11 @@ def test_factories_and_options_resolve(method):
         accepted = inspect.signature(factory).parameters
         for kw in (*method.fixed, *method.options):
             assert kw in accepted, f"{method.name}: {kw!r} is not a parameter of its factory"
+        section = "gradient" if method.kind == "estimator" else "loss"
         for field in method.options.values():
-            assert hasattr(load_config(None).loss, field), f"{method.name}: no loss.{field}"
+            assert hasattr(getattr(load_config(None), section), field), (
+                f"{method.name}: no {section}.{field}"
+            )
         if method.seeded:
             assert "key" in accepted
     if method.state_metric is not None:
@@ -196,6 +206,40 @@ def test_gradient_functions_conform(method):
     assert not jnp.allclose(optax.tree.norm(grads), 0.0)
 
 
+ESTIMATOR_KINDS = methods.methods_of_kind("estimator")
+
+
+@pytest.mark.parametrize("method", ESTIMATOR_KINDS, ids=_ids(ESTIMATOR_KINDS))
+def test_estimators_conform(method):
+    """A gradient-shaped estimate (the parameters' structure and dtypes), jit-safe, finite,
+    the same for the same key and not for another, through its calling convention."""
+    from flax import nnx
+
+    from gcgd_jax.models import MLP
+
+    model = MLP(12, (8,), 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x, y = jnp.linspace(-1, 1, 48).reshape(4, 12), jnp.array([0, 1, 2, 1])
+    kwargs = {**method.fixed, **method.options_from(load_config(None).gradient)}
+    if method.perturbs == "weights":
+        loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+            nnx.merge(graphdef, p)(x), y
+        ).mean()
+        run = jax.jit(lambda p, k: method.load()(loss, **kwargs)(p, x, y, key=k))
+    else:
+        run = jax.jit(lambda p, k: method.load()(**kwargs)(nnx.merge(graphdef, p), x, y, key=k))
+    value, grads = run(params, jax.random.PRNGKey(0))
+    _, again = run(params, jax.random.PRNGKey(0))
+    _, other = run(params, jax.random.PRNGKey(1))
+    assert jax.tree.structure(grads) == jax.tree.structure(params) and value.shape == ()
+    for g, a, o, p in zip(*(jax.tree.leaves(t) for t in (grads, again, other, params))):
+        assert g.shape == p.shape and g.dtype == p.dtype and bool(jnp.all(jnp.isfinite(g)))
+        assert bool(jnp.array_equal(g, a))
+    assert not all(
+        bool(jnp.array_equal(g, o)) for g, o in zip(*map(jax.tree.leaves, (grads, other)))
+    )
+
+
 CONTINUAL = methods.methods_of_kind("continual")
 
 
@@ -224,7 +268,7 @@ def test_every_entry_runs_from_the_command_line(method, tmp_path, capsys):
         assert summary["kind"] == "summary" and summary["method"] == method.value
         return
     args = [*TINY, "--set", "checkpoint.enabled=false", "--no-progress", "--out", str(out)]
-    for override in method.select:
+    for override in (*ESTIMATOR_MODEL.get(method.kind, ()), *method.select):
         args += ["--set", override]
     code = main(args)
     assert code == 0, capsys.readouterr().err

@@ -51,7 +51,15 @@ layer spans all groups); ``channel_credit="block"`` is the unbiased alternative.
 Activity perturbation is unaffected (it perturbs after that LayerNorm). The
 official training script's optimizer-side choices (the read-out's gradient
 scaled by 0.1, its ``last_layer_lr`` default, and weight decay 1e-4 on kernels
-only) belong to the optimizer, not to the model. Not provided: the official code's optional
+only) belong to the optimizer, not to the model
+(``optim.gradient_scale_params``, ``optim.weight_decay_on = "kernels"`` in
+``gcgd-train``). With the same parameters and noise, the forward pass, backprop,
+LG-BP and the four estimators equal the official code's to float32 rounding
+(``tests/parity/test_estimator_parity.py``, ``docs/parity.md``), once three of its
+quirks are accounted for: its token-mixing and dense channel layers add their bias
+twice (ours holds the effective bias), its global-loss FG-A does not divide the
+per-example losses by the batch size, and its global-loss runs still train the block
+heads. Not provided: the official code's optional
 convolutional token mixing, down-sampling and channel growth between blocks.
 """
 
@@ -68,6 +76,7 @@ import optax
 from flax import nnx
 
 from gcgd_jax.estimators.protocol import LocalPass, PerturbedLoss
+from gcgd_jax.models.local_mixer_config import LOCAL_MIXER_CONFIGS, LocalMixerConfig
 
 __all__ = [
     "LOCAL_MIXER_CONFIGS",
@@ -79,27 +88,6 @@ __all__ = [
 ]
 
 LN_EPSILON = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalMixerConfig:
-    """A LocalMixer size: ``features`` channels (``D``, also the hidden width),
-    ``num_blocks`` blocks, ``patches_per_side`` (``n``: ``n x n`` tokens) and
-    ``num_groups`` (``G``, dividing ``D``)."""
-
-    features: int
-    num_blocks: int
-    patches_per_side: int
-    num_groups: int
-
-
-# Ren et al., Table 2 (size/patches per side/groups).
-LOCAL_MIXER_CONFIGS: dict[str, LocalMixerConfig] = {
-    "S/1/1": LocalMixerConfig(features=256, num_blocks=1, patches_per_side=1, num_groups=1),
-    "M/1/16": LocalMixerConfig(features=512, num_blocks=1, patches_per_side=1, num_groups=16),
-    "M/8/16": LocalMixerConfig(features=512, num_blocks=4, patches_per_side=8, num_groups=16),
-    "L/32/64": LocalMixerConfig(features=2048, num_blocks=4, patches_per_side=32, num_groups=64),
-}
 
 
 def _layer_norm(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -17,12 +17,15 @@ keeps what it was built with):
 Both give the values and gradients of ``jax.lax.conv_general_dilated`` up to
 float rounding (another summation order; tested to 1e-5). Both are
 ``jax.custom_vjp`` functions, so forward-mode differentiation (``jax.jvp``)
-through a model built with them is not available; switch them off for that.
-What each buys: ``docs/cpu_performance.md``.
+through a model built with them is not available; build it inside
+:func:`xla_convolutions` for that (``gcgd-train`` does so for a forward-mode
+``gradient.estimator``). What each buys: ``docs/cpu_performance.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,6 +38,7 @@ __all__ = [
     "chunked_wgrad_conv",
     "conv3x3",
     "conv3x3_xla",
+    "xla_convolutions",
 ]
 
 #: GC-ODE's 3x3 convolutions use the hand-written VJP of :func:`conv3x3` (read
@@ -45,6 +49,22 @@ CUSTOM_CONV_VJP: bool = True
 CHUNKED_WGRAD: bool = True
 #: How many batch chunks the weight gradient is split into (at most).
 WGRAD_CHUNKS: int = 8
+
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Models built inside this block use ``jax.lax.conv_general_dilated`` and XLA's own
+    VJPs (both switches off), so ``jax.jvp`` can differentiate them; the switches are
+    restored on exit."""
+    global CHUNKED_WGRAD, CUSTOM_CONV_VJP
+    saved = CHUNKED_WGRAD, CUSTOM_CONV_VJP
+    CHUNKED_WGRAD = CUSTOM_CONV_VJP = False
+    try:
+        yield
+    finally:
+        CHUNKED_WGRAD, CUSTOM_CONV_VJP = saved
+
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _PAD = ((1, 1), (1, 1))

@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
             "ConfigError",
             "CorrectionsConfig",
             "DataConfig",
+            "GradientConfig",
             "LogConfig",
             "LossConfig",
             "ModelConfig",

@@ -13,7 +13,13 @@ from flax import nnx
 
 from gcgd_jax import methods
 from gcgd_jax.models.aux import AuxSpec
-from gcgd_jax.train.config import CIFAR_MODELS, ConfigError, TrainConfig, gc_ode_config
+from gcgd_jax.train.config import (
+    CIFAR_MODELS,
+    RESNET_MODELS,
+    ConfigError,
+    TrainConfig,
+    gc_ode_config,
+)
 from gcgd_jax.train.step import StepOptions
 
 __all__ = ["build_model", "load_data", "model_aux_spec", "step_options"]
@@ -83,6 +89,7 @@ def step_options(cfg: TrainConfig) -> StepOptions:
         return tuple(methods.by_value(kind, value).options_from(cfg.loss).items())
 
     loss, penalty = cfg.loss.name, cfg.loss.penalty
+    estimator = cfg.gradient.estimator
     return StepOptions(
         mean=tuple(float(v) for v in np.ravel(mean)),
         std=tuple(float(v) for v in np.ravel(std)),
@@ -92,6 +99,11 @@ def step_options(cfg: TrainConfig) -> StepOptions:
         loss_options=() if loss == "ce" else options_of("loss", loss),
         penalty=penalty,
         penalty_options=() if penalty == "none" else options_of("gradient", penalty),
+        estimator=estimator,
+        estimator_options=()
+        if estimator == "backprop"
+        else tuple(methods.by_value("estimator", estimator).options_from(cfg.gradient).items()),
+        channel_credit=cfg.gradient.channel_credit,
         aux=model_aux_spec(cfg),
         state_metrics=tuple(
             name for name in cfg.corrections.chain if methods.get(name).state_metric is not None
@@ -100,11 +112,38 @@ def step_options(cfg: TrainConfig) -> StepOptions:
     )
 
 
-def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.Module:
-    """The model of ``cfg.model`` (initialised from ``run.seed``)."""
+def build_model(
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_shape: tuple[int, int, int] | None = None,
+) -> nnx.Module:
+    """The model of ``cfg.model`` (initialised from ``run.seed``); ``image_shape``
+    ``(H, W, C)`` is needed by ``mlp`` and ``local_mixer``. With a forward-mode
+    ``gradient.estimator`` a ResNet is built with XLA's own convolutions
+    (:func:`gcgd_jax.ops.conv.xla_convolutions`)."""
     from gcgd_jax import models
 
     m = cfg.model
+    if m.name not in RESNET_MODELS:
+        if image_shape is None:
+            raise ValueError(f"build_model: model {m.name!r} needs the image_shape")
+        shape = (*image_shape[:2], in_channels)
+        rngs = nnx.Rngs(cfg.run.seed)
+        if m.name == "mlp":
+            size = int(np.prod(shape))
+            return models.MLP(size, m.hidden_features, num_classes, rngs=rngs)
+        try:
+            return models.LocalMixer.from_config(
+                m.mixer,
+                image_shape=shape,
+                num_classes=num_classes,
+                local=m.local_losses,
+                rngs=rngs,
+            )
+        except ValueError as err:
+            raise ConfigError(f"model.mixer: {err}") from None
     kwargs: dict[str, Any] = {
         "in_channels": in_channels,
         "zero_init_residual": m.zero_init_residual,
@@ -114,7 +153,12 @@ def build_model(cfg: TrainConfig, *, num_classes: int, in_channels: int) -> nnx.
     if m.name not in CIFAR_MODELS:
         kwargs["small_stem"] = m.small_stem
     kwargs["gc_ode"] = _gc_ode(cfg)
-    return getattr(models, m.name)(num_classes, **kwargs)
+    if cfg.gradient.estimator == "backprop":
+        return getattr(models, m.name)(num_classes, **kwargs)
+    from gcgd_jax.ops.conv import xla_convolutions
+
+    with xla_convolutions():  # the custom-VJP convolutions cannot be differentiated by jax.jvp
+        return getattr(models, m.name)(num_classes, **kwargs)
 
 
 def _gc_ode(cfg: TrainConfig):

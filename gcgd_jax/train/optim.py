@@ -2,7 +2,8 @@
 
 Order of the chain (``corrections.after_weight_decay = false``, the default)::
 
-    corrections (in the order listed) -> coupled weight decay -> base optimizer
+    corrections (in the order listed) -> gradient scale -> coupled weight decay
+    -> base optimizer
 
 so every correction sees the raw gradient of the training loss. This is our
 choice: it keeps the signal a correction (and GC-W's predictor) works on the
@@ -17,12 +18,18 @@ Corrections by name: the ``"transform"`` methods of :mod:`gcgd_jax.methods`
 one's factory, fixed arguments and default mask).
 
 Every correction also takes ``mask``: ``"all"`` (every parameter; the
-correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim 2 or
-4), ``"pre_downsampling"`` / ``"pre_downsampling_block"``
+correction's own leaf rules apply), ``"all_kernels"`` (leaves with ndim >= 2:
+dense, grouped dense and conv kernels), ``"pre_downsampling"`` / ``"pre_downsampling_block"``
 (:func:`gcgd_jax.models.pre_downsampling_mask` with ``whole_block`` False /
 True). Each method's registry entry gives its default (GC-W v1 and v2:
 ``"pre_downsampling"``; the others ``"all"``). Seeded methods (GC-W v1 and
 v2) take ``key``, defaulting to the run's seed.
+
+``optim.gradient_scale_params`` names top-level parameter groups (e.g. a
+LocalMixer's ``readout``) whose gradient is multiplied by
+``optim.gradient_scale`` after the corrections and before the weight decay, as
+Ren et al.'s code scales its read-out's gradient by ``last_layer_lr`` (0.1);
+with plain SGD this is a smaller learning rate for those parameters' loss term.
 
 The base optimizer is wrapped in :func:`optax.inject_hyperparams`, so the
 learning rate of the last update is in the state (:func:`current_lr`).
@@ -47,6 +54,7 @@ __all__ = [
     "build_schedule",
     "current_lr",
     "kernel_mask",
+    "top_level_mask",
 ]
 
 
@@ -61,8 +69,28 @@ class OptimizerBundle:
 
 
 def kernel_mask(params: Any) -> Any:
-    """True on every leaf with ndim 2 (dense) or 4 (2-D conv): the "all_kernels" mask."""
-    return jax.tree.map(lambda p: p.ndim in (2, 4), params)
+    """True on every leaf with ndim >= 2 (dense, grouped dense, 2-D conv kernels; biases and
+    normalisation scales are 1-D): the "all_kernels" mask and ``weight_decay_on = "kernels"``."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def top_level_mask(params: Any, names: tuple[str, ...]) -> Any:
+    """True on the leaves under the top-level keys ``names`` of ``params``; a
+    :class:`ConfigError` naming the known keys when one is missing."""
+
+    def top(path: tuple) -> str:
+        return str(getattr(path[0], "key", path[0]))
+
+    known = list(
+        dict.fromkeys(top(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    )
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(
+            f"optim.gradient_scale_params: no parameters named {missing}; the model's "
+            f"top-level parameters are {known}"
+        )
+    return jax.tree_util.tree_map_with_path(lambda path, _: top(path) in names, params)
 
 
 def _mask_for(kind: str, params: Any, model: Any) -> Any | None:
@@ -104,7 +132,7 @@ def build_correction(
 
 
 def build_schedule(optim: OptimConfig, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """The learning rate per optimizer step: warm-up then step/cosine/constant.
+    """The learning rate per optimizer step: warm-up then step/cosine/linear/constant.
 
     Step decay multiplies the rate by ``decay_factor`` at each milestone, a
     fraction of ``total_steps`` (He et al: ÷10 at 50% and 75%), so scaling the
@@ -114,6 +142,8 @@ def build_schedule(optim: OptimConfig, total_steps: int, warmup_steps: int) -> o
     main_steps = max(total_steps - warmup_steps, 1)
     if optim.schedule == "constant":
         main = optax.constant_schedule(lr)
+    elif optim.schedule == "linear":
+        main = optax.linear_schedule(lr, lr * optim.final_lr_fraction, main_steps)
     elif optim.schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, main_steps, alpha=optim.final_lr_fraction)
     else:
@@ -172,7 +202,14 @@ def build_optimizer(
     decay = []
     if optim.name != "adamw" and optim.weight_decay > 0.0:
         decay = [optax.add_decayed_weights(optim.weight_decay, mask=wd_mask)]
-    parts = [*decay, *corrections] if corr.after_weight_decay else [*corrections, *decay]
+    scale = []
+    if optim.gradient_scale_params:
+        mask = top_level_mask(params, optim.gradient_scale_params)
+        scale = [optax.masked(optax.scale(optim.gradient_scale), mask)]
+    if corr.after_weight_decay:
+        parts = [*scale, *decay, *corrections]
+    else:
+        parts = [*corrections, *scale, *decay]
     tx = optax.chain(*parts, _base_optimizer(optim, schedule, wd_mask))
     return OptimizerBundle(
         tx=tx, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps

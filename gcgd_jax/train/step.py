@@ -12,8 +12,10 @@ the state can be donated, sharded and checkpointed as one pytree.
 Inside the train step: augmentation (random crop + flip, on device, keyed by
 ``fold_in(rng, step)``) and normalisation of uint8 images, the forward pass in
 training mode (BatchNorm statistics updated), the loss (cross-entropy or
-a registered loss, plus the model's weighted auxiliary losses, e.g. GC-ODE's), its
-gradient (or a registered gradient function's) -- :func:`make_grad_fn` --
+a registered loss, plus the model's weighted auxiliary losses, e.g. GC-ODE's; a
+model with a ``losses(x, labels)`` method, the LocalMixer, brings its own), its
+gradient (or a registered gradient function's, or a forward-mode estimate of it:
+``gradient.estimator``) -- :func:`make_grad_fn` --
 then the optimizer update -- :func:`make_update_fn` -- and the
 non-finite guard: when the loss, any gradient or any updated parameter is
 not finite the update is
@@ -26,6 +28,7 @@ good one until the host notices and stops.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,6 +39,7 @@ import optax
 from flax import nnx
 
 from gcgd_jax import methods
+from gcgd_jax.estimators.fg_weight import Credited
 from gcgd_jax.models.aux import AuxSpec
 from gcgd_jax.train.optim import current_lr
 
@@ -67,8 +71,8 @@ class TrainState(NamedTuple):
 class StepOptions:
     """Static settings of the steps (hashable; part of the compiled program).
 
-    ``loss``, ``penalty`` and ``state_metrics`` name methods of
-    :mod:`gcgd_jax.methods` (``"ce"`` / ``"none"`` / ``()`` for none); their
+    ``loss``, ``penalty``, ``estimator`` and ``state_metrics`` name methods of
+    :mod:`gcgd_jax.methods` (``"ce"`` / ``"none"`` / ``"backprop"`` / ``()`` for none); their
     keyword arguments are ``(name, value)`` pairs so the options stay hashable.
     ``aux`` says what the step does with the model's auxiliary outputs
     (:mod:`gcgd_jax.models.aux`; GC-ODE's loss, gate and gradient ratio).
@@ -82,6 +86,11 @@ class StepOptions:
     loss_options: tuple[tuple[str, Any], ...] = ()
     penalty: str = "none"  # "none" or the value of a "gradient" method
     penalty_options: tuple[tuple[str, Any], ...] = ()
+    # "backprop" or the value of an "estimator" method (gcgd_jax.estimators)
+    estimator: str = "backprop"
+    estimator_options: tuple[tuple[str, Any], ...] = ()
+    # weight_perturbation on a model with per-parameter credits (LocalMixer.weight_credits)
+    channel_credit: str = "group"
     # the model's auxiliary losses and metrics (gcgd_jax.models.aux; none by default)
     aux: AuxSpec = dataclasses.field(default_factory=AuxSpec)
     # names of the chain's methods with a state metric (e.g. GC-W's predictor loss)
@@ -123,6 +132,23 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+# fold_in(augmentation key, this) keys an estimator's directions (the augmentation's own
+# key, and with it every backprop run, stays as it was)
+ESTIMATOR_STREAM = 0x4647
+
+
+def own_objective(model: Any) -> bool:
+    """Whether ``model`` defines its own training objective: a ``losses(x, labels)`` method
+    returning ``.loss`` (the objective), ``.logits`` and ``.final_loss`` (per example), as
+    :class:`gcgd_jax.models.LocalMixer` does (its local losses)."""
+    return callable(getattr(model, "losses", None))
+
+
+def _model_kwargs(fusion_breaker: jax.Array | None) -> dict[str, Any]:
+    # only the ResNets take the fusion breaker; it is None for every other model
+    return {} if fusion_breaker is None else {"fusion_breaker": fusion_breaker}
+
+
 def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tuple[Any, GradAux]]:
     """The (unjitted) gradient of a train step: ``(state, images, labels, fusion_breaker)
     -> (grads, GradAux)``.
@@ -139,25 +165,41 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
     With ``opts.aux.probe`` the model's gradient probe (``model.new_aux_probe()``)
     is differentiated too, and ``model.aux_probe_metrics`` of its gradient joins
     ``GradAux.model_aux`` (GC-ODE's gated modes: ``gc_ode_grad_ratio``).
+
+    With ``opts.estimator`` (``gradient.estimator``) the gradient is a forward-mode
+    estimate (:mod:`gcgd_jax.estimators`), keyed by ``fold_in(augmentation key,
+    ESTIMATOR_STREAM)`` (so a resumed run draws the same directions):
+    weight perturbation differentiates the same loss (with the model's per-parameter
+    credits, ``weight_credits``, and its exactly trained heads, ``head_mask``, where it
+    has them: the LocalMixer); the activity estimators run on the model itself and one
+    more unperturbed forward pass gives the step's logits and data loss.
     """
     per_example_loss = _per_example_loss_fn(opts)
 
     aux_spec = opts.aux
     metric_names = tuple(name for name, _ in aux_spec.metrics)
 
-    def loss_fn(params, rest, images, labels, fusion_breaker, probe=None):
+    def loss_fn(params, rest, images, labels, fusion_breaker, probe=None, credited=False):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        fb = fusion_breaker
-        if aux_spec.active:
-            kwargs = {} if probe is None else {"aux_probe": probe}
-            logits, aux = model(images, return_aux=True, fusion_breaker=fb, **kwargs)
+        if own_objective(model):
+            out = model.losses(images, labels)
+            total, data_loss, logits, logged = out.loss, jnp.mean(out.final_loss), out.logits, {}
+            if credited:
+                credits = model.weight_credits(out, channel_credit=opts.channel_credit)
+                total = Credited(out.loss, credits)
         else:
-            logits, aux = model(images, fusion_breaker=fb), {}
-        data_loss = jnp.mean(per_example_loss(logits, labels))
-        total = data_loss
-        for name, weight in aux_spec.loss_weights:
-            total = total + weight * aux[name]
-        logged = {name: aux[name] for name in metric_names if name in aux}
+            kwargs = _model_kwargs(fusion_breaker)
+            if aux_spec.active:
+                if probe is not None:
+                    kwargs["aux_probe"] = probe
+                logits, aux = model(images, return_aux=True, **kwargs)
+            else:
+                logits, aux = model(images, **kwargs), {}
+            data_loss = jnp.mean(per_example_loss(logits, labels))
+            total = data_loss
+            for name, weight in aux_spec.loss_weights:
+                total = total + weight * aux[name]
+            logged = {name: aux[name] for name in metric_names if name in aux}
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return total, (data_loss, logits, new_rest, logged)
 
@@ -174,9 +216,14 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
         # Python only (at trace time): the model's probe methods, not its values.
         return nnx.merge(graphdef, state.params, state.rest, copy=True)
 
+    estimate = None if opts.estimator == "backprop" else _estimate_fn(loss_fn, model_of, opts)
+
     def grad_fn(state: TrainState, images, labels, fusion_breaker):
         key = jax.random.fold_in(state.rng, state.step)
         x = preprocess(images, opts, key)
+        if estimate is not None:
+            estimator_key = jax.random.fold_in(key, ESTIMATOR_STREAM)
+            return estimate(state, x, labels, fusion_breaker, estimator_key)
         args = (state.rest, x, labels, fusion_breaker)
         model = model_of(state) if aux_spec.probe else None
         probe = None if model is None else model.new_aux_probe()
@@ -195,6 +242,49 @@ def make_grad_fn(graphdef: nnx.GraphDef, opts: StepOptions) -> Callable[..., tup
         return grads, GradAux(total, data_loss, logits, new_rest, model_aux)
 
     return grad_fn
+
+
+def _estimate_fn(
+    loss_fn: Callable[..., Any], model_of: Callable[[TrainState], Any], opts: StepOptions
+) -> Callable[..., tuple[Any, GradAux]]:
+    """The gradient of :func:`make_grad_fn` by ``opts.estimator``: ``(state, x, labels,
+    fusion_breaker, key) -> (grads, GradAux)`` on a preprocessed batch ``x``."""
+    method = methods.by_value("estimator", opts.estimator)
+    factory = method.load()
+    kwargs = {**method.fixed, **dict(opts.estimator_options)}
+    per_example_loss = _per_example_loss_fn(opts)
+
+    if method.perturbs == "weights":
+
+        def by_weights(state: TrainState, x, labels, fusion_breaker, key):
+            model = model_of(state)  # Python only: which credits and exact heads it has
+            credited = callable(getattr(model, "weight_credits", None))
+            exact = getattr(type(model), "head_mask", None)
+            fn = factory(
+                functools.partial(loss_fn, credited=credited), has_aux=True, exact=exact, **kwargs
+            )
+            (total, (data_loss, logits, new_rest, logged)), grads = fn(
+                state.params, state.rest, x, labels, fusion_breaker, key=key
+            )
+            model_aux = {name: jnp.asarray(v, jnp.float32) for name, v in logged.items()}
+            return grads, GradAux(total, data_loss, logits, new_rest, model_aux)
+
+        return by_weights
+
+    estimator = factory(**kwargs)
+
+    def by_activities(state: TrainState, x, labels, fusion_breaker, key):
+        model = model_of(state)
+        total, grads = estimator(model, x, labels, key=key)
+        if own_objective(model):
+            out = model.losses(x, labels)
+            logits, data_loss = out.logits, jnp.mean(out.final_loss)
+        else:
+            logits = model(x, **_model_kwargs(fusion_breaker))
+            data_loss = jnp.mean(per_example_loss(logits, labels))
+        return grads, GradAux(total, data_loss, logits, state.rest, {})
+
+    return by_activities
 
 
 def make_update_fn(
@@ -287,7 +377,7 @@ def make_eval_step(
 
     def eval_step(params, rest, images, labels, weights, fusion_breaker):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        logits = model(preprocess(images, opts, None), fusion_breaker=fusion_breaker)
+        logits = model(preprocess(images, opts, None), **_model_kwargs(fusion_breaker))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return {

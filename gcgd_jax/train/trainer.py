@@ -94,6 +94,7 @@ from gcgd_jax import methods
 from gcgd_jax.train.build import build_model, load_data, load_final_test, step_options
 from gcgd_jax.train.checkpoint import Checkpointer, DamagedCheckpoint
 from gcgd_jax.train.config import (
+    RESNET_MODELS,
     ConfigError,
     TrainConfig,
     config_diff,
@@ -531,7 +532,9 @@ class Trainer:
         fb = run.fusion_breaker
         # The fusion breaker: a runtime float32 1.0 the model divides by between blocks
         # (gcgd_jax.ops.fusion), or None for none; every step function takes it.
-        on = fb == "on" or (fb == "auto" and self.parallel.platform == "cpu")
+        # (only the ResNets place it: gcgd_jax.ops.fusion)
+        resnet = self.cfg.model.name in RESNET_MODELS
+        on = resnet and (fb == "on" or (fb == "auto" and self.parallel.platform == "cpu"))
         self.fusion_breaker = jax.device_put(jnp.float32(1.0), self.replicated) if on else None
 
     def _setup_data(self, datasets: tuple[Any, ...] | None = None) -> None:
@@ -570,7 +573,12 @@ class Trainer:
             )
         states = []
         for r in self.replicas:  # each seed initialises its own model and optimizer state
-            model = build_model(r.cfg, num_classes=num_classes, in_channels=in_channels)
+            model = build_model(
+                r.cfg,
+                num_classes=num_classes,
+                in_channels=in_channels,
+                image_shape=self.image_shape,
+            )
             model.train()
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             opt = build_optimizer(

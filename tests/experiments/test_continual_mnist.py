@@ -8,15 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from experiments.studies.continual_mnist import (
-    command,
-    is_complete,
-    load_study,
-    main,
-    run_dir,
-    run_one,
-)
+from experiments.studies.continual_mnist import OUT, RUNNER, load_study, main
 from experiments.studies.continual_report import build_report, load_runs
+from experiments.studies.study import Cell, is_complete, run_dir
 from gcgd_jax.continual.config import load_config
 from gcgd_jax.continual.metrics import continual_metrics
 from tests.continual.tiny import TINY_SETTINGS, write_tiny_mnist
@@ -27,16 +21,17 @@ PRIMARY = ["sgd", "agem", "gem", "layerwise_decomposition", "layerwise_decomposi
 def test_the_study_is_the_pre_registered_grid():
     study = load_study()
     cells = study.cells(1)
-    assert {c[3] for c in cells} == set(PRIMARY)
-    assert {c[1] for c in cells} == {"permuted_mnist", "rotated_mnist"}
-    assert {c[2] for c in cells} == set(range(5)) and len(cells) == 50
-    assert cells[:5] == [(1, "permuted_mnist", 0, v) for v in PRIMARY]  # seed-major blocks
+    assert {c.label for c in cells} == set(PRIMARY)
+    assert {c.benchmark for c in cells} == {"permuted_mnist", "rotated_mnist"}
+    assert {c.seed for c in cells} == set(range(5)) and len(cells) == 50
+    assert cells[:5] == [Cell(1, "permuted_mnist", 0, v) for v in PRIMARY]  # seed-major blocks
     assert "Primary endpoint (pre-registered" in study.preregistration
     for label, overrides in study.variants.items():  # every variant is a valid run
         for benchmark in study.benchmarks:
             cfg = load_config(None, [*overrides, f"tasks.benchmark={benchmark}"])
             assert cfg.tasks.num_tasks == 20 and cfg.train.memory_size == 256, label
-    cmd = command(study, "rotated_mnist", "gem", 3, run_dir("out", "rotated_mnist", "gem", 3))
+    cell = Cell(1, "rotated_mnist", 3, "gem")
+    cmd = RUNNER.command(study, cell, OUT, run_dir("out", "rotated_mnist", "gem", 3))
     assert cmd[1:3] == ["-m", "gcgd_jax.continual.cli"] and "run.seed=3" in cmd
     assert "tasks.benchmark=rotated_mnist" in cmd
 
@@ -89,7 +84,7 @@ def test_a_chunk_runs_skips_and_resumes(tmp_path, capsys):
     data = write_tiny_mnist(tmp_path / "data")
     study = load_study()
     extra = [a for o in TINY_SETTINGS for a in ("--set", o)] + ["--data-dir", str(data)]
-    record = run_one(study, "permuted_mnist", "sgd", 0, tmp_path, extra)
+    record = RUNNER.run_one(study, Cell(1, "permuted_mnist", 0, "sgd"), tmp_path, extra)
     folder = run_dir(tmp_path, "permuted_mnist", "sgd", 0)
     assert record["exit_code"] == 0, (folder / "run.log").read_text()
     assert is_complete(folder) and json.loads((folder / "run.json").read_text())["wall_s"] > 0

@@ -81,7 +81,7 @@ def test_overrides_are_typed():
             "corrections.chain: unknown value 'gcw' (did you mean 'gc_w'?)",
         ),
         ("optim.name=lion", "optim.name: unknown value 'lion'"),
-        ("optim.schedule=linear", "optim.schedule: unknown value 'linear'"),
+        ("optim.schedule=exponential", "optim.schedule: unknown value 'exponential'"),
         (
             "optim.milestones=[0.75, 0.5]",
             "optim.milestones: fractions of training in (0, 1), increasing",

@@ -8,10 +8,7 @@ over 32 examples), so one run costs about a compile and a second.
 import io
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,7 @@ import pytest
 from gcgd_jax.train import NonFiniteLossError, Trainer, load_config
 from gcgd_jax.train.checkpoint import Checkpointer
 from gcgd_jax.train.report import read_metrics
+from tests.devices import rerun_with_two_devices
 
 TINY = [
     "data.name=synthetic",
@@ -109,14 +107,9 @@ def test_two_devices_run_and_evaluate_like_one(tmp_path):
     """A whole run() (1 epoch) and evaluate() on 2 devices equal 1 device; the eval set (12)
     is not a multiple of the eval batch (8), so the last batch is padded, and the padded
     result equals an unpadded evaluation (batch 4): padding is not counted."""
-    if jax.device_count() < 2:  # e.g. XLA_FLAGS set by the user: run it with 2 fake CPU devices
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-        node = f"{__file__}::test_two_devices_run_and_evaluate_like_one"
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
-            env=env, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-3000:]
+    if rerun_with_two_devices(
+        __file__, "test_two_devices_run_and_evaluate_like_one"
+    ):  # e.g. the user set XLA_FLAGS
         return
     runs = {}
     for n in (1, 2):

@@ -4,8 +4,8 @@ Each section is a frozen dataclass whose fields are the keys of its TOML
 table; a field's annotation is its type (``Literal`` for fixed choices, checked
 by :func:`gcgd_jax.train.config.validate`), its default the documented
 default. Options whose values come from the method registry
-(``corrections.chain``, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``)
-are plain strings checked against :mod:`gcgd_jax.methods`. Two fields are
+(``corrections.chain``, ``loss.name``, ``loss.penalty``, ``model.gc_ode.mode``,
+``gradient.estimator``) are plain strings checked against :mod:`gcgd_jax.methods`. Two fields are
 tables of another object's keyword arguments: ``[corrections.<name>]``
 (the correction's options) and ``[model.gc_ode]``
 (:class:`gcgd_jax.models.GCODEConfig`'s fields, its defaults the only ones).
@@ -25,9 +25,11 @@ from typing import Any, Literal
 from gcgd_jax import methods
 
 DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic"]
-ModelName = Literal["resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
+ModelName = Literal[
+    "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "mlp", "local_mixer"
+]
 OptimizerName = Literal["sgd", "adam", "adamw"]
-Schedule = Literal["step", "cosine", "constant"]
+Schedule = Literal["step", "cosine", "linear", "constant"]
 Switch = Literal["auto", "on", "off"]
 Augment = Literal["auto", "crop_flip", "none"]
 ReplicaStrategy = Literal["auto", "vmap", "unroll"]
@@ -35,6 +37,10 @@ ReplicaStrategy = Literal["auto", "vmap", "unroll"]
 DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
 MODELS: tuple[str, ...] = typing.get_args(ModelName)
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet56")
+RESNET_MODELS: tuple[str, ...] = tuple(m for m in MODELS if m.startswith("resnet"))
+# Models whose pre-activations the activity-space estimators can perturb
+# (gcgd_jax.estimators.ActivityPerturbable).
+PERTURBABLE_MODELS = ("mlp", "local_mixer")
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 # Registry-driven choices (see gcgd_jax.methods).
@@ -42,6 +48,7 @@ CORRECTIONS: tuple[str, ...] = methods.config_values("transform")
 LOSSES: tuple[str, ...] = ("ce", *methods.config_values("loss"))
 PENALTIES: tuple[str, ...] = ("none", *methods.config_values("gradient"))
 GC_ODE_MODES: tuple[str, ...] = ("none", *methods.config_values("model"))
+ESTIMATORS: tuple[str, ...] = ("backprop", *methods.config_values("estimator"))
 MASKS: tuple[str, ...] = methods.MASKS
 
 
@@ -98,6 +105,14 @@ class ModelConfig:
     name: ModelName = "resnet20"  # one of MODELS
     num_classes: int | None = None  # None = the data set's
     in_channels: int | None = None  # None = the data set's
+    # mlp only: the hidden layers' widths (gcgd_jax.models.MLP; ReLU between them)
+    hidden_features: tuple[int, ...] = (256, 256)
+    # local_mixer only: a size of Ren et al.'s Table 2 (gcgd_jax.models.LocalMixer), "S/1/1",
+    # "M/1/16" (MNIST), "M/8/16" (CIFAR-10) or "L/32/64"
+    mixer: str = "M/1/16"
+    # local_mixer only: train with local losses (blockwise, patchwise, groupwise); false: the
+    # read-out's loss through every block (Ren et al.'s "BP", "FG-W", "FG-A" rows)
+    local_losses: bool = True
     small_stem: bool = False  # resnet18/34/50 only: 3x3 stem without max-pool
     # Last BatchNorm scale of each residual block starts at zero (Goyal et al. 2017).
     # Off by default, as in He et al. 2016 (the CIFAR ResNets) and torchvision.
@@ -131,8 +146,13 @@ class OptimConfig:
     schedule: Schedule = "step"  # learning-rate schedule after warm-up
     milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of the training steps
     decay_factor: float = 0.1  # step: lr multiplier at each milestone
-    final_lr_fraction: float = 0.0  # cosine: final lr / peak lr
+    final_lr_fraction: float = 0.0  # cosine, linear: final lr / peak lr
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr
+    # the gradient of these top-level parameters (e.g. ["readout"]) is multiplied by
+    # gradient_scale after the corrections, before weight decay and the base optimizer
+    # (Ren et al.'s code: the read-out's gradient times last_layer_lr = 0.1)
+    gradient_scale_params: tuple[str, ...] = ()
+    gradient_scale: float = 1.0  # the factor for gradient_scale_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +164,20 @@ class LossConfig:
     penalty: str = "none"  # "none" or a gradient method of gcgd_jax.methods ("gradient_norm")
     penalty_radius: float = 0.1  # gradient_norm: finite-difference radius
     penalty_alpha: float = 0.8  # gradient_norm: weight of the penalty gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientConfig:
+    """How the gradient is computed: backpropagation, or a forward-mode estimate."""
+
+    # "backprop" or an estimator method of gcgd_jax.methods ("weight_perturbation",
+    # "activity_perturbation", "guess_transpose", "guess_activation_mixing")
+    estimator: str = "backprop"
+    num_directions: int = 1  # estimators: K, the directions (jax.jvp passes) averaged per step
+    # weight_perturbation on a local_mixer with local losses: a dense channel layer's unit is
+    # credited with its group's loss ("group", the official code; biased) or its block's
+    channel_credit: Literal["group", "block"] = "group"
+    mask_inactive: bool = True  # activity estimators: no estimate on inactive ReLU units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +233,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    gradient: GradientConfig = dataclasses.field(default_factory=GradientConfig)
     corrections: CorrectionsConfig = dataclasses.field(default_factory=CorrectionsConfig)
     train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -10,10 +10,13 @@ from gcgd_jax import methods
 from gcgd_jax.train.config.schema import (
     CIFAR_MODELS,
     CORRECTIONS,
+    ESTIMATORS,
     GC_ODE_MODES,
     LOSSES,
     MASKS,
     PENALTIES,
+    PERTURBABLE_MODELS,
+    RESNET_MODELS,
     SECTIONS,
     ConfigError,
     TrainConfig,
@@ -126,6 +129,8 @@ def validate(cfg: TrainConfig) -> None:
         not model.small_stem or model.name not in CIFAR_MODELS,
         f"model.small_stem: only for resnet18/34/50, not {model.name}",
     )
+    if model.name not in RESNET_MODELS:
+        _check_non_resnet(p, cfg)
     _choice(p, "model.gc_ode.mode", model.gc_ode_mode, GC_ODE_MODES)
     if model.gc_ode_mode in GC_ODE_MODES[1:]:
         try:
@@ -153,12 +158,21 @@ def validate(cfg: TrainConfig) -> None:
     _check(p, 0.0 < optim.decay_factor <= 1.0, "optim.decay_factor: must be in (0, 1]")
     _check(p, 0.0 <= optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction: must be in [0, 1]")
     _check(p, optim.warmup_epochs >= 0.0, "optim.warmup_epochs: must be >= 0")
+    _check(p, optim.gradient_scale > 0.0, "optim.gradient_scale: must be > 0")
+    _check(
+        p,
+        optim.gradient_scale == 1.0 or bool(optim.gradient_scale_params),
+        "optim.gradient_scale: scales the gradient of optim.gradient_scale_params, which is "
+        'empty (name the parameters, e.g. optim.gradient_scale_params=["readout"])',
+    )
 
     _choice(p, "loss.name", loss.name, LOSSES)
     _check(p, 0.0 <= loss.powergrad_alpha <= 1.0, "loss.powergrad_alpha: must be in [0, 1]")
     _choice(p, "loss.penalty", loss.penalty, PENALTIES)
     _check(p, loss.penalty_radius > 0.0, "loss.penalty_radius: must be > 0")
     _check(p, 0.0 <= loss.penalty_alpha <= 1.0, "loss.penalty_alpha: must be in [0, 1]")
+
+    _check_estimator(p, cfg)
 
     for name in corr.chain:
         _choice(p, "corrections.chain", name, CORRECTIONS)
@@ -197,6 +211,100 @@ def validate(cfg: TrainConfig) -> None:
 
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))
+
+
+def _check_non_resnet(p: list[str], cfg: TrainConfig) -> None:
+    """The settings of an ``mlp`` or ``local_mixer`` model (and the ResNet-only ones)."""
+    from gcgd_jax.data.dataset import SPECS
+
+    model, run = cfg.model, cfg.run
+    for key, on in (
+        ("zero_init_residual", model.zero_init_residual),
+        ("backward_grad_norm", model.backward_grad_norm),
+        ("gc_ode", model.gc_ode_mode != "none"),
+    ):
+        _check(p, not on, f"model.{key}: only for the ResNets, not {model.name}")
+    _check(
+        p,
+        run.fusion_breaker != "on",
+        f"run.fusion_breaker = 'on': only the ResNets place it, not {model.name}",
+    )
+    _check(
+        p,
+        cfg.loss.name == "ce" or model.name == "mlp",
+        f"loss.name: {model.name} trains on its own (local) cross-entropy losses; "
+        f"{cfg.loss.name!r} needs another model",
+    )
+    if model.name == "mlp":
+        _check(
+            p,
+            all(w >= 1 for w in model.hidden_features),
+            f"model.hidden_features: widths must be >= 1, got {list(model.hidden_features)}",
+        )
+        return
+    from gcgd_jax.models.local_mixer_config import LOCAL_MIXER_CONFIGS
+
+    if model.mixer not in LOCAL_MIXER_CONFIGS:
+        _choice(p, "model.mixer", model.mixer, tuple(LOCAL_MIXER_CONFIGS))
+        return
+    n = LOCAL_MIXER_CONFIGS[model.mixer].patches_per_side
+    data = cfg.data
+    if data.name == "synthetic":
+        shape = tuple(data.synthetic_image_shape)
+    else:
+        shape = SPECS[data.name].image_shape if data.name in SPECS else None
+    if shape is not None and len(shape) == 3 and (shape[0] % n or shape[1] % n):
+        p.append(
+            f"model.mixer = {model.mixer!r}: its {n} x {n} patches do not tile "
+            f"{data.name}'s {shape[0]} x {shape[1]} images"
+        )
+
+
+def _check_estimator(p: list[str], cfg: TrainConfig) -> None:
+    """``[gradient]``: the estimator, its settings and what it cannot be combined with."""
+    g, model = cfg.gradient, cfg.model
+    _choice(p, "gradient.estimator", g.estimator, ESTIMATORS)
+    _check(
+        p, g.num_directions >= 1, f"gradient.num_directions: must be >= 1, got {g.num_directions}"
+    )
+    if g.estimator not in ESTIMATORS[1:]:
+        return
+    method = methods.by_value("estimator", g.estimator)
+    name = f"gradient.estimator = {g.estimator!r}"
+    _check(
+        p,
+        cfg.loss.penalty == "none",
+        f"{name}: a forward-mode estimate cannot be combined with loss.penalty = "
+        f"{cfg.loss.penalty!r} (it differentiates the loss in reverse mode)",
+    )
+    _check(
+        p,
+        model.gc_ode_mode == "none" and not model.backward_grad_norm,
+        f"{name}: GC-ODE and model.backward_grad_norm change the backward pass, which an "
+        "estimator does not take",
+    )
+    if method.perturbs != "activities":
+        return
+    if model.name not in PERTURBABLE_MODELS:
+        p.append(
+            f"{name}: perturbs pre-activations, which {model.name} does not expose; use "
+            f"model.name = {' or '.join(repr(m) for m in PERTURBABLE_MODELS)} "
+            "(or gradient.estimator = 'weight_perturbation', which works on any model)"
+        )
+        return
+    _check(
+        p,
+        cfg.loss.name == "ce",
+        f"{name}: the model's own cross-entropy is the loss; loss.name = {cfg.loss.name!r} "
+        "needs gradient.estimator = 'backprop' or 'weight_perturbation'",
+    )
+    downstream = method.fixed.get("family") in ("transpose", "activation_mixing")
+    _check(
+        p,
+        not downstream or model.name == "mlp",
+        f"{name}: guesses from the next layer (downstream()), which only model.name = 'mlp' "
+        f"has, not {model.name}",
+    )
 
 
 def ignored_options_note(cfg: TrainConfig) -> str | None:
