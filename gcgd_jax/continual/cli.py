@@ -10,13 +10,30 @@ Exit codes: 0 done; 2 bad input (no arguments, configuration, data, output folde
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+
+from gcgd_jax._cli import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    BadInput,
+    add_config_options,
+    add_run_options,
+    config_to_load,
+    fail,
+    parse_arguments,
+)
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
+_NO_ARGUMENTS = """gcgd-continual: nothing to run: give an output folder, e.g.
+
+  gcgd-continual --out runs/pmnist-sgd
+
+gcgd-continual --help shows every option.
+"""
 
 _EPILOG = """\
 examples:
@@ -48,51 +65,21 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", help="a TOML configuration file (default: GEM's protocol)")
-    p.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting (repeatable)",
-    )
-    p.add_argument("--out", "-o", help="output folder (default: run.out_dir)")
-    p.add_argument("--data-dir", help="folder holding MNIST's IDX files (sets tasks.data_dir)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved configuration and exit"
-    )
+    add_config_options(p, "a TOML configuration file (default: GEM's protocol)")
+    add_run_options(p, "folder holding MNIST's IDX files (sets tasks.data_dir)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     return p
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    one_line = " ".join(str(message).split())
-    sys.stderr.write(f"gcgd-continual: error: {one_line}\n")
-    return code
+_fail = functools.partial(fail, "gcgd-continual", one_line=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (the console script exits with it)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        _parser().print_usage(sys.stderr)
-        sys.stderr.write(
-            "gcgd-continual: nothing to run: give an output folder, e.g.\n\n"
-            "  gcgd-continual --out runs/pmnist-sgd\n\n"
-            "gcgd-continual --help shows every option.\n"
-        )
+    args = parse_arguments(_parser(), argv, _NO_ARGUMENTS)
+    if args is None:
         return EXIT_BAD_INPUT
-    args = _parser().parse_args(argv)  # --help answers here, before JAX is imported
-    from gcgd_jax.ops.xla_flags import apply_cpu_flags
-
-    apply_cpu_flags()  # before anything initialises JAX's backends
-    from gcgd_jax.continual.config import load_config, to_toml
+    from gcgd_jax.continual.config import RunSection, load_config, to_toml
     from gcgd_jax.train.config import ConfigError
 
     overrides = list(args.overrides)
@@ -100,20 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"run.out_dir={args.out}")
     if args.data_dir:
         overrides.append(f"tasks.data_dir={args.data_dir}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        return _fail(f"output folder {args.out} is a file; choose another --out")
-    config = args.config
-    if config is None and args.resume:
-        saved = Path(args.out or "runs/continual") / "config.toml"
-        if not saved.is_file():
-            return _fail(
-                f"nothing to resume in {saved.parent}: it holds no config.toml of an earlier run "
-                "(give --out the run's folder, or --config to start one there)"
-            )
-        config = str(saved)
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
+        cfg = load_config(config_to_load(args, RunSection().out_dir), overrides)
+    except (BadInput, ConfigError) as err:
         return _fail(str(err))
     if args.print_config:
         print(to_toml(cfg), end="")

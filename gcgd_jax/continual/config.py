@@ -29,9 +29,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gcgd_jax import methods
-from gcgd_jax.train.config import ConfigError, read_toml
-from gcgd_jax.train.config.files import toml_value
-from gcgd_jax.train.config.schema import coerce, parse_value, suggest
+from gcgd_jax.train.config import (
+    ConfigError,
+    apply_section_overrides,
+    read_toml,
+    replace_sections,
+    sections_from_dict,
+    sections_to_dict,
+    sections_to_toml,
+)
+from gcgd_jax.train.config.schema import suggest
 
 __all__ = [
     "BENCHMARKS",
@@ -157,101 +164,42 @@ class ContinualConfig:
 
     def replace(self, **sections: Any) -> ContinualConfig:
         """``dataclasses.replace`` on sections: ``cfg.replace(train={"lr": 0.05})``."""
-        updates = {
-            name: dataclasses.replace(getattr(self, name), **values)
-            if isinstance(values, dict)
-            else values
-            for name, values in sections.items()
-        }
-        return dataclasses.replace(self, **updates)
+        return replace_sections(self, sections)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(ContinualConfig)
 
 
-# ----------------------------------------------------------------------------- values
-# The same value syntax and checks as gcgd-train's configuration (gcgd_jax.train.config).
-
-
 # ----------------------------------------------------------------------------- dicts
+# Read, typed and written as gcgd-train's configuration is (gcgd_jax.train.config).
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ContinualConfig:
     """Builds (and type-checks, but does not :func:`validate`) a config from nested dicts."""
-    sections = {}
-    for name, values in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]" + suggest(name, list(SECTIONS)))
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"[{name}] must be a table, got {values!r}")
-        hints = typing.get_type_hints(SECTIONS[name])
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown key {name}.{key}" + suggest(key, list(hints)))
-            kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
-        sections[name] = SECTIONS[name](**kwargs)
-    return ContinualConfig(**sections)
+    return ContinualConfig(**sections_from_dict(data, SECTIONS))
 
 
 def config_to_dict(cfg: ContinualConfig) -> dict[str, dict[str, Any]]:
     """Nested plain dicts (tuples as lists), the inverse of :func:`config_from_dict`."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in SECTIONS:
-        values = {}
-        for f in dataclasses.fields(getattr(cfg, name)):
-            value = getattr(getattr(cfg, name), f.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            values[f.name] = value
-        out[name] = values
-    return out
+    return sections_to_dict(cfg)
 
 
 def to_toml(cfg: ContinualConfig) -> str:
     """The configuration as TOML text that :func:`load_config` reads back equal (optional
     fields that are None are left out: None is their default)."""
-    lines: list[str] = []
-    for section, values in config_to_dict(cfg).items():
-        options = values.pop("options", None)
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
-        lines.append("")
-        if options:
-            lines.append(f"[{section}.options]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in options.items()]
-            lines.append("")
-    return "\n".join(lines)
+    return sections_to_toml(config_to_dict(cfg), tables=("method.options",))
+
+
+def _key_problem(parts: list[str]) -> str | None:
+    """``section.key``, or ``method.options.<keyword>`` for a method's option."""
+    if len(parts) != (3 if parts[:2] == ["method", "options"] else 2) or not all(parts):
+        return "the key must be section.key (e.g. train.lr=0.05) or method.options.<keyword>"
+    return None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Applies ``section.key=value`` strings (``method.options.key=value``) to nested dicts."""
-    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        options = parts[:2] == ["method", "options"]
-        if len(parts) != (3 if options else 2) or not all(parts):
-            raise ConfigError(
-                f"override {item!r}: the key must be section.key (e.g. train.lr=0.05) or "
-                "method.options.<keyword>"
-            )
-        if parts[0] not in SECTIONS:
-            raise ConfigError(
-                f"override {item!r}: unknown section {parts[0]!r}"
-                + suggest(parts[0], list(SECTIONS))
-            )
-        node = data.setdefault(parts[0], {})
-        if options:
-            node = node.setdefault("options", {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: method.options is not a table")
-        node[parts[-1]] = parse_value(text.strip())
-    return data
+    return apply_section_overrides(data, overrides, SECTIONS, _key_problem)
 
 
 # ----------------------------------------------------------------------------- checks

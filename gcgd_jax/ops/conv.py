@@ -51,7 +51,6 @@ CHUNKED_WGRAD: bool = True
 WGRAD_CHUNKS: int = 8
 
 
-
 @contextlib.contextmanager
 def xla_convolutions() -> Iterator[None]:
     """Models built inside this block use ``jax.lax.conv_general_dilated`` and XLA's own

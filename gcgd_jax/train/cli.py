@@ -12,13 +12,25 @@ loss (a checkpoint of the last good state is kept); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+from gcgd_jax._cli import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    BadInput,
+    add_config_options,
+    add_run_options,
+    config_to_load,
+    fail,
+    parse_arguments,
+)
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
+__all__ = ["main"]
 
 _EPILOG = """\
 examples:
@@ -59,31 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=_version())
-    p.add_argument("--config", "-c", help="configuration name in gcgd_jax/configs, or a TOML path")
-    p.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting (repeatable)",
-    )
-    p.add_argument("--out", "-o", help="output folder (default: run.out_dir)")
+    add_config_options(p, "configuration name in gcgd_jax/configs, or a TOML path")
     p.add_argument(
         "--seeds",
         metavar="S1,S2,...",
         help="train one replica per seed in one jitted step, into <out>/s<seed>/ "
         "(sets run.seeds; see gcgd_jax.train.trainer)",
     )
-    p.add_argument("--data-dir", help="folder holding the data set files (sets data.data_dir)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved configuration and exit"
-    )
+    add_run_options(p, "folder holding the data set files (sets data.data_dir)")
     p.add_argument(
         "--list-configs", action="store_true", help="list the configurations found and exit"
     )
@@ -116,24 +111,16 @@ def _version() -> str:
     return f"gcgd-train {__version__} ({deps}; Python {sys.version.split()[0]})"
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    sys.stderr.write(f"gcgd-train: error: {message}\n")
-    return code
+_fail = functools.partial(fail, "gcgd-train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (the console script exits with it)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        _parser().print_usage(sys.stderr)
-        sys.stderr.write(_NO_ARGUMENTS)
+    args = parse_arguments(_parser(), argv, _NO_ARGUMENTS)
+    if args is None:
         return EXIT_BAD_INPUT
-    args = _parser().parse_args(argv)  # --help answers here, before JAX is imported
-    from gcgd_jax.ops.xla_flags import apply_cpu_flags
 
-    apply_cpu_flags()  # before anything initialises JAX's backends
-
-    from gcgd_jax.train.config import CONFIG_DIRS, ConfigError, load_config
+    from gcgd_jax.train.config import CONFIG_DIRS, ConfigError, RunConfig, load_config
 
     if args.list_configs:
         seen = set()
@@ -155,20 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             return _fail(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
         overrides.append(f"run.seeds={seeds}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        return _fail(f"output folder {args.out} is a file; choose another --out")
-    config = args.config
-    if config is None and args.resume:
-        saved = Path(args.out or load_config(None).run.out_dir) / "config.toml"
-        if not saved.is_file():
-            return _fail(
-                f"nothing to resume in {saved.parent}: it holds no config.toml of an earlier run "
-                "(give --out the run's folder, or --config to start one there)"
-            )
-        config = str(saved)
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
+        cfg = load_config(config_to_load(args, RunConfig().out_dir), overrides)
+    except (BadInput, ConfigError) as err:
         return _fail(str(err))
     if args.out:
         cfg = cfg.replace(run={"out_dir": args.out})

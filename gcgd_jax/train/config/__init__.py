@@ -24,7 +24,10 @@ The package is split by job: :mod:`~gcgd_jax.train.config.schema` (the
 sections and typed conversion), :mod:`~gcgd_jax.train.config.files` (TOML
 files), :mod:`~gcgd_jax.train.config.overrides` (``section.key=value``) and
 :mod:`~gcgd_jax.train.config.validate` (whole-tree checks); everything public
-is re-exported here.
+is re-exported here. The reading, typing, overriding and writing serve any configuration
+of sections (:func:`sections_from_dict`, :func:`sections_to_dict`,
+:func:`apply_section_overrides`, :func:`sections_to_toml`): ``gcgd-continual``'s
+(:mod:`gcgd_jax.continual.config`) goes through them too.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from gcgd_jax.train.config.files import CONFIG_DIRS, find_config, read_toml, to_toml
-from gcgd_jax.train.config.overrides import apply_overrides
+from gcgd_jax.train.config.files import (
+    CONFIG_DIRS,
+    find_config,
+    read_toml,
+    sections_to_toml,
+    to_toml,
+)
+from gcgd_jax.train.config.overrides import apply_overrides, apply_section_overrides
 from gcgd_jax.train.config.schema import (
     CIFAR_MODELS,
     CORRECTIONS,
@@ -54,6 +63,7 @@ from gcgd_jax.train.config.schema import (
     CorrectionsConfig,
     DataConfig,
     GradientConfig,
+    KeyReader,
     LogConfig,
     LossConfig,
     ModelConfig,
@@ -65,6 +75,9 @@ from gcgd_jax.train.config.schema import (
     config_from_dict,
     config_to_dict,
     flat_config,
+    replace_sections,
+    sections_from_dict,
+    sections_to_dict,
 )
 from gcgd_jax.train.config.validate import gc_ode_config, ignored_options_note, validate
 
@@ -89,6 +102,7 @@ __all__ = [
     "CorrectionsConfig",
     "DataConfig",
     "GradientConfig",
+    "KeyReader",
     "LogConfig",
     "LossConfig",
     "ModelConfig",
@@ -97,6 +111,7 @@ __all__ = [
     "TrainConfig",
     "TrainLoopConfig",
     "apply_overrides",
+    "apply_section_overrides",
     "config_diff",
     "config_from_dict",
     "config_to_dict",
@@ -106,6 +121,10 @@ __all__ = [
     "ignored_options_note",
     "load_config",
     "read_toml",
+    "replace_sections",
+    "sections_from_dict",
+    "sections_to_dict",
+    "sections_to_toml",
     "to_toml",
     "validate",
 ]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.resources
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from gcgd_jax.train.config.schema import ConfigError, TrainConfig, config_to_dict
 
-__all__ = ["CONFIG_DIRS", "find_config", "read_toml", "to_toml"]
+__all__ = ["CONFIG_DIRS", "find_config", "read_toml", "sections_to_toml", "to_toml"]
 
 
 def _package_config_dir() -> Path:
@@ -94,28 +94,45 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def sections_to_toml(
+    tree: Mapping[str, Mapping[str, Any]],
+    tables: Collection[str] = (),
+    table_groups: Collection[str] = (),
+) -> str:
+    """Any configuration's nested dicts as TOML text: a ``[section]`` table each, its keys
+    in order, keys that are None left out (None is an optional field's default).
+
+    Args:
+        tree: ``{section: {key: value}}``
+          (:func:`~gcgd_jax.train.config.schema.sections_to_dict`).
+        tables: ``"section.key"`` of keys that are a table of their own, written after
+          their section as ``[section.key]`` when not empty (``model.gc_ode``).
+        table_groups: ``"section.key"`` of keys that hold tables by name, each written as
+          ``[section.<name>]`` (``corrections.options``: ``[corrections.gc_w]``).
+    """
+    lines: list[str] = []
+    for section, values in tree.items():
+        values = dict(values)
+        sub_tables: dict[str, Mapping[str, Any]] = {}
+        for key in list(values):
+            name = f"{section}.{key}"
+            if name in tables:
+                if table := values.pop(key):  # an empty table is left out
+                    sub_tables[name] = table
+            elif name in table_groups:
+                sub_tables.update({f"{section}.{k}": v for k, v in values.pop(key).items()})
+        for name, table in {section: values, **sub_tables}.items():
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None)
+            lines.append("")
+    return "\n".join(lines)
+
+
 def to_toml(cfg: TrainConfig) -> str:
     """The configuration as TOML text that :func:`load_config` reads back equal.
 
     Optional fields that are None are left out (None is their default).
     """
-    lines: list[str] = []
-    for section, values in config_to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        # sub-tables: [corrections.<name>] options, [model.gc_ode]
-        tables = {}
-        if section == "corrections":
-            tables = {f"corrections.{k}": v for k, v in values.pop("options").items()}
-        elif section == "model" and values["gc_ode"]:
-            tables = {"model.gc_ode": values.pop("gc_ode")}
-        else:
-            values.pop("gc_ode", None)
-        for key, value in values.items():
-            if value is not None:
-                lines.append(f"{key} = {toml_value(value)}")
-        lines.append("")
-        for name, kwargs in tables.items():
-            lines.append(f"[{name}]")
-            lines.extend(f"{k} = {toml_value(v)}" for k, v in kwargs.items() if v is not None)
-            lines.append("")
-    return "\n".join(lines)
+    return sections_to_toml(
+        config_to_dict(cfg), tables=("model.gc_ode",), table_groups=("corrections.options",)
+    )

@@ -9,6 +9,10 @@ default. Options whose values come from the method registry
 tables of another object's keyword arguments: ``[corrections.<name>]``
 (the correction's options) and ``[model.gc_ode]``
 (:class:`gcgd_jax.models.GCODEConfig`'s fields, its defaults the only ones).
+
+The typed conversion serves any configuration of this shape (a frozen dataclass of
+sections): :func:`sections_from_dict`, :func:`sections_to_dict` and
+:func:`replace_sections` also read and write :mod:`gcgd_jax.continual.config`'s.
 """
 
 from __future__ import annotations
@@ -241,20 +245,29 @@ class TrainConfig:
 
     def replace(self, **sections: Any) -> TrainConfig:
         """``dataclasses.replace`` on sections: ``cfg.replace(optim={"lr": 0.05})``."""
-        updates = {}
-        for name, values in sections.items():
-            current = getattr(self, name)
-            updates[name] = (
-                dataclasses.replace(current, **values) if isinstance(values, dict) else values
-            )
-        return dataclasses.replace(self, **updates)
+        return replace_sections(self, sections)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 
+# ------------------------------------------------------------------------ any configuration
+# A configuration is a frozen dataclass of sections, each a frozen dataclass of typed keys.
+# What follows serves any such tree: gcgd-train's (TrainConfig) and gcgd-continual's
+# (gcgd_jax.continual.config.ContinualConfig) are read, typed and replaced by it.
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+_Tree = typing.TypeVar("_Tree")
+
+
+def replace_sections(cfg: _Tree, sections: Mapping[str, Any]) -> _Tree:
+    """``dataclasses.replace`` on a tree's sections: a dict updates a section's keys,
+    anything else replaces the section."""
+    updates = {
+        name: dataclasses.replace(getattr(cfg, name), **values)
+        if isinstance(values, dict)
+        else values
+        for name, values in sections.items()
+    }
+    return dataclasses.replace(cfg, **updates)
 
 
 def parse_value(text: str) -> Any:
@@ -327,6 +340,75 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
 
 
+#: A section's own reading of some of its keys, tried before the generic one:
+#: ``read_key(key, value, kwargs)`` puts the key into ``kwargs`` (the section's keyword
+#: arguments) and returns True, raises :class:`ConfigError`, or returns False to leave
+#: the key to the generic check (a field of the section, its value coerced to the field's
+#: type).
+KeyReader = typing.Callable[[str, Any, dict[str, Any]], bool]
+
+
+def _build_section(
+    cls: type, values: Mapping[str, Any], section: str, read_key: KeyReader | None = None
+) -> Any:
+    """One section (the dataclass ``cls``) from its table, every value coerced to its
+    field's type; ``read_key`` reads the section's special keys first."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if read_key is not None and read_key(key, value, kwargs):
+            continue
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}" + suggest(key, list(hints)))
+        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def sections_from_dict(
+    data: Mapping[str, Any],
+    sections: Mapping[str, type],
+    key_readers: Mapping[type, KeyReader] | None = None,
+) -> dict[str, Any]:
+    """The sections named in ``data``, every value coerced to its field's type: the keyword
+    arguments of the configuration class (the sections not named keep their defaults).
+
+    Args:
+        data: ``{section: {key: value}}``, as read from TOML.
+        sections: the configuration's sections, name -> dataclass (``SECTIONS``).
+        key_readers: a section class's :data:`KeyReader`, for sections with sub-tables.
+    """
+    built = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}]" + suggest(name, list(sections)))
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{name}] must be a table, got {values!r}")
+        cls = sections[name]
+        built[name] = _build_section(cls, values, name, (key_readers or {}).get(cls))
+    return built
+
+
+def sections_to_dict(cfg: Any) -> dict[str, dict[str, Any]]:
+    """A configuration (a dataclass of section dataclasses) as nested plain dicts: tuples
+    as lists, tables (and tables in them) as dicts; the inverse of :func:`sections_from_dict`."""
+    out: dict[str, dict[str, Any]] = {}
+    for field in dataclasses.fields(cfg):
+        section = getattr(cfg, field.name)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):  # [model.gc_ode], [corrections.<name>] tables
+                value = {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
+            values[f.name] = value
+        out[field.name] = values
+    return out
+
+
+# ------------------------------------------------------------------------ gcgd-train's sections
+
+
 #: The flat ``model.gc_ode_*`` keys of earlier versions (now keys of ``[model.gc_ode]``).
 _OLD_GC_ODE_KEYS = (
     "gc_ode_solver",
@@ -368,62 +450,51 @@ def _gc_ode_table(value: Any) -> dict[str, Any]:
     return table
 
 
-def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
-    hints = _field_types(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if cls is ModelConfig and key in _OLD_GC_ODE_KEYS:
-            new_key = key.removeprefix("gc_ode_")
-            raise ConfigError(
-                f"model.{key}: GC-ODE's settings are the [model.gc_ode] table's keys now: "
-                f"write {new_key} = ... under [model.gc_ode] (command line: "
-                f"model.gc_ode.{new_key}=...)"
-            )
-        if cls is ModelConfig and key == "gc_ode":
-            kwargs[key] = _gc_ode_table(value)
-            continue
-        if cls is CorrectionsConfig and key not in hints:
-            # [corrections.<name>] sub-tables are keyword arguments of that correction.
-            if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"corrections.{key}: expected a table of keyword arguments for correction "
-                    f"{key!r}, got {value!r}"
-                )
-            kwargs.setdefault("options", {})[key] = dict(value)
-            continue
-        if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}" + suggest(key, list(hints)))
-        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
+def _read_model_key(key: str, value: Any, kwargs: dict[str, Any]) -> bool:
+    """``[model]``: the old flat ``gc_ode_*`` keys are refused, ``gc_ode`` is a table."""
+    if key in _OLD_GC_ODE_KEYS:
+        new_key = key.removeprefix("gc_ode_")
+        raise ConfigError(
+            f"model.{key}: GC-ODE's settings are the [model.gc_ode] table's keys now: "
+            f"write {new_key} = ... under [model.gc_ode] (command line: "
+            f"model.gc_ode.{new_key}=...)"
+        )
+    if key == "gc_ode":
+        kwargs[key] = _gc_ode_table(value)
+        return True
+    return False
+
+
+_CORRECTIONS_FIELDS = typing.get_type_hints(CorrectionsConfig)
+
+
+def _read_corrections_key(key: str, value: Any, kwargs: dict[str, Any]) -> bool:
+    """``[corrections.<name>]`` sub-tables are keyword arguments of that correction."""
+    if key in _CORRECTIONS_FIELDS:
+        return False
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"corrections.{key}: expected a table of keyword arguments for correction "
+            f"{key!r}, got {value!r}"
+        )
+    kwargs.setdefault("options", {})[key] = dict(value)
+    return True
+
+
+_KEY_READERS: dict[type, KeyReader] = {
+    ModelConfig: _read_model_key,
+    CorrectionsConfig: _read_corrections_key,
+}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     """Builds (and type-checks, but does not :func:`validate`) a config from nested dicts."""
-    sections = {}
-    for name, values in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]" + suggest(name, list(SECTIONS)))
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"[{name}] must be a table, got {values!r}")
-        sections[name] = _build_section(SECTIONS[name], values, name)
-    return TrainConfig(**sections)
+    return TrainConfig(**sections_from_dict(data, SECTIONS, _KEY_READERS))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     """Nested plain dicts (tuples as lists), the inverse of :func:`config_from_dict`."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in SECTIONS:
-        section = getattr(cfg, name)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, Mapping):  # [corrections.<name>] tables, [model.gc_ode]
-                value = {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
-            values[f.name] = value
-        out[name] = values
-    return out
+    return sections_to_dict(cfg)
 
 
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:
