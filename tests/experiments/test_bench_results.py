@@ -22,6 +22,7 @@ REPORTERS = {
     "bench_transforms": ("bench_transforms", "markdown"),
     "profile_step": ("profile_step", "_markdown"),
     "bench_seed_parallel": ("bench_seed_parallel", "_markdown"),
+    "bench_estimators": ("bench_estimators", "markdown"),
 }
 COMMITTED = sorted(
     path
