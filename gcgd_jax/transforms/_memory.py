@@ -15,14 +15,21 @@ gradients as keyword arguments of ``update``:
 Only real floating leaves take part; every other leaf passes through (its memory
 leaf is ignored). Numbers are computed in at least float32 (float64 stays float64)
 and results are cast back to each leaf's dtype.
+
+:func:`memory_transformation` builds such a correction from its rule alone: the
+transformation is stateless, passes the update through without ``memory_grads``, checks
+and aligns the arguments (:func:`align`), hands them to the rule and puts the corrected
+leaves back (:func:`rebuild`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from gcgd_jax.transforms import _common
 
@@ -34,6 +41,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class Memory(NamedTuple):
     """The updates and the memory gradients, aligned leaf by leaf."""
 
+    updates: Any  # the updates, as given
     treedef: Any  # the updates' tree structure
     leaves: list  # every update leaf, as given
     float_ids: tuple[int, ...]  # positions (in ``leaves``) of the real floating leaves
@@ -82,7 +90,9 @@ def align(updates: Any, memory_grads: Any, memory_mask: Any) -> Memory:
         grads.append(jnp.asarray(leaves[i]).astype(dtype))
         m = jnp.asarray(mem_leaves[i]).astype(dtype)
         memories.append(jnp.where(mask.reshape((-1,) + (1,) * (m.ndim - 1)), m, 0))
-    return Memory(treedef, leaves, float_ids, grads, memories, mask, mask.sum().astype(dtype))
+    return Memory(
+        updates, treedef, leaves, float_ids, grads, memories, mask, mask.sum().astype(dtype)
+    )
 
 
 def rebuild(memory: Memory, new_grads: list) -> Any:
@@ -91,6 +101,27 @@ def rebuild(memory: Memory, new_grads: list) -> Any:
     for i, new in zip(memory.float_ids, new_grads):
         leaves[i] = new.astype(jnp.result_type(leaves[i]))
     return jax.tree.unflatten(memory.treedef, leaves)
+
+
+def memory_transformation(
+    correct: Callable[[Memory], list],
+) -> optax.GradientTransformationExtraArgs:
+    """A stateless correction fed the memory gradients (see module), from its rule.
+
+    ``correct(memory)`` receives the aligned :class:`Memory` and returns the corrected
+    float leaves (in the order and compute dtype of ``memory.grads``). The ``update``
+    takes ``memory_grads`` and ``memory_mask`` as keyword arguments and ignores
+    ``params`` and any other; without ``memory_grads`` the updates pass through.
+    """
+
+    def update_fn(updates, state, params=None, *, memory_grads=None, memory_mask=None, **extra):
+        del params, extra
+        if memory_grads is None:
+            return updates, state
+        memory = align(updates, memory_grads, memory_mask)
+        return rebuild(memory, correct(memory)), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def dot(xs: list, ys: list) -> jax.Array:

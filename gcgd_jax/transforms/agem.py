@@ -75,18 +75,13 @@ def agem(memory_strength: float = 0.0, eps: float = 0.0) -> optax.GradientTransf
     _common.check_number("memory_strength", memory_strength, lower=0.0)
     _common.check_number("eps", eps, lower=0.0)
 
-    def update_fn(updates, state, params=None, *, memory_grads=None, memory_mask=None, **extra):
-        del params, extra
-        if memory_grads is None:
-            return updates, state
-        mem = _memory.align(updates, memory_grads, memory_mask)
+    def correct(mem: _memory.Memory) -> list:
         count = jnp.maximum(mem.count, 1)
         ref = [m.sum(axis=0) / count for m in mem.memories]
         dotp = _memory.dot(mem.grads, ref)
         ref_sq = _memory.dot(ref, ref)
         coef = jnp.maximum(memory_strength, _common.safe_divide(-dotp, ref_sq + eps))
         coef = jnp.where(dotp < 0, coef, 0).astype(dotp.dtype)
-        new = [g + coef * r for g, r in zip(mem.grads, ref)]
-        return _memory.rebuild(mem, new), state
+        return [g + coef * r for g, r in zip(mem.grads, ref)]
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return _memory.memory_transformation(correct)

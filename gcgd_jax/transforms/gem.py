@@ -85,11 +85,7 @@ def gem(memory_strength: float = 0.5, eps: float = 1e-3) -> optax.GradientTransf
     _common.check_number("memory_strength", memory_strength, lower=0.0)
     _common.check_number("eps", eps, lower=0.0)
 
-    def update_fn(updates, state, params=None, *, memory_grads=None, memory_mask=None, **extra):
-        del params, extra
-        if memory_grads is None:
-            return updates, state
-        mem = _memory.align(updates, memory_grads, memory_mask)
+    def correct(mem: _memory.Memory) -> list:
         num_tasks = mem.mask.shape[0]
         gram = sum(
             jnp.matmul(
@@ -105,13 +101,12 @@ def gem(memory_strength: float = 0.5, eps: float = 1e-3) -> optax.GradientTransf
         v = margin + nonnegative_qp(quad, b, mem.mask)
         conflict = jnp.any(mem.mask & (c < 0))
         v = jnp.where(conflict, v, 0)
-        new = [
+        return [
             g + jnp.tensordot(v, m, axes=1, precision=_memory.HIGHEST)
             for g, m in zip(mem.grads, mem.memories)
         ]
-        return _memory.rebuild(mem, new), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return _memory.memory_transformation(correct)
 
 
 def nonnegative_qp(quad: jax.Array, b: jax.Array, active: jax.Array) -> jax.Array:

@@ -130,7 +130,7 @@ def layerwise_gradient_decomposition(
     if isinstance(groups, bool) or (isinstance(groups, int) and groups < 1):
         raise ValueError(f"`groups` as an int must be >= 1, got {groups!r}.")
 
-    def partition(updates, mem) -> list[list[int]]:
+    def partition(mem: _memory.Memory) -> list[list[int]]:
         """Positions in ``mem.grads`` of every group, in order."""
         count = len(mem.float_ids)
         if not layerwise:
@@ -139,21 +139,17 @@ def layerwise_gradient_decomposition(
             return [[j] for j in range(count)]
         if isinstance(groups, int):
             return [list(range(j, min(j + groups, count))) for j in range(0, count, groups)]
-        labels = groups(updates) if callable(groups) else groups
+        labels = groups(mem.updates) if callable(groups) else groups
         label_leaves = mem.treedef.flatten_up_to(labels)
         by_label: dict[Any, list[int]] = {}
         for j, i in enumerate(mem.float_ids):
             by_label.setdefault(label_leaves[i], []).append(j)
         return list(by_label.values())
 
-    def update_fn(updates, state, params=None, *, memory_grads=None, memory_mask=None, **extra):
-        del params, extra
-        if memory_grads is None:
-            return updates, state
-        mem = _memory.align(updates, memory_grads, memory_mask)
+    def correct(mem: _memory.Memory) -> list:
         num_tasks = mem.mask.shape[0]
         new: list[Any] = [None] * len(mem.grads)
-        for part in partition(updates, mem):
+        for part in partition(mem):
             g = jnp.concatenate([mem.grads[j].reshape(-1) for j in part])
             memories = jnp.concatenate(
                 [mem.memories[j].reshape(num_tasks, -1) for j in part], axis=1
@@ -162,9 +158,9 @@ def layerwise_gradient_decomposition(
             sizes = [mem.grads[j].size for j in part]
             for j, piece in zip(part, jnp.split(x, list(itertools.accumulate(sizes[:-1])))):
                 new[j] = piece.reshape(mem.grads[j].shape)
-        return _memory.rebuild(mem, new), state
+        return new
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return _memory.memory_transformation(correct)
 
 
 def _decompose(g, memories, mask, count, margin, num_components):

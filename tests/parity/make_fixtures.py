@@ -9,10 +9,9 @@ Python::
         --only gradient_norm_penalty
 
 (without ``--only`` it writes every fixture whose framework the Python has).
-``--mirrors`` is a folder holding a git clone (bare or not) of each reference
-repository, found as ``<owner>+<name>/repo``, ``<owner>+<name>`` or ``<name>`` inside
-it. Each reference file is read with ``git show <commit>:<path>`` at the commit pinned
-below and executed as a module at run time; none of it is copied into this project.
+``--mirrors`` is a folder holding a git clone of each reference repository; each
+reference file is read from it at the commit pinned below and executed as a module at
+run time (:mod:`tests.parity.mirrors`); none of it is copied into this project.
 
 The fixtures committed next to this script were made with Python 3.11.7 and numpy
 2.4.6, torch 2.13.0+cpu (PyTorch references) and jax 0.10.2 / flax 0.12.8 (the
@@ -55,7 +54,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import subprocess
 import sys
 import types
 import typing
@@ -68,6 +66,10 @@ try:  # every reference but the gradient-norm penalty's (JAX) runs on PyTorch
     import torch
 except ImportError:
     torch = None
+
+if (root := str(Path(__file__).resolve().parents[2])) not in sys.path:
+    sys.path.insert(0, root)  # run as a script: the repository's root, for `tests`
+from tests.parity.mirrors import add_mirrors_argument, load_module
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COMMANDS = {
@@ -111,32 +113,11 @@ def initial_params(seed: int = 1) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- references
 
 
-def find_repo(mirrors: Path, repo: str) -> Path:
-    owner, name = repo.split("/")
-    for candidate in (
-        mirrors / f"{owner}+{name}" / "repo",
-        mirrors / f"{owner}+{name}",
-        mirrors / name,
-    ):
-        if candidate.is_dir():
-            return candidate
-    raise SystemExit(f"no clone of {repo} under {mirrors}")
-
-
 def load_reference(mirrors: Path, key: str, path: str, name: str | None = None) -> types.ModuleType:
     """The reference file at its pinned commit, executed as a fresh module (registered in
     ``sys.modules`` under ``name`` when given, for the reference's own imports)."""
-    repo, commit = REFERENCES[key]
-    source = subprocess.run(
-        ["git", "-C", str(find_repo(mirrors, repo)), "show", f"{commit}:{path}"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    module = types.ModuleType(name or f"reference_{key}_{Path(path).stem}")
-    module.__file__ = f"{repo}@{commit}:{path}"
-    if name:
-        sys.modules[name] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
+    module_name = name or f"reference_{key}_{Path(path).stem}"
+    return load_module(mirrors, REFERENCES[key], path, module_name, register=name is not None)
 
 
 def make_params(values: dict[str, np.ndarray]) -> dict[str, torch.nn.Parameter]:
@@ -392,7 +373,7 @@ def _available(framework: str) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirrors", type=Path, required=True)
+    add_mirrors_argument(parser)
     parser.add_argument(
         "--only", nargs="*", choices=sorted(METHODS),
         help="methods to write (default: every one whose framework this Python has)",

@@ -6,11 +6,10 @@ scikit-learn (no JAX needed)::
     /work/torchvenv/bin/python -m pip install quadprog scipy scikit-learn
     /work/torchvenv/bin/python tests/continual/parity/make_fixtures.py --mirrors /work/.mirror
 
-``--mirrors`` holds a git clone (bare or not) of each reference repository, found as
-``<owner>+<name>/repo``, ``<owner>+<name>`` or ``<name>`` inside it. The functions named
-below are read with ``git show <commit>:<path>`` at the pinned commit, cut out of their
-file (its imports of the models and of scikit-learn are not needed for them) and executed
-at run time; none of their code is copied into this project.
+``--mirrors`` holds a git clone of each reference repository. The functions named below
+are read from it at the pinned commit, cut out of their file (its imports of the models
+and of scikit-learn are not needed for them) and executed at run time
+(:mod:`tests.parity.mirrors`); none of their code is copied into this project.
 
 The committed fixtures were made with Python 3.11.7, torch 2.13.0+cpu, numpy 2.4.6,
 quadprog 0.1.14, scipy 1.17.1 and scikit-learn 1.9.1 (recorded in every fixture's
@@ -48,14 +47,13 @@ result).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import io
 import itertools
 import json
 import os
 import platform
-import subprocess
+import sys
 import tempfile
 import types
 from importlib.metadata import version
@@ -66,6 +64,10 @@ import quadprog
 import torch
 from scipy.linalg import orth
 from sklearn.decomposition import PCA
+
+if (root := str(Path(__file__).resolve().parents[3])) not in sys.path:
+    sys.path.insert(0, root)  # run as a script: the repository's root, for `tests`
+from tests.parity.mirrors import add_mirrors_argument, load_module
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COMMAND = (
@@ -94,35 +96,16 @@ PCA_FILES = {
 # --------------------------------------------------------------------------- references
 
 
-def find_repo(mirrors: Path, repo: str) -> Path:
-    owner, name = repo.split("/")
-    for candidate in (
-        mirrors / f"{owner}+{name}" / "repo",
-        mirrors / f"{owner}+{name}",
-        mirrors / name,
-    ):
-        if candidate.is_dir():
-            return candidate
-    raise SystemExit(f"no clone of {repo} under {mirrors}")
-
-
 def load_functions(mirrors: Path, key: str, path: str, names: tuple[str, ...]) -> types.ModuleType:
     """The named top-level functions of a reference file at its pinned commit."""
-    repo, commit = REFERENCES[key]
-    source = subprocess.run(
-        ["git", "-C", str(find_repo(mirrors, repo)), "show", f"{commit}:{path}"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    tree = ast.parse(source)
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    missing = set(names) - {n.name for n in body}
-    if missing:
-        raise SystemExit(f"{repo}@{commit}:{path} has no {sorted(missing)}")
-    module = types.ModuleType(f"reference_{Path(path).stem}")
-    module.__file__ = f"{repo}@{commit}:{path}"
-    module.__dict__.update(np=np, torch=torch, quadprog=quadprog, orth=orth, PCA=PCA)
-    exec(compile(ast.Module(body=body, type_ignores=[]), module.__file__, "exec"), module.__dict__)
-    return module
+    return load_module(
+        mirrors,
+        REFERENCES[key],
+        path,
+        f"reference_{Path(path).stem}",
+        functions=names,
+        namespace={"np": np, "torch": torch, "quadprog": quadprog, "orth": orth, "PCA": PCA},
+    )
 
 
 # --------------------------------------------------------------------------- glue
@@ -337,7 +320,7 @@ def write(name: str, inputs: dict, cases: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirrors", type=Path, required=True)
+    add_mirrors_argument(parser)
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)  # the references' torch.Tensor(x) keeps float64
     here = os.getcwd()
