@@ -5,7 +5,7 @@ command of its own::
 
     python -m experiments.gpu_check preflight --out OUT [--dry-run]
     python -m experiments.gpu_check bench --out OUT [--dry-run]
-    python -m experiments.gpu_check main --out OUT --deadline UNIX_SECONDS [--dry-run]
+    python -m experiments.gpu_check main --out OUT --deadline UNIX_SECONDS [--suite-dir DIR] [--dry-run]
 
 - ``preflight`` (under a minute): versions of everything the project imports,
   that JAX sees a GPU, and one jitted train step of each variant (baseline,
@@ -24,14 +24,23 @@ command of its own::
 - ``main``: ``gpu-cifar10-resnet20``, He et al.'s setting (ResNet-20, SGD 0.9,
   lr 0.1, weight decay 1e-4, batch 128, lr ÷10 at 50% and 75% of training, crop
   + flip, all 50k training images, 10k test images), baseline vs GCGD at budgets
-  1.0 and 0.8, N seeds trained in parallel per arm. He et al. train 64k steps;
-  the stage measures its step costs first (300 steps of each method's
-  seed-parallel step with the real input pipeline: the N-replica cost of GCGD) and chooses the number of steps that
-  fits before ``--deadline`` (at most 64k) and says so: a shorter schedule is
-  reported as shortened, never as He et al.'s. Writes ``main.json`` (every
-  replica's epoch records) and ``main.md`` after each arm (final test accuracy,
-  paired seed-matched differences with Student-t 95% intervals, in the long
-  CPU suite's endpoint shape: GCGD@0.8 − baseline@1.0 and GCGD@0.8 − baseline@0.8).
+  1.0 and 0.8, N seeds trained in parallel per arm: an ordinary run of that suite,
+  ``python -m experiments.suites.compare --suite gpu-cifar10-resnet20 --seed-parallel
+  --set train.total_steps=STEPS`` (and the data, no checkpoints), through the runner's
+  own function (``compare.run_seeds``: one seed-parallel ``gcgd-train`` process per
+  method and budget, the full budget first) into the suite's layout,
+  ``SUITE_DIR/runs/<method>/b<budget>/s<seed>/`` (``--suite-dir``, default
+  ``OUT/gpu-cifar10-resnet20``). He et al. train 64k steps; the stage measures the step
+  costs first, in a process of its own (300 steps of each method's seed-parallel step with
+  the real input pipeline: the N-replica cost of GCGD; the imports and data load of a
+  run's process), and chooses STEPS to fit before ``--deadline`` (at most 64k) and says
+  so: a shorter schedule is reported as shortened, never as He et al.'s. After every arm
+  (a stage cut at its limit leaves the arms that finished) it rebuilds the suite's report
+  (``experiments.suites.report.build_report``: ``SUITE_DIR/RESULTS.md`` and its plots,
+  with the schedule and the measured costs in its notes) and writes ``main.json`` (this
+  stage's record: calibration, plan, each arm's exit code, wall time and peak RSS) and
+  ``main.md`` (the report); when ``SUITE_DIR`` lies outside ``OUT`` (the device tool
+  brings back 8 files of ``OUT``, 2 folders down), also ``main.tar.gz``, the suite folder.
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (8×8 synthetic
 images, batch 8, a handful of steps, two replicas) so that the test suite keeps
@@ -518,84 +527,224 @@ def case(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- main event
 
+#: Seconds of a run's process besides what the calibration's process measures (its imports,
+#: the device, the data from its decoded cache) and the train step's compile: the evaluation
+#: step's compile, the report rebuilt after the arm.
+ARM_SLACK_S = 5.0
+
+
+def arms() -> list[tuple[str, float]]:
+    """The suite's ``(method, budget)`` groups in its runner's order (the grid's: every method
+    at the full budget first), one seed-parallel process each."""
+    return list(dict.fromkeys((m, b) for m, b, _ in suite().grid()))
+
 
 def plan_steps(
-    seconds: float, step_s: dict[str, float], compile_s: dict[str, float], steps_per_epoch: int
+    seconds: float,
+    step_s: dict[str, float],
+    compile_s: dict[str, float],
+    steps_per_epoch: int,
+    process_s: float = 0.0,
 ) -> int:
     """Steps at budget 1.0 such that the four arms (both methods at budgets 1.0 and 0.8)
-    fit into ``seconds``: each arm compiles once and trains ``budget * steps`` steps; an
-    epoch-end evaluation is budgeted as 10% of the training steps. At most He et al.'s 64k."""
-    fixed = 2 * sum(compile_s.values())
+    fit into ``seconds``: each arm is a fresh process that starts in ``process_s``, compiles
+    once and trains ``budget * steps`` steps; an epoch-end evaluation is budgeted as 10% of
+    the training steps. At most He et al.'s 64k."""
+    fixed = len(budgets()) * (sum(compile_s.values()) + len(compile_s) * process_s)
     per_step = sum(budgets()) * sum(step_s.values()) * 1.10
     steps = int(max(seconds - fixed, 0.0) / per_step) if per_step > 0 else 0
     return min(steps, HE_STEPS)
 
 
-def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: str | None) -> int:
-    import numpy as np
+def _left_out(name: str) -> bool:
+    """Whether a suite folder's file stays out of its archive: checkpoints, a run's lock."""
+    return "checkpoints" in Path(name).parts or Path(name).name == ".lock"
 
-    from experiments.suites.stats import paired
-    from gcgd_jax.train import Trainer, load_config
-    from gcgd_jax.train.build import load_data
 
-    seeds = tuple(range(replicas))
-    config = suite().base_config
-    base = [
-        "checkpoint.enabled=false",
-        "log.progress=false",
-        "run.replica_strategy=vmap",
-        f"run.seeds={list(seeds)}",
-    ]
-    if dry:
-        base += synthetic_overrides(True)[:-2]
-    else:
-        base += [f"data.data_dir={data_dir}"]
-    record: dict = {
-        "date": utc_now(),
-        "commit": _commit(),
-        "versions": versions(),
-        "setting": f"{SUITE} (experiments/suites/{SUITE}.toml, config {config}; GCGD adds "
-        + ", ".join(methods()["gcgd"])
-        + ")",
-        "seeds": list(seeds),
-        "arms": {},
-    }
-    t_load = time.perf_counter()
-    cfg0 = load_config(config, base)
+def pack(folder: Path, dest: Path) -> None:
+    """``dest``, a ``.tar.gz`` of ``folder`` (as ``folder.name/...``, without checkpoints and
+    locks), written beside it and renamed: a stage cut while packing keeps the previous one."""
+    import tarfile
+
+    part = dest.with_name(dest.name + ".part")
+    with tarfile.open(part, "w:gz") as tar:
+        tar.add(
+            folder,
+            arcname=folder.name,
+            filter=lambda info: None if _left_out(info.name) else info,
+        )
+    part.replace(dest)
+
+
+def calibrate(spec: dict) -> dict:
+    """The step costs of each method, measured in a process of their own (``python -m
+    experiments.gpu_check calibrate SPEC``, as the runs are): ``spec`` holds the base
+    configuration (``config``), the overrides of each method's calibration run
+    (``methods``: method -> overrides, its seeds included) and the steps to time
+    (``steps``). Loads the data twice (the second time from its decoded cache, as each run's
+    process does), then runs each method's seed-parallel ``Trainer`` with the real input
+    pipeline to ``steps``; returns the timings and the machine (``machine()``)."""
+    from gcgd_jax.ops import apply_cpu_flags
+
+    apply_cpu_flags()  # as gcgd-train does: the calibration's programs are the runs' own
+    t0 = time.perf_counter()
+    import jax
+
+    from experiments.common.provenance import machine
+    from gcgd_jax.train import Trainer, load_config, load_data
+
+    jax.devices()
+    got: dict = {"import_s": time.perf_counter() - t0, "machine": machine()}
+    cfg0 = load_config(spec["config"], next(iter(spec["methods"].values())))
+    t0 = time.perf_counter()
     datasets = load_data(cfg0)
-    record["data_load_s"] = time.perf_counter() - t_load
-    record["train_examples"] = len(datasets[0].labels)
-    spe = len(datasets[0].labels) // cfg0.data.batch_size
-    print(f"data loaded in {record['data_load_s']:.1f} s ({record['train_examples']} train)")
-
-    # Step costs, measured first: a few hundred steps of each method (dry run: a few).
-    # The schedule's length is not known yet: a long one, cut at ``calib_steps``. A dry
-    # run's schedule is fixed (DRY_STEPS), so its calibration builds the same program as
-    # its budget-1.0 arms: with JAX's persistent compilation cache on (the test suite
-    # turns it on), each is compiled once.
-    calib_steps = 4 if dry else 300
-    calib_total = DRY_STEPS if dry else 1_000_000
-    step_s, compile_s = {}, {}
-    for method, extra in methods().items():
-        cfg = load_config(config, [*base, *extra, f"train.total_steps={calib_total}"])
+    got["data_load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_data(cfg0)  # again, from the decoded cache, as each run's process reads it
+    got["data_reload_s"] = time.perf_counter() - t0
+    got["train_examples"] = len(datasets[0].labels)
+    got["steps_per_epoch"] = len(datasets[0].labels) // cfg0.data.batch_size
+    print(
+        f"imports {got['import_s']:.1f} s; data loaded in {got['data_load_s']:.1f} s, from its "
+        f"cache in {got['data_reload_s']:.1f} s ({got['train_examples']} train)",
+        file=sys.stderr,
+        flush=True,
+    )
+    steps = spec["steps"]
+    got["step_s"], got["first_step_s"] = {}, {}
+    for method, overrides in spec["methods"].items():
+        cfg = load_config(spec["config"], overrides)
         folder = tempfile.mkdtemp(prefix=f"gcgd_calib_{method}_")
         group = Trainer(cfg, out_dir=folder, stream=io.StringIO(), datasets=datasets)
         t0 = time.perf_counter()
-        group.run(stop_at_step=calib_steps)
+        group.run(stop_at_step=steps)
         wall = time.perf_counter() - t0
         first = group.first_step_s
-        step_s[method] = max((wall - first) / max(calib_steps - 1, 1), 1e-6)
-        compile_s[method] = first
-        print(f"calibration {method}: first step {first:.1f} s, {1e3 * step_s[method]:.2f} ms/step")
-    record["calibration"] = {
+        got["step_s"][method] = max((wall - first) / max(steps - 1, 1), 1e-6)
+        got["first_step_s"][method] = first
+        print(
+            f"calibration {method}: first step {first:.1f} s, "
+            f"{1e3 * got['step_s'][method]:.2f} ms/step",
+            file=sys.stderr,
+            flush=True,
+        )
+    return got
+
+
+def run_calibration(spec: dict, limit: float) -> tuple[dict | None, str]:
+    """:func:`calibrate` in a process of its own, stopped after ``limit`` seconds (its
+    progress goes to this process's standard error): its result and ``""``, or ``None`` and
+    why not."""
+    cmd = [sys.executable, "-m", "experiments.gpu_check", "calibrate", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"the calibration ran past {limit:.0f} s"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return None, f"the calibration exited with {proc.returncode}"
+    return json.loads(lines[-1]), ""
+
+
+def main_event(
+    out: Path,
+    dry: bool,
+    deadline: float,
+    replicas: int,
+    data_dir: str | None,
+    suite_dir: Path | None = None,
+    argv: list[str] | tuple[str, ...] = (),
+) -> int:
+    """The suite, run by its own runner (:func:`experiments.suites.compare.run_seeds`, one
+    seed-parallel ``gcgd-train`` process per method and budget) into ``suite_dir``'s
+    ``runs/<method>/b<budget>/s<seed>/``, with ``train.total_steps`` chosen by
+    :func:`plan_steps` from step costs measured first (:func:`calibrate`, in a process of its
+    own: this one holds no device memory and its size is not in the runs' peak RSS); after
+    every arm ``out/main.json`` (this stage's record), ``out/main.md`` (the suite's report,
+    ``RESULTS.md``, as :func:`experiments.suites.report.build_report` writes it) and, when
+    ``suite_dir`` lies outside ``out``, ``out/main.tar.gz`` (the suite folder)."""
+    from experiments.common.provenance import machine
+    from experiments.common.results import command, write
+    from experiments.suites import compare
+    from experiments.suites.report import build_report
+    from gcgd_jax.train import load_config
+
+    out = Path(out)
+    suite_dir = Path(suite_dir) if suite_dir else out / SUITE
+    runs = suite_dir / "runs"
+    if runs.is_dir() and any(runs.iterdir()):
+        print(
+            f"{runs} holds runs of an earlier main stage (another schedule, which the suite "
+            "runner would take as done): give a fresh --suite-dir",
+            file=sys.stderr,
+        )
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    packed = not suite_dir.resolve().is_relative_to(out.resolve())
+    seeds = list(range(replicas))
+    n = len(seeds)
+    shared = ["checkpoint.enabled=false", "run.replica_strategy=vmap"]
+    if dry:
+        shared += [o for o in synthetic_overrides(True) if o.startswith("data.")]
+    elif data_dir:
+        shared += [f"data.data_dir={data_dir}"]
+    definition = suite()
+    base = compare.with_overrides(definition.with_seeds(replicas), tuple(shared))
+    record: dict = {
+        "command": command("experiments.gpu_check", list(argv)),
+        "date": utc_now(),
+        "commit": _commit(),
+        "machine": machine(with_jax=False),
+        "versions": versions(),
+        "suite": SUITE,
+        "suite_dir": str(suite_dir),
+        "seeds": seeds,
+        "arms": {},
+    }
+
+    # Step costs, measured first: a few hundred steps of each method's seed-parallel step
+    # with the real input pipeline (dry run: a few). The schedule's length is not known
+    # yet: a long one, cut at ``calib_steps``. A dry run's schedule is fixed (DRY_STEPS), so
+    # its calibration builds the same program as its budget-1.0 runs: with JAX's persistent
+    # compilation cache on (gpu_check.sh and the test suite turn it on), each is compiled once.
+    calib_steps = 4 if dry else 300
+    calib_total = DRY_STEPS if dry else 1_000_000
+    spec = {
+        "config": base.base_config,
         "steps": calib_steps,
-        "step_s": step_s,
-        "first_step_s": compile_s,
-        "note": "wall time of the calibration run after its first step, per step "
-        "(includes data feeding and metrics, as the arms do)",
+        "methods": {
+            m: [
+                *base.overrides_for(m),
+                f"run.seeds={seeds}",
+                "log.progress=false",
+                f"train.total_steps={calib_total}",
+            ]
+            for m in dict.fromkeys(m for m, _ in arms())
+        },
+    }
+    limit = 600.0 if dry else max(deadline - time.time() - 30.0, 30.0)
+    calib, failure = run_calibration(spec, limit)
+    if calib is None:
+        record["skipped"] = failure
+        write(out, "main", record, f"# Suite {SUITE}\n\nNot run: {failure} (see the log).\n")
+        print(f"main event not run: {failure}", file=sys.stderr)
+        return 1
+    record["machine"] = calib.pop("machine")
+    step_s, compile_s = calib["step_s"], calib["first_step_s"]
+    spe = calib["steps_per_epoch"]
+    process_s = calib["import_s"] + calib["data_reload_s"] + ARM_SLACK_S
+    record["calibration"] = {
+        **calib,
+        "steps": calib_steps,
+        "process_s": process_s,
+        "note": "step_s: wall time of the calibration run after its first step, per step "
+        "(includes data feeding and metrics, as the runs do); process_s: a run's process "
+        f"before its first step (imports, the device, the data from its cache, plus "
+        f"{ARM_SLACK_S:g} s)",
     }
     remaining = deadline - time.time() - 15.0
-    steps = DRY_STEPS if dry else plan_steps(remaining, step_s, compile_s, spe)
+    steps = DRY_STEPS if dry else plan_steps(remaining, step_s, compile_s, spe, process_s)
     record["total_steps"] = steps
     record["schedule"] = (
         "He et al.'s 64k steps"
@@ -603,119 +752,94 @@ def main_event(out: Path, dry: bool, deadline: float, replicas: int, data_dir: s
         else f"SHORTENED: {steps} steps at budget 1.0 ({100 * steps / HE_STEPS:.1f}% of He et al.'s "
         "64k; lr ÷10 at 50% and 75% of each run, as in theirs)"
     )
-    print(f"chose {len(seeds)} seeds per arm and {steps} steps at budget 1.0: {record['schedule']}")
-    _write(out, "main.json", record)
+    planned = {
+        f"{m}@{b:g}": process_s + compile_s[m] + b * steps * step_s[m] * 1.10 for m, b in arms()
+    }
+    record["plan"] = {"seconds_left": remaining, "arm_s": planned}
+    print(f"chose {n} seeds per arm and {steps} steps at budget 1.0: {record['schedule']}")
+
+    suite_run = compare.with_overrides(base, (f"train.total_steps={steps}",))
+    record["suite_command"] = compare.command_line(
+        SUITE,
+        seeds=None if replicas == len(definition.phases[0].seeds) else replicas,
+        seed_parallel=True,
+        sets=[*shared, f"train.total_steps={steps}"],
+    )
+    costs = "; ".join(
+        f"{m}: {1e3 * step_s[m]:.2f} ms per step of all {n} ({1e3 * step_s[m] / n:.2f} ms per "
+        f"replica-step), first step {compile_s[m]:.1f} s"
+        for m in step_s
+    )
+    host = record["machine"]
+    notes = (
+        compare.report_notes(
+            suite_run,
+            suite_run.grid(),
+            load_config(suite_run.base_config, list(suite_run.overrides)),
+            record["suite_command"],
+        )
+        + f"\n\n**Schedule: {record['schedule']}.** Run by the GPU check's main stage "
+        f"(`{record['command']}`, from `experiments/gpu_check.sh`) as that command, one "
+        "seed-parallel process per method and budget (`experiments.suites.compare.run_seeds`), "
+        f"on {host.get('device')} ({host.get('cpu')}), {record['date']}, commit {record['commit']}. "
+        "The schedule's length was chosen to fit the device time from step costs measured "
+        f"first over {calib_steps} steps of each method's seed-parallel step ({costs}) and a "
+        f"run's process start ({process_s:.0f} s); `main.json` holds the plan and each arm's "
+        "wall time. A shortened schedule is not He et al.'s."
+    )
+
+    def publish() -> None:  # after every arm: a stage cut at its limit leaves what finished
+        try:
+            text = build_report(suite_dir, title=f"Suite {SUITE}", notes=notes)
+        except FileNotFoundError:  # no finished run
+            reason = record.get("skipped", "no run has finished yet")
+            text = f"# Suite {SUITE}\n\n{notes}\n\nNot run: {reason}.\n"
+        except Exception as err:  # the runs go on; their folders hold everything
+            traceback.print_exc()
+            text = f"# Suite {SUITE}\n\n{notes}\n\nREPORT FAILED: {type(err).__name__}: {err}\n"
+        write(out, "main", record, text)
+        if packed:
+            pack(suite_dir, out / "main.tar.gz")
+
     if steps < 2 * spe and not dry:
         record["skipped"] = f"only {remaining:.0f} s left: fewer than two epochs fit"
-        _write(out, "main.json", record)
-        (out / "main.md").write_text(main_markdown(record))
+        publish()
         return 0
+    publish()
 
-    for method, extra in methods().items():
-        for budget in budgets():
-            arm = f"{method}@{budget}"
-            if time.time() > deadline - 10 and not dry:  # a dry run runs every arm
-                record["arms"][arm] = {"skipped": "out of time"}
-                continue
-            cfg = load_config(
-                config,
-                [*base, *extra, f"train.total_steps={steps}", f"train.budget={budget}"],
-            )
-            folder = Path(tempfile.mkdtemp(prefix=f"gcgd_{method}_{budget}_"))
-            t0 = time.perf_counter()
-            Trainer(cfg, out_dir=folder, stream=sys.stderr, datasets=datasets).run()
-            wall = time.perf_counter() - t0
-            runs = {}
-            for s in seeds:
-                lines = (folder / f"s{s}" / "metrics.jsonl").read_text().splitlines()
-                runs[s] = [json.loads(line) for line in lines if line.strip()]
-            record["arms"][arm] = {"wall_s": wall, "runs": runs}
-            _write(out, "main.json", record)  # a main event cut at its deadline keeps
-            (out / "main.md").write_text(main_markdown(record))  # the arms that finished
-            print(f"{arm}: {wall:.0f} s", flush=True)
-
-    finals = {
-        arm: {int(s): r[-1]["final_test_acc"] for s, r in a["runs"].items()}
-        for arm, a in record["arms"].items()
-        if "runs" in a
-    }
-    comparisons = {}
-    for name, (a, b) in {
-        "GCGD@0.8 - baseline@1.0": ("gcgd@0.8", "baseline@1.0"),
-        "GCGD@0.8 - baseline@0.8": ("gcgd@0.8", "baseline@0.8"),
-        "GCGD@1.0 - baseline@1.0": ("gcgd@1.0", "baseline@1.0"),
-        "baseline@1.0 - baseline@0.8": ("baseline@1.0", "baseline@0.8"),
-    }.items():
-        if a in finals and b in finals and len(seeds) > 1:
-            c = paired(
-                {s: 100 * v for s, v in finals[a].items()},
-                {s: 100 * v for s, v in finals[b].items()},
-            )
-            comparisons[name] = {"n": c.n, "mean_pp": c.mean, "t_low": c.t_low,
-                                 "t_high": c.t_high, "p": c.p_value}  # fmt: skip
-    record["final_test_acc"] = finals
-    record["mean_final_test_acc"] = {a: float(np.mean(list(v.values()))) for a, v in finals.items()}
-    record["comparisons"] = comparisons
-    _write(out, "main.json", record)
-    (out / "main.md").write_text(main_markdown(record))
-    print((out / "main.md").read_text())
-    return 0
-
-
-def main_markdown(record: dict) -> str:
-    lines = [
-        "# gpu-cifar10-resnet20: baseline vs GCGD, seeds in parallel",
-        "",
-        f"- {record['setting']}; {record['date']}; commit {record['commit']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items() if v)}",
-        (
-            f"- seeds per arm: {len(record['seeds'])} (trained together, `run.seeds`, vmap); "
-            f"schedule: **{record.get('schedule', 'not chosen')}**"
-        ),
-    ]
-    calib = record.get("calibration")
-    if calib:
-        n = len(record["seeds"])
-        costs = "; ".join(
-            f"{m}: {1e3 * calib['step_s'][m]:.2f} ms per step of all {n} "
-            f"({1e3 * calib['step_s'][m] / n:.2f} ms per replica-step), first step "
-            f"{calib['first_step_s'][m]:.1f} s"
-            for m in calib["step_s"]
-        )
-        lines.append(f"- step costs, measured first over {calib['steps']} steps: {costs}")
-    if "skipped" in record:
-        return "\n".join([*lines, "", f"Not run: {record['skipped']}."]) + "\n"
-    lines += ["", "| arm | seeds | mean final test accuracy | wall s |", "|---|---|---|---|"]
-    for arm, a in record["arms"].items():
-        if "runs" not in a:
-            lines.append(f"| {arm} | | {a.get('skipped')} | |")
+    failed = []
+    for method, budget in arms():
+        arm = f"{method}@{budget:g}"
+        left = deadline - time.time()
+        if planned[arm] > left and not dry:  # a dry run runs every arm
+            record["arms"][arm] = {
+                "skipped": f"out of time: planned {planned[arm]:.0f} s, {left:.0f} s left"
+            }
+            print(f"{arm}: {record['arms'][arm]['skipped']}", flush=True)
+            publish()
             continue
-        acc = record.get("mean_final_test_acc", {}).get(arm)
-        shown = f"{100 * acc:.2f}%" if acc is not None else ""
-        lines.append(f"| {arm} | {len(a['runs'])} | {shown} | {a['wall_s']:.0f} |")
-    comps = record.get("comparisons", {})
-    if comps:
-        lines += [
-            "",
-            "Paired, seed-matched differences of final test accuracy (pp), Student-t 95%:",
-            "",
-            "| comparison | n | mean | 95% interval | p |",
-            "|---|---|---|---|---|",
-        ]
-        for name, c in comps.items():
-            lines.append(
-                f"| {name} | {c['n']} | {c['mean_pp']:+.2f} | [{c['t_low']:+.2f}, "
-                f"{c['t_high']:+.2f}] | {c['p']:.3g} |"
-            )
-        lines += [
-            "",
-            (
-                "In the long CPU suite's endpoint shape the ~20% claim would need GCGD@0.8 − "
-                "baseline@1.0 above −0.5 pp and GCGD@0.8 − baseline@0.8 above 0 (lower ends); "
-                "read them with the schedule above: a shortened schedule is not He et al.'s."
-            ),
-        ]
-    return "\n".join(lines) + "\n"
+        print(f"{arm}: seeds {seeds} ... (planned {planned[arm]:.0f} s)", flush=True)
+        if n > 1 and method not in compare.MATCHED_SCALE:
+            recs = [compare.run_seeds(suite_run, method, budget, seeds, suite_dir)]
+        else:
+            recs = [compare.run_one(suite_run, method, budget, s, suite_dir) for s in seeds]
+        code = next((r["exit_code"] for r in recs if r["exit_code"] != 0), 0)
+        record["arms"][arm] = {
+            "exit_code": code,
+            "wall_s": sum(r["wall_s"] for r in recs),
+            "planned_s": planned[arm],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in recs),
+            "command": recs[0]["command"],
+        }
+        print(f"{arm}: exit {code}, {record['arms'][arm]['wall_s']:.0f} s", flush=True)
+        if code != 0:
+            failed.append(arm)
+            log = compare.run_dir(suite_dir, method, budget, seeds[0]) / "train.log"
+            tail = log.read_text().splitlines()[-15:] if log.exists() else []
+            print("\n".join([f"{arm} FAILED; the end of {log}:", *tail]), file=sys.stderr)
+        publish()
+    print((out / "main.md").read_text())
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- entry
@@ -725,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "case":
         return case(argv[1:])
+    if argv and argv[0] == "calibrate":
+        print(json.dumps(calibrate(json.loads(argv[1]))))
+        return 0
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__)
     p.add_argument("stage", choices=("preflight", "bench", "main"))
     p.add_argument("--out", type=Path, required=True)
@@ -734,6 +861,12 @@ def main(argv: list[str] | None = None) -> int:
         "--replicas", type=int, default=None, help="seeds per arm (default: the suite's; 2 dry)"
     )
     p.add_argument("--data-dir", help="folder holding cifar10-jpeg.tar.gz (main)")
+    p.add_argument(
+        "--suite-dir",
+        type=Path,
+        help=f"the suite's folder (runs/, RESULTS.md) (main; default OUT/{SUITE}); outside "
+        "OUT it also travels as OUT/main.tar.gz",
+    )
     a = p.parse_args(argv)
     replicas = a.replicas or (2 if a.dry_run else len(suite().phases[0].seeds))
     if a.stage == "preflight":
@@ -741,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "bench":
         return bench(a.out, a.dry_run, replicas, a.deadline)
     deadline = a.deadline or (time.time() + 300)
-    return main_event(a.out, a.dry_run, deadline, replicas, a.data_dir)
+    return main_event(a.out, a.dry_run, deadline, replicas, a.data_dir, a.suite_dir, argv)
 
 
 if __name__ == "__main__":

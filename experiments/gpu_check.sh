@@ -10,16 +10,23 @@
 #   3. train steps, ours vs PyTorch on the same GPU (ResNet-20 and ResNet-18), and the
 #      seed-parallel step per replica;
 #   4. gpu-cifar10-resnet20, baseline vs GCGD at budgets 1.0 and 0.8, 8 seeds per arm
-#      trained in parallel; the schedule length is chosen from the measured step costs to
-#      fit the time left (reported as shortened when under He et al.'s 64k steps).
+#      trained in parallel: the suite run by its own runner (experiments.suites.compare,
+#      --seed-parallel), with train.total_steps chosen from step costs measured first to fit
+#      the time left (reported as shortened when under He et al.'s 64k steps) and the
+#      suite's report (RESULTS.md) rebuilt after every arm.
 #
 # Data: CIFAR-10's JPEG copy in an ignored folder of the checkout, prepared once with
 #
 #   mkdir -p .gpu_data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu_data/
 #
 # and carried to the device machine (carry: [".gpu_data"]). Everything goes to $OUT (the
-# device tool's results folder) or experiments/results/gpu_check/: at most 7 files
-# (gpu_check.log, preflight.json, tests.txt, bench.json, bench.md, main.json, main.md).
+# device tool's results folder) or experiments/results/gpu_check/: 8 files (gpu_check.log,
+# preflight.json, tests.txt, bench.json, bench.md, main.json, main.md = the suite's
+# RESULTS.md, main.tar.gz); the device tool brings back at most 8 files, 2 folders down, so
+# under $OUT the suite's folder (runs/<method>/b<budget>/s<seed>/, RESULTS.md, plots) is
+# written outside it and travels as main.tar.gz (unpack it into
+# experiments/results/gpu_check/); without $OUT it is experiments/results/gpu_check/
+# gpu-cifar10-resnet20/ itself.
 #
 #   bash experiments/gpu_check.sh             # on the GPU machine
 #   bash experiments/gpu_check.sh --dry-run   # the same code on the CPU, tiny (~2-4 min)
@@ -27,7 +34,7 @@
 # Settings (environment): GCGD_PYTHON (default python3), GCGD_GPU_BUDGET_S (seconds for the
 # whole command, default 540), GCGD_DATA_DIR (default .gpu_data), GCGD_COMMIT (recorded in
 # the results when the checkout has no .git), JAX_COMPILATION_CACHE_DIR (default
-# $TMPDIR/gcgd_jax_xla_cache).
+# $TMPDIR/gcgd_jax_xla_cache), GCGD_SUITE_DIR (the suite's folder; it must hold no runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=()
@@ -86,12 +93,25 @@ DATA="${GCGD_DATA_DIR:-.gpu_data}"
 if [ ${#DRY[@]} -eq 0 ] && [ ! -e "$DATA/cifar10-jpeg.tar.gz" ] && [ ! -d "$DATA/cifar10" ]; then
   say "no CIFAR-10 in $DATA: prepare it with 'mkdir -p .gpu_data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu_data/' and carry .gpu_data; the main event is skipped"
 else
+  # The suite's folder: beside $OUT (whose files come back only 8 and 2 folders down; the
+  # runs travel in main.tar.gz), else in the results folder (the stage refuses one that
+  # already holds runs: move it away first).
+  if [ -n "${GCGD_SUITE_DIR:-}" ]; then
+    SUITE_DIR="$GCGD_SUITE_DIR"
+  elif [ -n "${OUT:-}" ]; then
+    SUITE_TMP="$(mktemp -d "${TMPDIR:-/tmp}/gcgd_gpu_suite.XXXXXX")"
+    trap 'rm -rf "$SUITE_TMP"' EXIT
+    SUITE_DIR="$SUITE_TMP/gpu-cifar10-resnet20"
+  else
+    SUITE_DIR="$OUTDIR/gpu-cifar10-resnet20"
+  fi
   # A dry run checks every code path however loaded the CPU: it is not cut at the deadline.
   MAIN_LIMIT=$(( $(left) + 5 ))
   [ ${#DRY[@]} -gt 0 ] && MAIN_LIMIT=$(( MAIN_LIMIT > 480 ? MAIN_LIMIT : 480 ))
   timeout "$MAIN_LIMIT" "$PY" -m experiments.gpu_check main --out "$OUTDIR" \
-    --deadline "$DEADLINE" --data-dir "$DATA" "${DRY[@]}" >> "$LOG" 2>&1 \
-    || say "main event FAILED or timed out (see log; main.json holds the arms that finished)"
+    --suite-dir "$SUITE_DIR" --deadline "$DEADLINE" --data-dir "$DATA" "${DRY[@]}" >> "$LOG" 2>&1 \
+    || say "main event FAILED or timed out (see log; main.md and main.json hold the arms that finished)"
 fi
+rm -f "$OUTDIR/main.tar.gz.part"  # an archive cut while being written (the last one stays)
 [ -f "$OUTDIR/main.md" ] && tee -a "$LOG" < "$OUTDIR/main.md" > /dev/null
 say "done in $(( $(date +%s) - T0 )) s"

@@ -351,6 +351,57 @@ def _batches(cells: list[tuple[str, float, int]], seed_parallel: bool):
     return list(groups.values())
 
 
+def command_line(
+    suite: str,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    seed_parallel: bool = False,
+    sets: tuple[str, ...] | list[str] = (),
+) -> str:
+    """The command of this runner that runs ``suite`` with these options (as its report names
+    it)."""
+    return (
+        f"python -m experiments.suites.compare --suite {suite}"
+        f"{' --quick' if quick else ''}"
+        f"{'' if seeds is None else f' --seeds {seeds}'}"
+        f"{' --seed-parallel' if seed_parallel else ''}"
+        f"{''.join(' --set ' + s for s in sets)}"
+    )
+
+
+def report_notes(suite: Suite, grid: list[tuple[str, float, int]], base_cfg, command: str) -> str:
+    """The notes at the head of a suite's report: its description, the overrides of each
+    method of ``grid``, the shared settings of ``base_cfg`` (the suite's base configuration
+    with its overrides) and ``command``, the command that ran the grid."""
+    settings = "\n".join(
+        f"| {m} | {', '.join(f'`{o}`' for o in suite.overrides_for(m)) or '(base configuration)'} |"
+        for m in dict.fromkeys(m for m, _, _ in grid)
+    )
+    return (
+        f"{suite.description}\n\n"
+        "Methods are configuration overrides of the base configuration "
+        f"(`gcgd_jax/configs/{suite.base_config}.toml`); every hyperparameter is the "
+        "documented default of its method; the methods' own hyperparameters were not tuned. "
+        f"Shared settings: base learning rate {base_cfg.optim.lr:g} (chosen for the baseline on a "
+        "validation split, `experiments/results/lr_sweep/`, where a sweep exists), "
+        f"model `{base_cfg.model.name}` with zero_init_residual = "
+        f"{str(base_cfg.model.zero_init_residual).lower()}, budgets "
+        f"{', '.join(f'{b:g}' for b in suite.budgets)} of the base schedule.\n\n"
+        "| method | overrides |\n|---|---|\n"
+        f"{settings}\n\n"
+        + "".join(
+            f"`{m}` also sets `model.gc_ode.control_scale` to the mean `gc_ode_grad_ratio` of "
+            f"`{src}` at the same budget and seed (runs made before this was measured used "
+            "1.0; each run's `config.toml` says which).\n\n"
+            for m, src in MATCHED_SCALE.items()
+            if any(c[0] == m for c in grid)
+        )
+        + f"Produced by `{command}`; per-run commands, machine, date, wall time and "
+        "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a comparison suite and build its report.")
     parser.add_argument("--suite", required=True, choices=sorted(suites()))
@@ -445,35 +496,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             if rec["exit_code"] != 0:
                 failures.extend(cells)
-    settings = "\n".join(
-        f"| {m} | {', '.join(f'`{o}`' for o in suite.overrides_for(m)) or '(base configuration)'} |"
-        for m in dict.fromkeys(m for m, _, _ in grid)
-    )
-    header = (
-        f"{suite.description}\n\n"
-        "Methods are configuration overrides of the base configuration "
-        f"(`gcgd_jax/configs/{suite.base_config}.toml`); every hyperparameter is the "
-        "documented default of its method; the methods' own hyperparameters were not tuned. "
-        f"Shared settings: base learning rate {base_cfg.optim.lr:g} (chosen for the baseline on a "
-        "validation split, `experiments/results/lr_sweep/`, where a sweep exists), "
-        f"model `{base_cfg.model.name}` with zero_init_residual = "
-        f"{str(base_cfg.model.zero_init_residual).lower()}, budgets "
-        f"{', '.join(f'{b:g}' for b in suite.budgets)} of the base schedule.\n\n"
-        "| method | overrides |\n|---|---|\n"
-        f"{settings}\n\n"
-        + "".join(
-            f"`{m}` also sets `model.gc_ode.control_scale` to the mean `gc_ode_grad_ratio` of "
-            f"`{src}` at the same budget and seed (runs made before this was measured used "
-            "1.0; each run's `config.toml` says which).\n\n"
-            for m, src in MATCHED_SCALE.items()
-            if any(c[0] == m for c in grid)
-        )
-        + f"Produced by `python -m experiments.suites.compare --suite {args.suite}"
-        f"{' --quick' if args.quick else ''}"
-        f"{'' if args.seeds is None else f' --seeds {args.seeds}'}"
-        f"{' --seed-parallel' if args.seed_parallel else ''}"
-        f"{''.join(' --set ' + s for s in args.set)}`; per-run commands, machine, date, wall time and "
-        "peak RSS are in each run's `run.json`, its configuration in `config.toml`."
+    header = report_notes(
+        suite,
+        grid,
+        base_cfg,
+        command_line(
+            args.suite,
+            quick=args.quick,
+            seeds=args.seeds,
+            seed_parallel=args.seed_parallel,
+            sets=args.set,
+        ),
     )
     try:
         if suite.report == "long":
