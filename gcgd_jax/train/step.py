@@ -252,7 +252,6 @@ def _estimate_fn(
     method = methods.by_value("estimator", opts.estimator)
     factory = method.load()
     kwargs = {**method.fixed, **dict(opts.estimator_options)}
-    per_example_loss = _per_example_loss_fn(opts)
 
     if method.perturbs == "weights":
 
@@ -274,14 +273,9 @@ def _estimate_fn(
     estimator = factory(**kwargs)
 
     def by_activities(state: TrainState, x, labels, fusion_breaker, key):
-        model = model_of(state)
-        total, grads = estimator(model, x, labels, key=key)
-        if own_objective(model):
-            out = model.losses(x, labels)
-            logits, data_loss = out.logits, jnp.mean(out.final_loss)
-        else:
-            logits = model(x, **_model_kwargs(fusion_breaker))
-            data_loss = jnp.mean(per_example_loss(logits, labels))
+        total, grads = estimator(model_of(state), x, labels, key=key)
+        # the step's logits and data loss: the same unperturbed forward pass as backprop's
+        _, (data_loss, logits, _, _) = loss_fn(state.params, state.rest, x, labels, fusion_breaker)
         return grads, GradAux(total, data_loss, logits, state.rest, {})
 
     return by_activities
