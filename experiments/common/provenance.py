@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def tree_state(root: Path | str = REPO) -> dict[str, object]:
             continue
         changed.append(path)
     return {"commit": head, "clean": not changed, "changed": changed}
+
+
+def checkout_state(root: Path | str = REPO) -> dict[str, object]:
+    """:func:`tree_state` with ``"commit_source"``: ``"git"``; or, in a copy of a checkout
+    without git (the lent GPU machine's has no ``.git``), ``"GCGD_COMMIT"``: the commit that
+    variable names, the copy counted clean (whoever sets it vouches that the copy is that
+    commit's tree); neither: no commit, not clean, ``None``, and the reason in ``changed``.
+    Only ``root``'s own ``.git`` counts (not a repository that a copy happens to lie in)."""
+    if (Path(root) / ".git").exists():
+        state = tree_state(root)
+        if state["commit"] is not None:
+            return {**state, "commit_source": "git"}
+    commit = os.environ.get("GCGD_COMMIT")
+    if commit:
+        return {"commit": commit, "clean": True, "changed": [], "commit_source": "GCGD_COMMIT"}
+    reason = "(not a git checkout, and GCGD_COMMIT is not set)"
+    return {"commit": None, "clean": False, "changed": [reason], "commit_source": None}
 
 
 def machine(*, with_jax: bool = True) -> dict[str, object]:

@@ -14,11 +14,19 @@ Every run is one process of the study's CLI (``gcgd-train`` or ``gcgd-continual`
 chosen by the script that runs the study), writing ``metrics.jsonl``, ``config.toml`` and
 its checkpoints into ``<out>/runs/<benchmark>/<label>/s<seed>/`` (tuning runs:
 ``<out>/runs/tune/<benchmark>/<label>/lr<lr>/s<seed>/``); the runner adds ``run.json``
-(command, exit code, wall time, peak RSS, machine and its load, commit). A run whose
+(command, exit code, wall time, peak RSS, machine, GPU and load, commit; the records of
+the run's earlier, interrupted processes under ``earlier``). A run whose
 ``metrics.jsonl`` ends with its summary is skipped; an interrupted one is resumed from
 its checkpoint. Runs go in order: tuning, then phase by phase, seed by seed, every
 benchmark, every variant (a finished seed is a complete paired block). The study is
-refused from a checkout with uncommitted changes (``--allow-dirty`` for trials).
+refused from a checkout with uncommitted changes (``--allow-dirty`` for trials); a copy
+of a checkout without ``.git`` (the lent GPU machine's) runs when ``GCGD_COMMIT`` names
+the commit it is a copy of.
+
+``--deadline UNIX_SECONDS`` ends a chunk in time (the GPU machine's lease): no run starts
+after it, and a run still going then is stopped (SIGTERM, SIGKILL ``GRACE_S`` later) and
+recorded as interrupted (``"interrupted": true`` in its ``run.json``); the chunk then ends
+with exit 0, and the next one resumes that run from its last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import importlib
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +52,7 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments import ROOT
-from experiments.common.provenance import describe_machine, machine, tree_state
+from experiments.common.provenance import checkout_state, describe_machine, machine
 from gcgd_jax.train.report import read_metrics
 
 _REQUIRED = {
@@ -58,6 +68,7 @@ _REQUIRED = {
 }
 _OPTIONAL = {"base", "tuning"}
 TUNING_PHASE = 0
+GRACE_S = 10.0  # from SIGTERM at the deadline to SIGKILL
 
 
 class Cell(NamedTuple):
@@ -240,7 +251,35 @@ def overrides(study: Study, cell: Cell, out: Path | str, benchmark_key: str) -> 
 
 @functools.cache
 def _tree() -> dict:
-    return tree_state(ROOT.parent)
+    return checkout_state(ROOT.parent)
+
+
+@functools.cache
+def _gpu() -> str | None:
+    """The GPUs ``nvidia-smi`` lists (name, memory, driver), one line; None without it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    found = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+    return "; ".join(found.strip().splitlines()) or None
+
+
+def _wait(pid: int, deadline: float | None) -> tuple[int, int, bool]:
+    """Waits for the child ``pid``: ``(wait status, peak RSS in KiB, interrupted)``. At
+    ``deadline`` (Unix seconds) it is sent SIGTERM, and SIGKILL ``GRACE_S`` later."""
+    kill_at = None
+    while True:
+        done, status, usage = os.wait4(pid, 0 if deadline is None else os.WNOHANG)
+        if done:
+            return status, usage.ru_maxrss, kill_at is not None
+        assert deadline is not None
+        now = time.time()
+        if kill_at is None and now >= deadline:
+            os.kill(pid, signal.SIGTERM)
+            kill_at = now + GRACE_S
+        elif kill_at is not None and now >= kill_at:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -257,30 +296,42 @@ class Runner:
             cmd += ["--set", o]
         return cmd
 
-    def run_one(self, study: Study, cell: Cell, out: Path | str, extra=()) -> dict:
-        """Runs (or resumes) one cell in its own process; writes and returns its ``run.json``."""
+    def run_one(
+        self, study: Study, cell: Cell, out: Path | str, extra=(), deadline: float | None = None
+    ) -> dict:
+        """Runs (or resumes) one cell in its own process, stopped at ``deadline`` (Unix
+        seconds; module docstring); writes and returns its ``run.json``."""
         directory = cell_dir(out, cell)
         directory.mkdir(parents=True, exist_ok=True)
         cmd = [*self.command(study, cell, out, directory), *extra]
-        if (directory / "checkpoints").exists():
+        # An earlier process of this run: continue from its newest checkpoint (or, with
+        # none, start again; the CLI says which in run.log).
+        if (directory / "checkpoints").exists() or (directory / "metrics.jsonl").exists():
             cmd.append("--resume")
+        earlier_path = directory / "run.json"
+        earlier = json.loads(earlier_path.read_text()) if earlier_path.exists() else None
         t0 = time.perf_counter()
         with open(directory / "run.log", "a") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT.parent)
-            _, status, usage = os.wait4(proc.pid, 0)
+            status, peak_kib, interrupted = _wait(proc.pid, deadline)
         info = machine(with_jax=False)
         record = {
             "command": shlex.join(cmd),
             "exit_code": os.waitstatus_to_exitcode(status),
+            "interrupted": interrupted,
             "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+            "peak_rss_mib": round(peak_kib / 1024, 1),  # Linux: KiB
             "machine": describe_machine(info),
+            "gpu": _gpu(),
             "load_avg": info["load_avg"],
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "commit": _tree()["commit"],
+            "commit_source": _tree()["commit_source"],
             "clean_tree": _tree()["clean"],
         }
-        (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        if earlier is not None:  # this run's earlier processes, oldest first
+            record["earlier"] = [*earlier.pop("earlier", []), earlier]
+        earlier_path.write_text(json.dumps(record, indent=2) + "\n")
         return record
 
 
@@ -296,8 +347,8 @@ def main(
     ok_exit_codes: tuple[int, ...] = (0,),
 ) -> int:
     """The command line of a study script (``--list``, ``--max-runs``, ``--phase``,
-    ``--report-only``, ...). ``ok_exit_codes``: exit codes of a run that let the chunk go
-    on (a study may count a diverged run as a result)."""
+    ``--deadline``, ``--report-only``, ...). ``ok_exit_codes``: exit codes of a run that let
+    the chunk go on (a study may count a diverged run as a result)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--max-runs", type=int, help="run at most this many unfinished runs")
     parser.add_argument(
@@ -321,6 +372,13 @@ def main(
     parser.add_argument(
         "--allow-dirty", action="store_true", help="run from a checkout with uncommitted changes"
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        metavar="UNIX_SECONDS",
+        help="start no run after this time and stop one still going then (it is recorded "
+        "as interrupted and resumes from its last checkpoint in the next chunk)",
+    )
     args = parser.parse_args(argv)
     study = load_study(study_path)
     cells = study.cells(args.phase)
@@ -332,6 +390,12 @@ def main(
         return 0
     if not args.report_only:
         dirty = study.require_clean and not _tree()["clean"]
+        if dirty and not args.allow_dirty and _tree()["commit"] is None:
+            parser.error(
+                "the study runs from a clean checkout (run.json records its commit); this one "
+                "has no .git: in a copy of a committed checkout (the GPU machine's), set "
+                "GCGD_COMMIT to the commit it is a copy of; or pass --allow-dirty for a trial"
+            )
         if dirty and not args.allow_dirty:
             changed = ", ".join(_tree()["changed"][:8])
             parser.error(
@@ -346,17 +410,24 @@ def main(
         if args.max_runs is not None:
             todo = todo[: args.max_runs]
         for i, cell in enumerate(todo, 1):
+            if args.deadline is not None and time.time() >= args.deadline:
+                print(f"deadline: {len(todo) - i + 1} runs of this chunk not started", flush=True)
+                break
             try:
-                record = runner.run_one(study, cell, args.out, extra)
+                record = runner.run_one(study, cell, args.out, extra, args.deadline)
             except ValueError as err:
                 print(f"stopped: {err}", file=sys.stderr)
                 return 1
             lr = "" if cell.lr is None else f" lr {cell.lr:g}"
+            stopped = ", interrupted at the deadline" if record["interrupted"] else ""
             print(
                 f"[{i}/{len(todo)}] {cell.benchmark} {cell.label}{lr} s{cell.seed}: "
-                f"exit {record['exit_code']}, {record['wall_s']:.0f} s",
+                f"exit {record['exit_code']}, {record['wall_s']:.0f} s{stopped}",
                 flush=True,
             )
+            if record["interrupted"]:
+                print(f"deadline: {cell_dir(args.out, cell)} resumes in the next chunk")
+                break
             if record["exit_code"] not in ok_exit_codes:
                 print(f"stopped: the run failed; see {cell_dir(args.out, cell) / 'run.log'}",
                       file=sys.stderr)  # fmt: skip
