@@ -350,6 +350,103 @@ def _ci(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
 
 
+#: Written before the full run (issue #37, part 5); the endpoint section is computed from
+#: the JSON by :func:`endpoint` and put first in RESULTS.md.
+PREREGISTRATION = """\
+**Primary endpoint (pre-registered before the full run).** Singhal et al.'s claim that the \
+structured guesses are far better aligned with the gradient than random directions. A \
+cell is one data set (MNIST, CIFAR-10), one state (initialisation, after 1,000 steps) and \
+one K (1, 4, 16, 64, 256): 20 cells. For a structured family F (activation perturbation, \
+"Wᵀ", activation mixing), the claim holds in a cell if the lower end of the 95% interval \
+of F's mean overall cosine is above the upper end of the isotropic guess's; it is \
+supported for F if it holds in all 20 cells, and for the structured guesses if it is \
+supported for all three. Reported beside, not criteria: the ratio of F's mean cosine to \
+the isotropic guess's (its smallest over the cells), and the cells where it fails.
+
+**Sanity check, read before the endpoint.** The isotropic guess at K = 1 has the mean \
+cosine the theory gives (E|u_1| on the unit sphere of R^N, N the parameter count): in \
+every (data set, state) its mean over the draws lies within 3.5 standard errors of it.
+
+**Secondary (descriptive).** Per layer, the same comparison; the growth of each family's \
+cosine from K = 64 to K = 256 (an unbiased estimate keeps growing towards 1 as K grows, \
+a biased one levels off below 1; K up to 256 may not show where)."""
+
+STRUCTURED = ("activation_perturbation", "transpose", "activation_mixing")
+SANITY_Z = 3.5
+
+
+def _cells(record: dict) -> list[tuple[str, int, int, dict[str, dict]]]:
+    """``(data set, state's steps, K, family -> overall summary)`` of every cell."""
+    cells = []
+    for entry in record["datasets"]:
+        for state in entry["states"]:
+            for k in sorted({r["K"] for r in state["results"]}):
+                by_family = {r["family"]: r["overall"] for r in state["results"] if r["K"] == k}
+                cells.append((entry["dataset"], state["train_steps"], k, by_family))
+    return cells
+
+
+def endpoint(record: dict) -> list[str]:
+    """The pre-registered endpoint (:data:`PREREGISTRATION`) and its sanity check, from the
+    record alone."""
+    cells = _cells(record)
+    lines = [
+        "## Endpoint (pre-registered)",
+        "",
+        (
+            "Per structured family: the cells (data set, state, K) where the lower end of its "
+            "95% interval of mean overall cosine is above the upper end of the isotropic "
+            "guess's; its smallest ratio of mean cosines to the isotropic guess's; the cells "
+            "where the comparison fails."
+        ),
+        "",
+        "| family | cells where it holds | smallest ratio to isotropic | fails in | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for family in STRUCTURED:
+        rows = [(d, t, k, f) for d, t, k, f in cells if family in f and "isotropic" in f]
+        if not rows:
+            continue
+        holds = [f[family]["lo"] > f["isotropic"]["hi"] for _, _, _, f in rows]
+        ratio = min(f[family]["mean"] / f["isotropic"]["mean"] for _, _, _, f in rows)
+        fails = [f"{d} step {t} K={k}" for (d, t, k, _), ok in zip(rows, holds, strict=True)
+                 if not ok]  # fmt: skip
+        verdict = "supported" if all(holds) else "not supported"
+        verdicts.append(all(holds))
+        lines.append(
+            f"| {family} | {sum(holds)} of {len(rows)} | {ratio:.3g}x | "
+            f"{', '.join(fails) or '—'} | {verdict} |"
+        )
+    overall = "supported" if verdicts and all(verdicts) else "not supported"
+    lines += ["", f"Structured guesses better aligned than random directions: **{overall}**.", ""]
+    lines += ["## Sanity check", ""]
+    ok = True
+    checks = []
+    for entry in record["datasets"]:
+        expected = entry["expected_isotropic_k1"]
+        for state in entry["states"]:
+            for r in state["results"]:
+                if r["family"] != "isotropic" or r["K"] != 1:
+                    continue
+                s = r["overall"]
+                z = (s["mean"] - expected) / (s["sd"] / math.sqrt(s["n"])) if s["sd"] else 0.0
+                ok &= abs(z) < SANITY_Z
+                checks.append(
+                    f"{entry['dataset']} step {state['train_steps']}: {s['mean']:.5f} vs "
+                    f"{expected:.5f} (z = {z:+.2f})"
+                )
+    verdict = "passed" if ok else "FAILED: the isotropic guess is not what the theory says"
+    lines += [
+        (
+            f"Isotropic guess at K = 1, mean cosine vs E|u_1| (criterion: |z| < {SANITY_Z:g} "
+            f"in every state): {'; '.join(checks) or '—'}: {verdict}."
+        ),
+        "",
+    ]
+    return lines
+
+
 def markdown(record: dict) -> str:
     """RESULTS.md: a pure function of the record."""
     s = record["settings"]
@@ -383,6 +480,7 @@ def markdown(record: dict) -> str:
         ),
         "",
     ]
+    lines += endpoint(record)
     for entry in record["datasets"]:
         lines += [
             (
@@ -414,6 +512,7 @@ def markdown(record: dict) -> str:
                 cells = [_ci(r["overall"])] + [_ci(layer) for layer in r["layers"]]
                 lines.append(f"| {r['family']} | {r['K']} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += ["## Pre-registration", "", PREREGISTRATION, ""]
     return "\n".join(lines)
 
 

@@ -98,3 +98,40 @@ def test_the_study_writes_its_record_tables_and_plots(tmp_path):
     assert (tmp_path / "RESULTS.md").read_text() == study.markdown(record).rstrip("\n") + "\n"
     assert (tmp_path / "guess_cosine.png").stat().st_size > 0
     assert (tmp_path / "guess_cosine_layers.png").stat().st_size > 0
+
+
+def _summary(mean, half, sd=0.01, n=16):
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n}
+
+
+def _record(mixing_k1_mean, iso_k1_mean):
+    """Two data sets x one state x K in (1, 16): isotropic, activation perturbation and
+    mixing (no "Wᵀ" rows: a family without rows is left out of the table)."""
+    datasets = []
+    for name in ("mnist", "cifar10"):
+        results = []
+        for k in (1, 16):
+            iso = iso_k1_mean if k == 1 else 0.01
+            results += [
+                {"family": "isotropic", "K": k, "overall": _summary(iso, 0.0005, sd=0.002)},
+                {"family": "activation_perturbation", "K": k, "overall": _summary(0.1, 0.01)},
+                {"family": "activation_mixing", "K": k,
+                 "overall": _summary(mixing_k1_mean if k == 1 else 0.2, 0.005)},
+            ]  # fmt: skip
+        state = {"train_steps": 0, "results": results}
+        datasets.append({"dataset": name, "expected_isotropic_k1": 0.002, "states": [state]})
+    return {"datasets": datasets}
+
+
+def test_the_endpoint_counts_the_cells_where_a_family_beats_isotropic_guesses():
+    text = "\n".join(study.endpoint(_record(mixing_k1_mean=0.0021, iso_k1_mean=0.002)))
+    assert "| activation_perturbation | 4 of 4 | 10x | — | supported |" in text
+    assert "| activation_mixing | 2 of 4 | 1.05x | mnist step 0 K=1, cifar10 step 0 K=1 |" in text
+    assert "**not supported**" in text and "transpose" not in text
+    assert "z = +0.00" in text and "passed" in text
+    supported = "\n".join(study.endpoint(_record(mixing_k1_mean=0.05, iso_k1_mean=0.002)))
+    assert "| activation_mixing | 4 of 4 |" in supported and "**supported**" in supported
+    # the isotropic guess far from the theory fails the sanity check (z = 0.001 / 0.0005 = 2 ok,
+    # 0.01 / 0.0005 = 20 not)
+    assert "passed" in "\n".join(study.endpoint(_record(0.05, iso_k1_mean=0.003)))
+    assert "FAILED" in "\n".join(study.endpoint(_record(0.05, iso_k1_mean=0.012)))
