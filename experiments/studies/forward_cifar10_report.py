@@ -1,4 +1,5 @@
-"""The report of the CIFAR-10 forward-gradient study (``forward_cifar10.toml``):
+"""The report of the CIFAR-10 forward-gradient studies (``forward_cifar10.toml``, the GPU's,
+and ``forward_cifar10_cpu.toml``, the CPU's budget; the same endpoint):
 ``RESULTS.md`` with the pre-registered endpoint first, then the sanity check, every variant
 against the paper, the learning-rate tuning, the per-step costs, where BP's test error was
 lowest and the test-error curves (PNG).
@@ -91,6 +92,17 @@ def _sanity(runs: list[Run], benchmark: str) -> list[str]:
     ]
 
 
+def _setting(study: Study, key: str) -> str | None:
+    """The value the study's base overrides give ``key`` (None when they do not set it)."""
+    found = [o.partition("=")[2] for o in study.base if o.partition("=")[0] == key]
+    return found[-1] if found else None
+
+
+def _subset(study: Study) -> str:
+    subset = _setting(study, "data.train_subset")
+    return "" if subset is None else f" of a {int(subset):,}-image training subset"
+
+
 def _best_epochs(runs: list[Run], benchmark: str) -> list[str]:
     """Secondary (e): the epoch of BP's lowest test error, per seed."""
     bp = sorted((r for r in runs if r.benchmark == benchmark and r.label == "bp"),
@@ -115,7 +127,8 @@ def _variants(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[
         "",
         (
             "Final test error (%): mean over seeds [95% Student-t interval]; the paper's Table 3 "
-            "(200 epochs; this study trains 25); the learning rate chosen on the validation "
+            f"(200 epochs; this study trains {_setting(study, 'train.epochs')} epochs"
+            f"{_subset(study)}); the learning rate chosen on the validation "
             "split; the median step time as a ratio to BP's on the same seed (median [range] "
             "over seeds; the machines are in the header)."
         ),

@@ -232,3 +232,20 @@ def test_the_report_puts_the_endpoint_first(tmp_path):
     assert verdict_noninferior(diff([2.0, 2.3, 2.1]), 3) == "contradicted"
     assert verdict_noninferior(diff([0.5, 1.6, 0.9]), 3) == "inconclusive"
     assert verdict_noninferior(diff([0.5, 0.6]), 3) == "incomplete (2 of 3 seeds)"
+
+
+def test_the_cpu_study_is_the_gpu_study_at_a_smaller_budget(tmp_path):
+    from experiments.studies import forward_cifar10_cpu
+    from experiments.studies.forward_cifar10_report import build_report
+
+    gpu, cpu = load_study(), forward_cifar10_cpu.load_study()
+    assert cpu.variants == gpu.variants and cpu.tuning == gpu.tuning and cpu.phases == gpu.phases
+    assert set(cpu.base) - set(gpu.base) == {"data.train_subset=10000", "train.epochs=5"}
+    assert set(gpu.base) - set(cpu.base) == {"train.epochs=25"}
+    for label, variant in cpu.variants.items():
+        cfg = load_config(None, [*cpu.base, *variant, "data.name=cifar10"])
+        assert cfg.data.train_subset == 10_000 and cfg.train.epochs == 5, label
+    assert "Primary endpoint (pre-registered" in cpu.preregistration
+    text = build_report(tmp_path, cpu).read_text()
+    assert "(200 epochs; this study trains 5 epochs of a 10,000-image training subset)" in text
+    assert "this study trains 25 epochs)" in build_report(tmp_path / "gpu", gpu).read_text()
