@@ -481,6 +481,14 @@ def markdown(record: dict) -> str:
         "",
     ]
     lines += endpoint(record)
+    lines += [
+        "## Plots",
+        "",
+        "![overall cosine against K](guess_cosine.png)",
+        "",
+        "![per-layer cosine against K](guess_cosine_layers.png)",
+        "",
+    ]
     for entry in record["datasets"]:
         lines += [
             (
