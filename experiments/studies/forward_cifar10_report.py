@@ -21,11 +21,10 @@ from experiments.studies.study_report import (
     Run,
     compare,
     endpoint_row,
-    finals,
-    grid_labels,
+    error_curves,
+    error_sanity,
     holm_p,
     incomplete,
-    plot_curves,
     tuning_section,
     variant_table,
     verdict_below,
@@ -69,25 +68,6 @@ def _endpoint(runs: list[Run], study: Study, benchmark: str) -> list[str]:
         "|---|---|---|---|---|---|",
         endpoint_row("(a) LG-FG-A − FG-A", a, "upper end < 0", verdict_below(a, seeds), p["a"]),
         endpoint_row("(b) LG-FG-A − BP", b, below, verdict_noninferior(b, seeds), p["b"]),
-        "",
-    ]
-
-
-def _sanity(runs: list[Run], benchmark: str) -> list[str]:
-    bp = list(finals(runs, benchmark, "bp", ERROR).values())
-    if not bp:
-        return ["## Sanity check", "", "BP has no finished run yet.", ""]
-    mean = float(np.mean(bp))
-    verdict = "passed" if mean < SANITY_BP_ERROR else (
-        "FAILED: the protocol is too short to compare with the paper"
-    )  # fmt: skip
-    return [
-        "## Sanity check",
-        "",
-        (
-            f"BP's mean final test error: {mean:.2f}% over {len(bp)} seeds (criterion: below "
-            f"{SANITY_BP_ERROR:g}%): {verdict}."
-        ),
         "",
     ]
 
@@ -139,22 +119,13 @@ def _variants(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[
     ]
 
 
-def _curves(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[str]:
-    name = f"test_error_{benchmark}.png"
-    drawn = plot_curves(
-        runs, grid_labels(study), benchmark, out / name, curve=lambda r: r.errors, names=LABELS,
-        ylabel="test error (%)", title=f"{benchmark}: test error per epoch (seed mean, 95% band)",
-    )  # fmt: skip
-    return ["## Test error per epoch", "", f"![test error per epoch]({name})", ""] if drawn else []
-
-
 def _sections(out: Path, study: Study, runs: list[Run], benchmark: str) -> list[str]:
     return [
         *_endpoint(runs, study, benchmark),
-        *_sanity(runs, benchmark),
+        *error_sanity(runs, benchmark, SANITY_BP_ERROR),
         *_variants(runs, study, out, benchmark),
         *tuning_section(study, out, benchmark, LABELS),
-        *_curves(runs, study, out, benchmark),
+        *error_curves(runs, study, out, benchmark, LABELS, log=False),
     ]
 
 

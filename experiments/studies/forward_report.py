@@ -11,20 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from experiments.studies.study import Study
 from experiments.studies.study_report import (
     ERROR,
     Run,
     compare,
     endpoint_row,
-    finals,
-    grid_labels,
+    error_curves,
+    error_sanity,
     holm_p,
     incomplete,
     pairs_table,
-    plot_curves,
     tuning_section,
     variant_table,
     verdict_below,
@@ -81,21 +78,6 @@ def _endpoint(runs: list[Run], study: Study, benchmark: str) -> list[str]:
     ]
 
 
-def _sanity(runs: list[Run], benchmark: str) -> list[str]:
-    bp = list(finals(runs, benchmark, "bp", ERROR).values())
-    if not bp:
-        return ["## Sanity check", "", "BP has no finished run yet.", ""]
-    mean = float(np.mean(bp))
-    ok = mean < SANITY_BP_ERROR
-    return [
-        "## Sanity check",
-        "",
-        (f"BP's mean final test error: {mean:.2f}% over {len(bp)} seeds (criterion: below "
-        f"{SANITY_BP_ERROR:g}%): {'passed' if ok else 'FAILED: the protocol is too short to compare with the paper'}."),
-        "",
-    ]  # fmt: skip
-
-
 def _variants(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[str]:
     table = variant_table(
         runs, study, out, benchmark, metric=ERROR, names=LABELS, reference="bp", paper=PAPER
@@ -120,23 +102,13 @@ def _variants(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[
     ]
 
 
-def _curves(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[str]:
-    name = f"test_error_{benchmark}.png"
-    drawn = plot_curves(
-        runs, grid_labels(study), benchmark, out / name, curve=lambda r: r.errors, names=LABELS,
-        ylabel="test error (%)", title=f"{benchmark}: test error per epoch (seed mean, 95% band)",
-        log=True,
-    )  # fmt: skip
-    return ["## Test error per epoch", "", f"![test error per epoch]({name})", ""] if drawn else []
-
-
 def _sections(out: Path, study: Study, runs: list[Run], benchmark: str) -> list[str]:
     return [
         *_endpoint(runs, study, benchmark),
-        *_sanity(runs, benchmark),
+        *error_sanity(runs, benchmark, SANITY_BP_ERROR),
         *_variants(runs, study, out, benchmark),
         *tuning_section(study, out, benchmark, LABELS),
-        *_curves(runs, study, out, benchmark),
+        *error_curves(runs, study, out, benchmark, LABELS, log=True),
     ]
 
 

@@ -277,6 +277,40 @@ def plot_curves(
     return True
 
 
+def error_sanity(runs: list[Run], benchmark: str, threshold: float) -> list[str]:
+    """The forward-gradient studies' sanity check: BP's mean final test error below
+    ``threshold`` (%), else the protocol is too short to compare with the paper."""
+    bp = list(finals(runs, benchmark, "bp", ERROR).values())
+    if not bp:
+        return ["## Sanity check", "", "BP has no finished run yet.", ""]
+    mean = float(np.mean(bp))
+    verdict = "passed" if mean < threshold else (
+        "FAILED: the protocol is too short to compare with the paper"
+    )  # fmt: skip
+    return [
+        "## Sanity check",
+        "",
+        (
+            f"BP's mean final test error: {mean:.2f}% over {len(bp)} seeds (criterion: below "
+            f"{threshold:g}%): {verdict}."
+        ),
+        "",
+    ]
+
+
+def error_curves(
+    runs: list[Run], study: Study, out: Path, benchmark: str, names: dict[str, str], log: bool
+) -> list[str]:
+    """The test-error-per-epoch section and its plot (``test_error_<benchmark>.png``)."""
+    name = f"test_error_{benchmark}.png"
+    drawn = plot_curves(
+        runs, grid_labels(study), benchmark, Path(out) / name, curve=lambda r: r.errors,
+        names=names, ylabel="test error (%)",
+        title=f"{benchmark}: test error per epoch (seed mean, 95% band)", log=log,
+    )  # fmt: skip
+    return ["## Test error per epoch", "", f"![test error per epoch]({name})", ""] if drawn else []
+
+
 def machines(out: Path) -> list[str]:
     """The machines the grid runs ran on (their ``run.json``)."""
     return sorted({json.loads(p.read_text()).get("machine", "?") for p in _run_jsons(out)})
