@@ -63,6 +63,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STUDY="${1:-}"
+if [ -n "$STUDY" ] && [ ! -f "experiments/studies/$STUDY.toml" ]; then
+  echo "gpu_study.sh: no study '$STUDY' (no experiments/studies/$STUDY.toml)" >&2
+fi
 if [ -z "$STUDY" ] || [ ! -f "experiments/studies/$STUDY.toml" ]; then
   echo "usage: bash experiments/gpu_study.sh STUDY [--dry-run]  (STUDY: experiments/studies/STUDY.toml)" >&2
   exit 2

@@ -249,3 +249,14 @@ def test_the_cpu_study_is_the_gpu_study_at_a_smaller_budget(tmp_path):
     text = build_report(tmp_path, cpu).read_text()
     assert "(200 epochs; this study trains 5 epochs of a 10,000-image training subset)" in text
     assert "this study trains 25 epochs)" in build_report(tmp_path / "gpu", gpu).read_text()
+
+
+def test_gpu_study_names_an_unknown_study():
+    script = ROOT / "experiments" / "gpu_study.sh"
+    done = subprocess.run(
+        ["bash", str(script), "no_such_study"], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "no study 'no_such_study' (no experiments/studies/no_such_study.toml)" in done.stderr
+    bare = subprocess.run(["bash", str(script)], check=False, capture_output=True, text=True)
+    assert bare.returncode == 2 and "usage:" in bare.stderr and "no study" not in bare.stderr
