@@ -234,6 +234,19 @@ def test_the_report_puts_the_endpoint_first(tmp_path):
     assert verdict_noninferior(diff([0.5, 0.6]), 3) == "incomplete (2 of 3 seeds)"
 
 
+def test_the_sanity_check_is_provisional_while_bp_lacks_seeds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments.studies.forward_cifar10_report import build_report
+
+    _fake_grid_run(tmp_path, "bp", 0, [55.0, 50.6])
+    text = build_report(tmp_path, load_study()).read_text()
+    assert (
+        "BP's mean final test error: 50.60% over 1 seed (criterion: below 45%): FAILED: the "
+        "protocol is too short to compare with the paper (provisional: 1 of 3 seeds)." in text
+    )
+    assert "| (a) LG-FG-A − FG-A | 0 |" in text and "incomplete (0 of 3 seeds)" in text
+
+
 def test_the_cpu_study_is_the_gpu_study_at_a_smaller_budget(tmp_path):
     from experiments.studies import forward_cifar10_cpu
     from experiments.studies.forward_cifar10_report import build_report
