@@ -122,7 +122,7 @@ def _variants(runs: list[Run], study: Study, out: Path, benchmark: str) -> list[
 def _sections(out: Path, study: Study, runs: list[Run], benchmark: str) -> list[str]:
     return [
         *_endpoint(runs, study, benchmark),
-        *error_sanity(runs, benchmark, SANITY_BP_ERROR, len(study.phases[0][1])),
+        *error_sanity(runs, study, benchmark, SANITY_BP_ERROR),
         *_variants(runs, study, out, benchmark),
         *tuning_section(study, out, benchmark, LABELS),
         *error_curves(runs, study, out, benchmark, LABELS, log=False),

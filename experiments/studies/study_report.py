@@ -277,10 +277,11 @@ def plot_curves(
     return True
 
 
-def error_sanity(runs: list[Run], benchmark: str, threshold: float, seeds: int) -> list[str]:
+def error_sanity(runs: list[Run], study: Study, benchmark: str, threshold: float) -> list[str]:
     """The forward-gradient studies' sanity check: BP's mean final test error below
     ``threshold`` (%), else the protocol is too short to compare with the paper. Read
-    while fewer than ``seeds`` BP runs are finished, it is marked provisional."""
+    while fewer BP runs are finished than the grid has seeds, it is marked provisional."""
+    seeds = len(study.phases[0][1])
     bp = list(finals(runs, benchmark, "bp", ERROR).values())
     if not bp:
         return ["## Sanity check", "", "BP has no finished run yet.", ""]
